@@ -1,0 +1,384 @@
+"""Typed, validated configuration: YAML files plus dotted ``--set`` overrides.
+
+One section per stage. Every section forbids unknown keys; a config is validated once, at the
+boundary, and *all* errors are reported together with their dotted field path. This module
+imports no torch, ray, deepspeed, bitsandbytes or mlflow (a test proves it), so ``raydpo
+validate`` is instant and never starts Ray.
+
+The whole config crosses to Ray workers as plain data (``Config.to_dict()``) and is rebuilt
+there with ``Config.from_dict`` — workers hold no globals.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DTYPES = Literal["float32", "bfloat16", "float16"]
+BUILTIN_MODEL = "tiny"
+BUILTIN_SOURCE = "sample"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+class ConfigError(ValueError):
+    """A config failed validation. ``errors`` holds ``(path, message)`` pairs."""
+
+    def __init__(self, errors: list[tuple[str, str]]):
+        self.errors = errors
+        super().__init__("\n".join(f"{p}: {m}" for p, m in errors))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class DataConfig(_Section):
+    """Where preference pairs come from and how they become token ids."""
+
+    source: str = Field(BUILTIN_SOURCE, description="'sample', a local file/folder, or a hub dataset id")
+    split: str = "train"
+    sft_data_dir: str | None = Field(None, description="hub data_dir for SFT rows (stack-exchange-paired: data/finetune)")
+    dpo_data_dir: str | None = Field(None, description="hub data_dir for DPO rows (stack-exchange-paired: data/rl)")
+    sample_size: int = Field(2000, ge=1, description="rows generated when source is 'sample'")
+    seed: int = 0
+    max_rows: int | None = Field(None, ge=1, description="read at most this many rows")
+    eval_fraction: float = Field(0.05, gt=0.0, lt=1.0)
+    prompt_template: str = "Question: {question}\n\nAnswer: "
+    max_length: int = Field(1024, ge=8, description="prompt + response tokens, DPO")
+    max_prompt_length: int = Field(512, ge=1, description="prompt tokens kept, DPO")
+    sft_block_size: int = Field(1024, ge=8, description="packed SFT block length in tokens")
+    max_chars: int = Field(200_000, ge=1, description="rows whose question+answers exceed this are dropped")
+    tokenize_batch_size: int = Field(256, ge=1)
+    tokenize_num_cpus: float = Field(0.25, gt=0.0, description="CPU per tokenize task; keep < 1 so workers don't starve Ray Data")
+
+    @model_validator(mode="after")
+    def _lengths(self) -> DataConfig:
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})"
+            )
+        if "{question}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain '{question}'")
+        return self
+
+
+class TinyModelConfig(_Section):
+    """Shape of the randomly initialised local Llama used when ``model.name_or_path == 'tiny'``."""
+
+    hidden_size: int = Field(64, ge=8)
+    intermediate_size: int = Field(176, ge=8)
+    num_hidden_layers: int = Field(2, ge=1)
+    num_attention_heads: int = Field(4, ge=1)
+    num_key_value_heads: int = Field(4, ge=1)
+    vocab_size: int = Field(2048, ge=300, description="BPE vocabulary trained locally")
+    max_position_embeddings: int = Field(2048, ge=64)
+    seed: int = 0
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(BUILTIN_MODEL, description="'tiny', a local path, or a hub model id")
+    revision: str | None = None
+    dtype: DTYPES = Field("float32", description="dtype of the non-quantized weights")
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    cache_dir: str = Field(".raydpo_cache", description="where the tiny model/tokenizer are materialized")
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+
+
+class QuantizationConfig(_Section):
+    mode: Literal["none", "4bit", "8bit"] = "none"
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    compute_dtype: DTYPES = "bfloat16"
+    double_quant: bool = True
+    quant_storage: DTYPES | None = Field(
+        None, description="bnb_4bit_quant_storage; None = compute_dtype, which lets ZeRO-3 shard 4-bit weights"
+    )
+
+
+class LoraConfig(_Section):
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+
+class DeepSpeedConfig(_Section):
+    enabled: bool = True
+    stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 on GPU, fp32 on CPU"
+    )
+    stage3_param_persistence_threshold: int | None = Field(
+        None, ge=0, description="None: DeepSpeed default; 0 shards even tiny params"
+    )
+
+    @model_validator(mode="after")
+    def _offload(self) -> DeepSpeedConfig:
+        if self.offload_params and self.stage != 3:
+            raise ValueError("offload_params requires stage 3")
+        return self
+
+
+class ScalingConfig(_Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(0.5, gt=0.0)
+    gpus_per_worker: float = Field(1.0, gt=0.0)
+    data_cpus: float = Field(
+        0.5, ge=0.0, description="CPUs left to Ray Data; checked against the cluster before training"
+    )
+
+
+class TrainStageConfig(_Section):
+    """Fields shared by the SFT and DPO loops."""
+
+    enabled: bool = True
+    max_steps: int = Field(100, ge=1, description="optimizer steps")
+    per_device_batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    lr: float = Field(1e-4, gt=0.0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(50, ge=1)
+    eval_max_batches: int | None = Field(None, ge=1, description="None: the whole eval split")
+    save_every: int = Field(100, ge=1)
+    seed: int = 0
+
+
+class SFTConfig(TrainStageConfig):
+    lr: float = Field(1e-4, gt=0.0, le=1.0)
+
+
+class DPOConfig(TrainStageConfig):
+    lr: float = Field(5e-4, gt=0.0, le=1.0)
+    beta: float = Field(0.1, gt=0.0)
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "bco_pair"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    reference: Literal["adapter_disabled", "precomputed"] = Field(
+        "adapter_disabled", description="precomputed: reference log-probs computed once by Ray Data"
+    )
+    sanity_check: bool = Field(True, description="stop if the step-0 loss is not ln 2 with rewards ~ 0")
+    sft_adapter: str | None = Field(
+        None, description="SFT adapter to start from (set by `raydpo pipeline`); None: start from the base model"
+    )
+
+
+class SearchSpace(_Section):
+    kind: Literal["loguniform", "uniform", "choice", "grid"] = "loguniform"
+    low: float | None = None
+    high: float | None = None
+    values: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> SearchSpace:
+        if self.kind in ("loguniform", "uniform"):
+            if self.low is None or self.high is None:
+                raise ValueError(f"{self.kind} needs low and high")
+            if not self.low < self.high:
+                raise ValueError(f"low ({self.low}) must be < high ({self.high})")
+            if self.kind == "loguniform" and self.low <= 0:
+                raise ValueError("loguniform needs low > 0")
+        elif not self.values:
+            raise ValueError(f"{self.kind} needs a non-empty values list")
+        return self
+
+
+class TuneConfig(_Section):
+    num_samples: int = Field(8, ge=1)
+    beta: SearchSpace = Field(default_factory=lambda: SearchSpace(kind="loguniform", low=0.01, high=0.5))
+    lr: SearchSpace = Field(default_factory=lambda: SearchSpace(kind="loguniform", low=1e-6, high=5e-4))
+    searcher: Literal["random", "optuna"] = "random"
+    metric: Literal["eval/rewards/accuracies", "eval/rewards/margins"] = "eval/rewards/accuracies"
+    grace_period: int = Field(1, ge=1, description="ASHA grace period, in evaluations")
+    reduction_factor: int = Field(2, ge=2)
+    max_concurrent_trials: int | None = Field(None, ge=1, description="None: derived from resources")
+    shared_reference: bool = True
+
+
+class TrackingConfig(_Section):
+    tracking_uri: str | None = Field(
+        None, description="None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db"
+    )
+    experiment_name: str = Field("raydpo", min_length=1)
+    run_name: str | None = None
+    log_artifacts: bool = True
+    register_model_name: str | None = None
+
+
+class RunConfig(_Section):
+    name: str = Field("raydpo", min_length=1, pattern=r"^[\w.\-]+$")
+    storage_path: str = Field("raydpo_runs", description="Ray Train storage; shared storage on a cluster")
+    max_failures: int = Field(0, ge=-1)
+    timeout_s: float | None = Field(None, gt=0)
+
+
+class Config(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _cross(self) -> Config:
+        q = self.quantization
+        if q.mode != "none" and self.deepspeed.enabled and self.deepspeed.stage == 3:
+            storage = q.quant_storage or q.compute_dtype
+            if q.mode == "8bit":
+                raise ValueError("8-bit weights cannot be sharded by ZeRO-3; use 4bit or stage 2")
+            if storage != q.compute_dtype:
+                raise ValueError(
+                    f"quantization.quant_storage ({storage}) must equal compute_dtype ({q.compute_dtype}) under ZeRO-3"
+                )
+        return self
+
+    # -- conversions -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        try:
+            return cls.model_validate(d)
+        except ValidationError as e:
+            raise ConfigError(_errors(e)) from None
+
+    def flat(self) -> dict[str, Any]:
+        """``{"dpo.beta": 0.1, ...}``: the resolved config flattened, for MLflow params."""
+        return flatten(self.to_dict())
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> Config:
+        """A new validated config with ``{"dpo.beta": 0.2, ...}`` applied."""
+        d = self.to_dict()
+        for k, v in overrides.items():
+            try:
+                _set_dotted(d, k, v)
+            except KeyError as e:
+                raise ConfigError([(k, str(e.args[0]))]) from None
+        return Config.from_dict(d)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _errors(e: ValidationError) -> list[tuple[str, str]]:
+    out = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        out.append((loc, msg))
+    return out
+
+
+def parse_override(s: str) -> tuple[str, Any]:
+    """``"dpo.beta=0.2"`` -> ``("dpo.beta", 0.2)``; the value is read as YAML."""
+    if "=" not in s:
+        raise ConfigError([(s, "override must look like section.key=value")])
+    key, raw = s.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError([(s, "override key must be a dotted path like dpo.beta")])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError([(key, f"value is not valid YAML: {e}")]) from None
+    return key, value
+
+
+def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    cur = d
+    for i, p in enumerate(parts[:-1]):
+        nxt = cur.get(p)
+        if nxt is None:  # missing or empty section: create it; validation reports unknown ones
+            cur[p] = nxt = {}
+        if not isinstance(nxt, dict):
+            raise KeyError(f"unknown key (no section '{'.'.join(parts[: i + 1])}')")
+        cur = nxt
+    # unknown leaf keys are kept so validation reports them with their path
+    cur[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Read YAML (or defaults when ``path`` is None), apply overrides, validate once."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError([("<file>", f"config file not found: {p}")])
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError([("<file>", f"{p} is not valid YAML: {e}")]) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError([("<root>", f"{p} must hold a mapping of sections, got {type(loaded).__name__}")])
+        raw = copy.deepcopy(loaded)
+    if isinstance(overrides, list):
+        overrides = dict(parse_override(s) for s in overrides)
+    errs: list[tuple[str, str]] = []
+    for k, v in (overrides or {}).items():
+        try:
+            _set_dotted(raw, k, v)
+        except KeyError as e:
+            errs.append((k, str(e.args[0])))
+    try:
+        cfg = Config.from_dict(raw)
+    except ConfigError as e:
+        errs.extend(e.errors)
+    if errs:
+        raise ConfigError(errs)
+    return cfg
+
+
+def check_resources(cfg: Config) -> list[tuple[str, str]]:
+    """Checks that need the filesystem (not Ray): the data source and model must exist."""
+    errs: list[tuple[str, str]] = []
+    src = cfg.data.source
+    if src != BUILTIN_SOURCE and not Path(src).exists():
+        if src.startswith((".", "/", "~")) or not HUB_ID.match(src):
+            errs.append(("data.source", f"no such file or folder, and not a hub dataset id: {src}"))
+    m = cfg.model.name_or_path
+    if m != BUILTIN_MODEL and not Path(m).exists():
+        if m.startswith((".", "/", "~")) or not HUB_ID.match(m):
+            errs.append(("model.name_or_path", f"no such folder, and not a hub model id: {m}"))
+    elif m != BUILTIN_MODEL and Path(m).is_dir() and not (Path(m) / "config.json").exists():
+        errs.append(("model.name_or_path", f"{m} has no config.json: not a Hugging Face model folder"))
+    for key, adapter in (("dpo.sft_adapter", cfg.dpo.sft_adapter),):
+        if adapter and not (Path(adapter) / "adapter_config.json").exists():
+            errs.append((key, f"{adapter} is not a PEFT adapter folder (no adapter_config.json)"))
+    return errs
