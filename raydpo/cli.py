@@ -1,0 +1,173 @@
+"""The ``raydpo`` console script: parse, validate, dispatch. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from raydpo.config import Config, ConfigError, check_resources, load_config
+
+EXIT_USAGE = 2
+
+
+def _config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--config", "-c", required=required, help="YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. --set dpo.beta=0.2 (repeatable)")
+
+
+def _print_errors(errors: list[tuple[str, str]], header: str = "config errors") -> None:
+    print(f"{header} ({len(errors)}):", file=sys.stderr)
+    for path, msg in errors:
+        print(f"  {path}: {msg}", file=sys.stderr)
+
+
+def _load(args, extra: list[str] | None = None) -> Config:
+    return load_config(args.config, list(extra or []) + list(args.overrides))
+
+
+def cmd_validate(args) -> int:
+    try:
+        cfg = _load(args)
+    except ConfigError as e:
+        _print_errors(e.errors)
+        return EXIT_USAGE
+    errs = check_resources(cfg)
+    if errs:
+        _print_errors(errs)
+        return EXIT_USAGE
+    print(f"{args.config or '<defaults>'}: OK")
+    return 0
+
+
+def cmd_data_stats(args) -> int:
+    from raydpo.data.sources import DataSourceError
+    from raydpo.data.stats import compute_stats, format_stats
+    from raydpo.models import resolve_model_path
+
+    try:
+        cfg = _load(args, [f"data.source={json.dumps(args.source)}"] if args.source else None)
+    except ConfigError as e:
+        _print_errors(e.errors)
+        return EXIT_USAGE
+    errs = [e for e in check_resources(cfg) if e[0] == "data.source"]
+    if errs:
+        print(f"error: {errs[0][1]}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        stats = compute_stats(cfg, resolve_model_path(cfg.model))
+    except DataSourceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(stats) if args.json else format_stats(stats))
+    return 0
+
+
+def _train(args, stage: str) -> int:
+    from raydpo import launch, tracking
+
+    try:
+        cfg = _load(args)
+    except ConfigError as e:
+        _print_errors(e.errors)
+        return EXIT_USAGE
+    errs = check_resources(cfg)
+    if errs:
+        _print_errors(errs)
+        return EXIT_USAGE
+    if stage == "pipeline":
+        results = list(launch.run_pipeline(cfg))
+    else:
+        results = [launch.fit_stage(cfg, stage)]
+    print(summary(results, tracking.resolve_tracking_uri(cfg.tracking)))
+    return 0
+
+
+def summary(results, uri: str) -> str:
+    from raydpo import tracking
+
+    lines = ["", "== raydpo summary =="]
+    for r in results:
+        m = r.metrics
+        keys = ["eval/loss", "eval/rewards/accuracies", "eval/rewards/margins"]
+        shown = ", ".join(f"{k}={m[k]:.4f}" for k in keys if k in m)
+        lines.append(f"{r.stage}: run {r.run_id} in {r.elapsed_s:.0f}s  {shown}")
+        lines.append(f"  adapter: {r.adapter_path}")
+    lines.append(f"MLflow: {uri}")
+    lines.append(f"  view:  {tracking.ui_command(uri)}")
+    return "\n".join(lines)
+
+
+def cmd_demo(args) -> int:
+    from raydpo import launch, tracking
+    from raydpo.presets import demo_config
+
+    try:
+        cfg = demo_config(quick=args.quick, overrides=args.overrides)
+    except ConfigError as e:
+        _print_errors(e.errors)
+        return EXIT_USAGE
+    print(f"raydpo demo: tiny Llama + generated sample, SFT then DPO with {cfg.scaling.num_workers} workers, "
+          f"DeepSpeed ZeRO-{cfg.deepspeed.stage}, quantization={cfg.quantization.mode}, LoRA r={cfg.lora.r}", flush=True)
+    results = list(launch.run_pipeline(cfg))
+    print(summary(results, tracking.resolve_tracking_uri(cfg.tracking)))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from raydpo.launch import export_adapter
+
+    try:
+        out = export_adapter(args.adapter, args.out, merge=args.merge, dtype=args.dtype)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"wrote {'merged model' if args.merge else 'adapter'} to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raydpo", description="Preference fine-tuning (SFT -> DPO) as Ray jobs")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    v = sub.add_parser("validate", help="check a config (and that its data source and model exist); never starts Ray")
+    _config_args(v, required=True)
+    v.set_defaults(fn=cmd_validate)
+
+    d = sub.add_parser("data", help="data pipeline tools")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    st = dsub.add_parser("stats", help="run the Ray Data pipeline on a source and count rows, drops, tokens")
+    st.add_argument("--source", help="'sample', a local file/folder (parquet/json/jsonl), or a hub dataset id")
+    st.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    _config_args(st)
+    st.set_defaults(fn=cmd_data_stats)
+
+    for name, help_ in (("sft", "supervised fine-tuning"), ("dpo", "DPO (set dpo.sft_adapter to start from SFT)"),
+                        ("pipeline", "SFT, then DPO with the SFT model as reference")):
+        t = sub.add_parser(name, help=help_)
+        _config_args(t, required=True)
+        t.set_defaults(fn=lambda a, n=name: _train(a, n))
+
+    dm = sub.add_parser("demo", help="tiny Llama + generated data: SFT then DPO on a local Ray, tracked in MLflow")
+    dm.add_argument("--quick", action="store_true", help="a much shorter run (for tests)")
+    dm.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    dm.set_defaults(fn=cmd_demo)
+
+    ex = sub.add_parser("export", help="copy an adapter, or --merge it into its base model")
+    ex.add_argument("--adapter", required=True)
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--merge", action="store_true")
+    ex.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ex.set_defaults(fn=cmd_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.fn(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""DeepSpeed ZeRO config as a pure function of the raydpo config (no imports of deepspeed here).
+
+Kept pure so it is unit-testable and identical on every worker: the same inputs give the same
+dict on a laptop (gloo, fp32) and on a GPU cluster (NCCL, bf16).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from raydpo.config import Config, TrainStageConfig
+
+
+def resolve_precision(cfg: Config, use_gpu: bool) -> str:
+    """``auto`` means bf16 on GPU (what the QLoRA recipe trains in) and fp32 on CPU."""
+    p = cfg.deepspeed.precision
+    if p == "auto":
+        return "bf16" if use_gpu else "fp32"
+    return p
+
+
+def build_ds_config(cfg: Config, stage: TrainStageConfig, *, use_gpu: bool, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config dict for one training stage.
+
+    The optimizer and LR schedule are torch objects handed to ``deepspeed.initialize`` (so no
+    fused op has to be compiled with gcc at start-up); this dict only sets batch geometry,
+    precision, clipping and ZeRO partitioning/offload.
+    """
+    ds = cfg.deepspeed
+    precision = resolve_precision(cfg, use_gpu)
+    zero: dict[str, Any] = {
+        "stage": ds.stage,
+        "contiguous_gradients": True,
+        # overlapping communication only pays off with a real interconnect
+        "overlap_comm": bool(use_gpu),
+        "reduce_bucket_size": 5e7,
+    }
+    if ds.stage >= 2:
+        zero["allgather_bucket_size"] = 5e7
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": bool(use_gpu)}
+    if ds.stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+        if ds.stage3_param_persistence_threshold is not None:
+            zero["stage3_param_persistence_threshold"] = ds.stage3_param_persistence_threshold
+        if ds.offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": bool(use_gpu)}
+    return {
+        "train_micro_batch_size_per_gpu": stage.per_device_batch_size,
+        "gradient_accumulation_steps": stage.gradient_accumulation_steps,
+        "train_batch_size": stage.per_device_batch_size * stage.gradient_accumulation_steps * world_size,
+        "gradient_clipping": stage.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
+        # a torch AdamW is passed in; allow it under ZeRO and with CPU offload
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def comm_backend(use_gpu: bool) -> str:
+    return "nccl" if use_gpu else "gloo"

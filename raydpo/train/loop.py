@@ -1,0 +1,356 @@
+"""The SFT and DPO training loops as plain functions over batch iterators.
+
+Nothing here imports Ray: `raydpo.train.worker` adapts Ray Train (dataset shards, report,
+checkpoints) to these functions, and `raydpo.train.standalone` runs them under plain
+``torchrun`` (how the GPU path is checked on machines without Ray). The loop reads top to
+bottom: build engine → (resume) → step-0 sanity → train / log / eval / save → final save.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+from raydpo import losses
+from raydpo.config import Config, TrainStageConfig
+from raydpo.deepspeed import build_ds_config
+
+Stage = Literal["sft", "dpo"]
+LN2 = math.log(2.0)
+
+
+class SanityCheckError(RuntimeError):
+    """The DPO step-0 loss was not what an untrained adapter must give."""
+
+
+@dataclass
+class WorkerEnv:
+    """What a loop needs to know about where it runs."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    use_gpu: bool
+
+
+@dataclass
+class Hooks:
+    """Side effects the loop asks for, supplied by the launcher (Ray or torchrun).
+
+    ``train_batches()`` and ``eval_batches()`` each return a fresh iterator of collated batches
+    (dicts of CPU tensors) over this rank's shard. ``report(metrics, ckpt_dir)`` is called on
+    every rank the same number of times; ``log(metrics, step)`` only matters on rank 0.
+    """
+
+    train_batches: Callable[[], Iterator[dict[str, torch.Tensor]]]
+    eval_batches: Callable[[], Iterator[dict[str, torch.Tensor]]]
+    report: Callable[[dict[str, float], str | None], None]
+    log: Callable[[dict[str, float], int], None]
+    resume_dir: str | None = None
+    progress: Callable[[str], None] = print
+
+
+@dataclass
+class LoopResult:
+    step: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def lr_lambda(stage: TrainStageConfig) -> Callable[[int], float]:
+    """Linear warmup then cosine / linear decay to 0 (or constant), as a LambdaLR factor."""
+
+    def f(step: int) -> float:
+        if stage.warmup_steps and step < stage.warmup_steps:
+            return (step + 1) / stage.warmup_steps
+        if stage.lr_scheduler == "constant":
+            return 1.0
+        span = max(1, stage.max_steps - stage.warmup_steps)
+        progress = min(1.0, (step - stage.warmup_steps) / span)
+        if stage.lr_scheduler == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def _batches_forever(make: Callable[[], Iterator[dict[str, torch.Tensor]]]) -> Iterator[dict[str, torch.Tensor]]:
+    epoch = 0
+    while True:
+        n = 0
+        for b in make():
+            n += 1
+            yield b
+        if n == 0:
+            raise RuntimeError(f"the training shard yielded no batches (epoch {epoch}): too few rows for this batch size?")
+        epoch += 1
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# -- one step of each stage ------------------------------------------------------------------
+
+
+def sft_forward(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Causal-LM loss on packed blocks. Returns (loss, metric sums incl. count)."""
+    out = engine(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    loss = losses.sft_loss(out.logits, batch["labels"])
+    n = batch["input_ids"].shape[0]
+    sums = {"loss": loss.detach().float() * n, "count": torch.tensor(float(n), device=loss.device)}
+    return loss, sums
+
+
+def dpo_forward(engine, model, batch: dict[str, torch.Tensor], cfg: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One concatenated chosen+rejected forward through the policy; the reference is the same
+    weights with the LoRA adapter disabled (no second model in memory), or precomputed
+    log-probs carried in the batch. Log-probs are fp32 (``losses.sequence_logps`` upcasts)."""
+    d = cfg.dpo
+    average = d.loss_type == "ipo"
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    half = ids.shape[0] // 2
+    out = engine(input_ids=ids, attention_mask=mask)
+    logps = _seq_logps(out.logits, labels, average)
+    del out
+    if "ref_chosen_logps" in batch:
+        ref_c, ref_r = batch["ref_chosen_logps"].float(), batch["ref_rejected_logps"].float()
+    else:
+        with torch.no_grad(), model.disable_adapter():
+            ref_out = engine(input_ids=ids, attention_mask=mask)
+            ref = _seq_logps(ref_out.logits, labels, average)
+            del ref_out
+        ref_c, ref_r = ref[:half], ref[half:]
+    pol_c, pol_r = logps[:half], logps[half:]
+    per_ex, chosen_r, rejected_r = losses.dpo_loss(
+        pol_c, pol_r, ref_c, ref_r, beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing
+    )
+    sums = losses.dpo_metric_sums(chosen_r, rejected_r, pol_c.detach(), pol_r.detach(), per_ex.detach())
+    return per_ex.mean(), sums
+
+
+def _seq_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool) -> torch.Tensor:
+    if average:
+        return losses.sequence_logps(logits, labels, average=True)
+    return losses.sequence_logps(logits, labels)
+
+
+def _finalize(sums: dict[str, torch.Tensor], device: torch.device) -> dict[str, float]:
+    """All-reduce metric sums across ranks, then divide: global means, not rank-0 means."""
+    keys = sorted(sums)
+    t = torch.stack([sums[k].detach().float().to(device).reshape(()) for k in keys])
+    t = all_reduce_sum(t)
+    return losses.finalize_metrics({k: t[i] for i, k in enumerate(keys)})
+
+
+def _add(acc: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
+    for k, v in new.items():
+        v = v.detach().float().reshape(())
+        acc[k] = acc[k] + v if k in acc else v.clone()
+
+
+# -- the loop ------------------------------------------------------------------------------
+
+
+def build_engine(model, cfg: Config, stage_cfg: TrainStageConfig, env: WorkerEnv):
+    """DeepSpeed engine over the trainable (LoRA) parameters with torch AdamW + LambdaLR."""
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise RuntimeError("the model has no trainable parameters: LoRA target_modules matched nothing?")
+    opt = torch.optim.AdamW(params, lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(stage_cfg))
+    ds_config = build_ds_config(cfg, stage_cfg, use_gpu=env.use_gpu, world_size=env.world_size)
+    engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config)
+    return engine, opt, sched
+
+
+def run_stage(stage: Stage, cfg: Config, model, tokenizer, env: WorkerEnv, hooks: Hooks) -> LoopResult:
+    """Train one stage to ``max_steps`` optimizer steps. ``model`` is the PEFT model."""
+    stage_cfg: TrainStageConfig = cfg.sft if stage == "sft" else cfg.dpo
+    torch.manual_seed(stage_cfg.seed + env.rank)
+    engine, _opt, sched = build_engine(model, cfg, stage_cfg, env)
+    accum = stage_cfg.gradient_accumulation_steps
+
+    step = 0
+    if hooks.resume_dir:
+        step = load_state(engine, hooks.resume_dir)
+        hooks.progress(f"[{stage}] resumed from {hooks.resume_dir} at step {step}")
+
+    def forward(batch):
+        if stage == "sft":
+            return sft_forward(engine, batch)
+        return dpo_forward(engine, model, batch, cfg)
+
+    def evaluate() -> dict[str, float]:
+        engine.eval()
+        sums: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for i, b in enumerate(hooks.eval_batches()):
+                if stage_cfg.eval_max_batches is not None and i >= stage_cfg.eval_max_batches:
+                    break
+                _, s = forward(_to(b, env.device))
+                _add(sums, s)
+        engine.train()
+        if not sums:
+            return {}
+        return {f"eval/{k}": v for k, v in _finalize(sums, env.device).items()}
+
+    history: list[dict[str, float]] = []
+    window: dict[str, torch.Tensor] = {}
+    tokens = torch.zeros((), device=env.device)
+    t_window = time.perf_counter()
+    check_step0 = stage == "dpo" and cfg.dpo.sanity_check and step == 0
+    batches = _batches_forever(hooks.train_batches)
+    engine.train()
+    while step < stage_cfg.max_steps:
+        for _ in range(accum):
+            b = _to(next(batches), env.device)
+            loss, s = forward(b)
+            engine.backward(loss)
+            engine.step()  # DeepSpeed only updates at the accumulation boundary
+            _add(window, s)
+            tokens += b["attention_mask"].sum() if "attention_mask" in b else b["input_ids"].numel()
+        step += 1
+        if check_step0:
+            sanity_check(_finalize(dict(window), env.device), cfg)
+            check_step0 = False
+        last = step == stage_cfg.max_steps
+        metrics: dict[str, float] = {}
+        if step == 1 or step % stage_cfg.log_every == 0 or last:
+            elapsed = time.perf_counter() - t_window
+            train = _finalize(window, env.device)
+            total_tokens = float(all_reduce_sum(tokens.clone()).item())
+            metrics.update({f"train/{k}": v for k, v in train.items()})
+            metrics["train/tokens_per_s"] = total_tokens / max(elapsed, 1e-9)
+            metrics["train/lr"] = float(sched.get_last_lr()[0])
+            metrics["train/epoch_step"] = float(step)
+            window, tokens, t_window = {}, torch.zeros((), device=env.device), time.perf_counter()
+        if step % stage_cfg.eval_every == 0 or last:
+            metrics.update(evaluate())
+            t_window = time.perf_counter()  # eval time is not training throughput
+        if metrics:
+            metrics["step"] = float(step)
+            history.append(metrics)
+            hooks.log({k: v for k, v in metrics.items() if k != "step"}, step)
+            hooks.progress(_progress_line(stage, step, stage_cfg.max_steps, metrics))
+            ckpt = None
+            if step % stage_cfg.save_every == 0 or last:
+                ckpt = save_state(engine, model, tokenizer, step, stage, env)
+            hooks.report(metrics, ckpt)
+    return LoopResult(step=step, history=history)
+
+
+def sanity_check(m: dict[str, float], cfg: Config) -> None:
+    """At step 0 the fresh adapter makes policy == reference, so rewards are 0 and the loss is
+    the loss type's value at zero margin (ln 2 for sigmoid)."""
+    zero = torch.zeros(1)
+    expected = float(losses.dpo_loss(zero, zero, zero, zero, beta=cfg.dpo.beta, loss_type=cfg.dpo.loss_type,
+                                     label_smoothing=cfg.dpo.label_smoothing)[0].mean())
+    loss, rc, rr = m["loss"], m["rewards/chosen"], m["rewards/rejected"]
+    if abs(loss - expected) > 0.01 or abs(rc) > 0.01 or abs(rr) > 0.01:
+        raise SanityCheckError(
+            f"DPO step-0 sanity check failed: loss {loss:.4f} (expected {expected:.4f}), rewards/chosen {rc:.4f}, "
+            f"rewards/rejected {rr:.4f} (expected ~0). The policy and the reference differ before training: "
+            "likely the adapter is not freshly initialised (an SFT adapter passed as the DPO adapter instead of "
+            "merged into the base?), precomputed reference log-probs come from another model or tokenizer, or "
+            "dropout/precision differs between the two passes. Set dpo.sanity_check=false to run anyway."
+        )
+
+
+def _progress_line(stage: str, step: int, total: int, m: dict[str, float]) -> str:
+    keys = ["train/loss", "train/rewards/accuracies", "train/rewards/margins", "eval/loss",
+            "eval/rewards/accuracies", "eval/rewards/margins", "train/tokens_per_s"]
+    parts = [f"{k.split('/', 1)[0][0]}:{k.split('/', 1)[1]}={m[k]:.4g}" for k in keys if k in m]
+    return f"[{stage}] step {step}/{total} " + " ".join(parts)
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+
+ADAPTER_DIR = "adapter"
+DS_DIR = "deepspeed"
+STATE_FILE = "trainer_state.json"
+
+
+def save_state(engine, model, tokenizer, step: int, stage: str, env: WorkerEnv) -> str:
+    """Write this rank's part of a checkpoint into a fresh local folder and return it.
+
+    Rank 0 writes the PEFT adapter + tokenizer (Hugging Face format, loadable as is) and the
+    step; every rank writes its DeepSpeed optimizer/scheduler shard. Ray Train merges the
+    ranks' folders into one checkpoint directory in storage.
+    """
+    import tempfile
+
+    out = Path(tempfile.mkdtemp(prefix=f"raydpo-{stage}-ckpt-{step}-r{env.rank}-"))
+    engine.save_checkpoint(str(out / DS_DIR), tag="state", exclude_frozen_parameters=True,
+                           client_state={"step": step})
+    with gathered_adapter(model):
+        if env.rank == 0:
+            model.save_pretrained(str(out / ADAPTER_DIR))
+            tokenizer.save_pretrained(str(out / ADAPTER_DIR))
+            (out / STATE_FILE).write_text(json.dumps({"step": step, "stage": stage}))
+    return str(out)
+
+
+def load_state(engine, ckpt_dir: str) -> int:
+    _, client = engine.load_checkpoint(
+        str(Path(ckpt_dir) / DS_DIR), tag="state", load_module_strict=False,
+        load_optimizer_states=True, load_lr_scheduler_states=True,
+    )
+    if client is None:
+        raise RuntimeError(f"could not load the DeepSpeed state from {ckpt_dir}")
+    return int(client["step"])
+
+
+class gathered_adapter:
+    """Under ZeRO-3 the LoRA weights are partitioned; gather them (on every rank) to save."""
+
+    def __init__(self, model):
+        self.model = model
+        self.ctx = None
+
+    def __enter__(self):
+        params = [p for p in self.model.parameters() if p.requires_grad and hasattr(p, "ds_id")]
+        if params:
+            import deepspeed
+
+            self.ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+            self.ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+        return False
+
+
+def env_from_torch(use_gpu: bool) -> WorkerEnv:
+    """WorkerEnv from an initialised torch.distributed group (Ray Train or torchrun)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if use_gpu:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return WorkerEnv(rank=rank, world_size=world, device=device, use_gpu=use_gpu)
+
+
+def as_dict(m: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in m.items()}

@@ -1,0 +1,127 @@
+"""Config: YAML + dotted overrides, every error reported with its path, no heavy imports."""
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import yaml
+
+from raydpo.config import Config, ConfigError, check_resources, load_config, parse_override
+from raydpo.deepspeed import build_ds_config
+
+
+def write(tmp_path, text, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def test_defaults_follow_stack_llama_2():
+    c = Config()
+    assert (c.lora.r, c.lora.alpha, c.lora.target_modules) == (8, 16, ["q_proj", "v_proj"])
+    assert (c.dpo.beta, c.data.max_length, c.data.max_prompt_length) == (0.1, 1024, 512)
+    assert c.data.prompt_template.format(question="Q") == "Question: Q\n\nAnswer: "
+
+
+def test_yaml_then_overrides_win(tmp_path):
+    p = write(tmp_path, """
+        dpo: {beta: 0.3, lr: 1e-5}
+        lora: {target_modules: [q_proj]}
+    """)
+    c = load_config(p, ["dpo.beta=0.2", "scaling.num_workers=4", "lora.target_modules=[q_proj,k_proj]"])
+    assert c.dpo.beta == 0.2
+    assert math.isclose(c.dpo.lr, 1e-5)  # YAML reads "1e-5" as a string; it is coerced to a number
+    assert c.scaling.num_workers == 4
+    assert c.lora.target_modules == ["q_proj", "k_proj"]
+
+
+def test_every_error_is_reported_with_its_path(tmp_path):
+    p = write(tmp_path, """
+        dpo: {beta: -1, loss_type: nope, lr: fast}
+        lora: {r: 0, colour: red}
+        mystery: {x: 1}
+        data: {max_length: 64, max_prompt_length: 128}
+    """)
+    with pytest.raises(ConfigError) as e:
+        load_config(p, ["scaling.num_workers=two"])
+    paths = {path for path, _ in e.value.errors}
+    assert {"dpo.beta", "dpo.loss_type", "dpo.lr", "lora.r", "lora.colour", "mystery",
+            "scaling.num_workers", "data"} <= paths
+    msgs = dict(e.value.errors)
+    assert msgs["lora.colour"] == "unknown key"
+    assert "max_prompt_length (128) must be < max_length (64)" in msgs["data"]
+
+
+def test_zero3_needs_quant_storage_equal_to_compute_dtype():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["deepspeed.stage=3", "quantization.mode=4bit",
+                           "quantization.compute_dtype=bfloat16", "quantization.quant_storage=float32"])
+    assert "quant_storage" in str(e.value)
+    ok = load_config(None, ["deepspeed.stage=3", "quantization.mode=4bit"])
+    assert ok.quantization.quant_storage is None  # resolved to compute dtype at load time
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError):
+        parse_override("dpo.beta")
+    with pytest.raises(ConfigError):
+        parse_override("dpo..beta=1")
+    assert parse_override("tracking.run_name=") == ("tracking.run_name", "")
+
+
+def test_round_trip_through_plain_data_and_flat_params():
+    c = load_config(None, ["dpo.beta=0.25"])
+    again = Config.from_dict(yaml.safe_load(c.to_yaml()))
+    assert again == c
+    flat = c.flat()
+    assert flat["dpo.beta"] == 0.25 and flat["model.tiny.hidden_size"] == 64
+
+
+def test_check_resources_names_missing_paths(tmp_path):
+    c = load_config(None, [f"data.source={tmp_path}/nope.jsonl", f"model.name_or_path={tmp_path}/nomodel"])
+    errs = dict(check_resources(c))
+    assert "no such file" in errs["data.source"] and "no such folder" in errs["model.name_or_path"]
+    hub = load_config(None, ["data.source=lvwerra/stack-exchange-paired", "model.name_or_path=meta-llama/Llama-2-7b-hf"])
+    assert check_resources(hub) == []
+
+
+def test_ds_config_cpu_and_gpu():
+    c = load_config(None, ["deepspeed.stage=3", "deepspeed.offload_optimizer=true",
+                           "dpo.per_device_batch_size=4", "dpo.gradient_accumulation_steps=4"])
+    cpu = build_ds_config(c, c.dpo, use_gpu=False, world_size=2)
+    gpu = build_ds_config(c, c.dpo, use_gpu=True, world_size=8)
+    assert cpu["train_batch_size"] == 4 * 4 * 2 and gpu["train_batch_size"] == 4 * 4 * 8
+    assert not cpu["bf16"]["enabled"] and gpu["bf16"]["enabled"]
+    assert cpu["zero_optimization"]["stage"] == 3
+    assert cpu["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert cpu["gradient_clipping"] == c.dpo.max_grad_norm
+
+
+def test_light_imports():
+    code = ("import sys, raydpo.config, raydpo.losses, raydpo.deepspeed;"
+            "bad=[m for m in ('ray','deepspeed','bitsandbytes','mlflow') if m in sys.modules];"
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_validate_cli_lists_errors_and_exits_2_without_ray(tmp_path):
+    p = write(tmp_path, """
+        dpo: {beta: -1}
+        lora: {colour: red}
+        data: {source: /definitely/missing.jsonl}
+    """)
+    code = ("import sys; from raydpo.cli import main; rc=main(['validate','--config',sys.argv[1]]);"
+            "assert 'ray' not in sys.modules, 'validate imported ray'; sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code, str(p)], capture_output=True, text=True)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "dpo.beta" in r.stderr and "lora.colour: unknown key" in r.stderr
+    good = write(tmp_path, "dpo: {beta: 0.2}\n", "good.yaml")
+    r = subprocess.run([sys.executable, "-m", "raydpo.cli", "validate", "--config", str(good)], capture_output=True, text=True)
+    assert r.returncode == 0 and "OK" in r.stdout
+    # a valid config whose data source does not exist is an error too
+    r = subprocess.run([sys.executable, "-m", "raydpo.cli", "validate", "--config", str(good),
+                        "--set", "data.source=./nope.parquet"], capture_output=True, text=True)
+    assert r.returncode == 2 and "data.source" in r.stderr
