@@ -54,6 +54,7 @@ class DataConfig(_Section):
     sft_block_size: int = Field(1024, ge=8, description="packed SFT block length in tokens")
     max_chars: int = Field(200_000, ge=1, description="rows whose question+answers exceed this are dropped")
     tokenize_batch_size: int = Field(256, ge=1)
+    tokenize_concurrency: int = Field(1, ge=1, description="tokenizer actors")
     tokenize_num_cpus: float = Field(0.25, gt=0.0, description="CPU per tokenize task; keep < 1 so workers don't starve Ray Data")
 
     @model_validator(mode="after")

@@ -214,6 +214,7 @@ def run_stage(stage: Stage, cfg: Config, model, tokenizer, env: WorkerEnv, hooks
     history: list[dict[str, float]] = []
     window: dict[str, torch.Tensor] = {}
     tokens = torch.zeros((), device=env.device)
+    samples = torch.zeros((), device=env.device)  # pairs for DPO, packed blocks for SFT
     t_window = time.perf_counter()
     check_step0 = stage == "dpo" and cfg.dpo.sanity_check and step == 0
     batches = _batches_forever(hooks.train_batches)
@@ -226,6 +227,7 @@ def run_stage(stage: Stage, cfg: Config, model, tokenizer, env: WorkerEnv, hooks
             engine.step()  # DeepSpeed only updates at the accumulation boundary
             _add(window, s)
             tokens += b["attention_mask"].sum() if "attention_mask" in b else b["input_ids"].numel()
+            samples += s["count"].detach().float().reshape(())
         step += 1
         if check_step0:
             sanity_check(_finalize(dict(window), env.device), cfg)
@@ -235,12 +237,15 @@ def run_stage(stage: Stage, cfg: Config, model, tokenizer, env: WorkerEnv, hooks
         if step == 1 or step % stage_cfg.log_every == 0 or last:
             elapsed = time.perf_counter() - t_window
             train = _finalize(window, env.device)
-            total_tokens = float(all_reduce_sum(tokens.clone()).item())
+            totals = all_reduce_sum(torch.stack([tokens, samples]))
             metrics.update({f"train/{k}": v for k, v in train.items()})
-            metrics["train/tokens_per_s"] = total_tokens / max(elapsed, 1e-9)
+            metrics["train/tokens_per_s"] = float(totals[0]) / max(elapsed, 1e-9)
+            metrics["train/samples_per_s"] = float(totals[1]) / max(elapsed, 1e-9)
+            if env.use_gpu:
+                metrics["train/peak_memory_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30
             metrics["train/lr"] = float(sched.get_last_lr()[0])
-            metrics["train/epoch_step"] = float(step)
-            window, tokens, t_window = {}, torch.zeros((), device=env.device), time.perf_counter()
+            window, t_window = {}, time.perf_counter()
+            tokens, samples = torch.zeros((), device=env.device), torch.zeros((), device=env.device)
         if step % stage_cfg.eval_every == 0 or last:
             metrics.update(evaluate())
             t_window = time.perf_counter()  # eval time is not training throughput

@@ -1,0 +1,84 @@
+"""The tiny local model: a randomly initialised Llama from a ``LlamaConfig`` and a byte-level BPE
+tokenizer trained here on the generated sample — no network, no hub.
+
+Materialized once as an ordinary Hugging Face model folder, so every code path (workers,
+merge, ``AutoPeftModelForCausalLM`` loading an adapter) treats it like any local model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from raydpo.config import ModelConfig
+
+SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3, Llama's order plus a dedicated pad
+
+
+def _key(model_cfg: ModelConfig) -> str:
+    blob = json.dumps(model_cfg.tiny.model_dump(), sort_keys=True).encode()
+    return hashlib.sha256(blob + b"v1").hexdigest()[:10]
+
+
+def ensure_tiny_model(model_cfg: ModelConfig) -> Path:
+    """Absolute path of the tiny model folder, building it if needed (race-safe)."""
+    root = Path(model_cfg.cache_dir).expanduser().resolve()
+    out = root / f"tiny-llama-{_key(model_cfg)}"
+    if (out / "config.json").exists():
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=root))
+    try:
+        build_tiny(model_cfg, tmp)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process won the race: its folder is identical
+            if not (out / "config.json").exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def build_tokenizer(vocab_size: int, texts):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    # Llama-style: BOS in front of every encoded text; EOS is appended by the data pipeline
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", padding_side="right", model_max_length=1_000_000)
+
+
+def build_tiny(model_cfg: ModelConfig, out: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from raydpo.data.sample import sample_texts
+
+    t = model_cfg.tiny
+    tokenizer = build_tokenizer(t.vocab_size, sample_texts(3000, seed=t.seed))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+        num_key_value_heads=t.num_key_value_heads, max_position_embeddings=t.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    torch.manual_seed(t.seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
