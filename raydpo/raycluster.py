@@ -20,3 +20,4 @@ def ensure_ray(num_cpus: float | None = None) -> None:
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)

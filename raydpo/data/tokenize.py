@@ -73,7 +73,8 @@ class DPOTokenize(_Tokenizing):
     def __call__(self, batch):
         import pyarrow as pa
 
-        out = tokenize_dpo(self.tokenizer, list(batch["prompt"]), list(batch["chosen"]), list(batch["rejected"]),
+        col = lambda k: batch[k].to_pylist()  # noqa: E731
+        out = tokenize_dpo(self.tokenizer, col("prompt"), col("chosen"), col("rejected"),
                            self.max_length, self.max_prompt_length)
         ids = pa.list_(pa.int32())
         return pa.table({
@@ -94,6 +95,6 @@ class SFTPack(_Tokenizing):
     def __call__(self, batch):
         import pyarrow as pa
 
-        texts = [p + c for p, c in zip(batch["prompt"], batch["chosen"])]
+        texts = [p + c for p, c in zip(batch["prompt"].to_pylist(), batch["chosen"].to_pylist())]
         blocks = pack_sft(self.tokenizer, texts, self.block_size)
         return pa.table({"input_ids": pa.array(blocks, type=pa.list_(pa.int32()))})
