@@ -1,0 +1,114 @@
+"""Run one stage's loop without Ray, under ``torchrun`` — how the GPU path (bf16, 4-bit on CUDA,
+DeepSpeed over NCCL) is checked on machines that have no Ray:
+
+    torchrun --nproc_per_node N -m raydpo.train.standalone --config F --stage dpo [--set k=v ...]
+
+Data is read and tokenized in-process with the same row validation and tokenization functions
+the Ray Data pipeline runs (sample or local json/jsonl files), sharded by rank. No MLflow: the
+metrics are printed by rank 0. Checkpoints are written under ``run.storage_path``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from functools import partial
+from pathlib import Path
+
+
+def _rows(cfg, stage: str) -> list[dict]:
+    from raydpo.config import BUILTIN_SOURCE
+    from raydpo.data.rows import drop_reason, format_prompt, is_eval
+
+    d = cfg.data
+    if d.source == BUILTIN_SOURCE:
+        from raydpo.data.sample import generate_rows
+
+        raw = generate_rows(d.sample_size, d.seed)
+    else:
+        text = Path(d.source).read_text()
+        raw = json.loads(text) if d.source.endswith(".json") else [json.loads(x) for x in text.splitlines() if x.strip()]
+    out = []
+    for r in raw[: d.max_rows]:
+        if drop_reason(r, d.max_chars) == "":
+            out.append({"prompt": format_prompt(r["question"], d.prompt_template), "chosen": r["response_j"],
+                        "rejected": r["response_k"], "is_eval": is_eval(r["question"], d.eval_fraction)})
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from raydpo.config import load_config
+    from raydpo.data.collate import collate_dpo, collate_sft
+    from raydpo.data.tokenize import pack_sft, tokenize_dpo
+    from raydpo.models import load_model, load_tokenizer, resolve_model_path
+    from raydpo.train.loop import Hooks, env_from_torch, run_stage
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--config")
+    p.add_argument("--stage", choices=["sft", "dpo"], default="dpo")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    use_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
+    dist.init_process_group("nccl" if use_gpu else "gloo")
+    env = env_from_torch(use_gpu)
+
+    path = resolve_model_path(cfg.model) if env.rank == 0 else None
+    obj = [path]
+    dist.broadcast_object_list(obj, src=0)  # rank 0 materializes the tiny model once
+    path = obj[0]
+    tok = load_tokenizer(path)
+    rows = _rows(cfg, args.stage)
+    stage_cfg = cfg.sft if args.stage == "sft" else cfg.dpo
+    bs = stage_cfg.per_device_batch_size
+
+    def make(split_eval: bool):
+        mine = [r for r in rows if r["is_eval"] == split_eval][env.rank::env.world_size]
+        if args.stage == "sft":
+            blocks = pack_sft(tok, [r["prompt"] + r["chosen"] for r in mine], cfg.data.sft_block_size)
+            cols = {"input_ids": blocks}
+            collate = collate_sft
+        else:
+            cols = tokenize_dpo(tok, [r["prompt"] for r in mine], [r["chosen"] for r in mine],
+                                [r["rejected"] for r in mine], cfg.data.max_length, cfg.data.max_prompt_length)
+            collate = partial(collate_dpo, pad_token_id=tok.pad_token_id)
+        n = len(next(iter(cols.values())))
+        n_batches = n // bs
+        counts = torch.tensor([n_batches], device=env.device)
+        dist.all_reduce(counts, op=dist.ReduceOp.MIN)  # every rank runs the same number of steps
+
+        def it():
+            for i in range(int(counts.item())):
+                yield collate({k: np.array(v[i * bs:(i + 1) * bs] + [None], dtype=object)[:-1] for k, v in cols.items()})
+        return it
+
+    model = load_model(cfg.model, cfg.quantization, cfg.lora, base_path=path, device=env.device)
+    out_dir = Path(cfg.run.storage_path) / f"{cfg.run.name}-{args.stage}-standalone"
+
+    def report(metrics, ckpt_dir):
+        if ckpt_dir:
+            dest = out_dir / f"step_{int(metrics['step'])}"
+            dest.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(ckpt_dir, dest, dirs_exist_ok=True)
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+    def log(metrics, step):
+        if env.rank == 0:
+            print(json.dumps({"step": step, **metrics}), flush=True)
+
+    hooks = Hooks(train_batches=make(False), eval_batches=make(True), report=report, log=log,
+                  progress=lambda s: print(s, flush=True) if env.rank == 0 else None)
+    run_stage(args.stage, cfg, model, tok, env, hooks)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
