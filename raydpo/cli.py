@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from raydpo.config import Config, ConfigError, check_resources, load_config
 
@@ -100,17 +99,51 @@ def summary(results, uri: str) -> str:
     return "\n".join(lines)
 
 
+def _tune(cfg: Config, resume: bool) -> int:
+    from raydpo import tracking
+    from raydpo.tune import format_table, run_tune
+
+    rows, best = run_tune(cfg, resume=resume)
+    print("\n== raydpo tune ==")
+    print(format_table(rows, best))
+    uri = tracking.resolve_tracking_uri(cfg.tracking)
+    if best is not None:
+        print(f"best: beta={best.beta:.4g} lr={best.lr:.3g} {cfg.tune.metric}="
+              f"{best.accuracy if 'acc' in cfg.tune.metric else best.margins:.4f} (MLflow run {best.run_id})")
+    print(f"MLflow: {uri}\n  view:  {tracking.ui_command(uri)}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    try:
+        cfg = _load(args)
+    except ConfigError as e:
+        _print_errors(e.errors)
+        return EXIT_USAGE
+    errs = check_resources(cfg)
+    if errs:
+        _print_errors(errs)
+        return EXIT_USAGE
+    return _tune(cfg, args.resume)
+
+
 def cmd_demo(args) -> int:
     from raydpo import launch, tracking
     from raydpo.presets import demo_config
 
     try:
-        cfg = demo_config(quick=args.quick, overrides=args.overrides)
+        cfg = demo_config(quick=args.quick, tune=args.tune, overrides=args.overrides)
     except ConfigError as e:
         _print_errors(e.errors)
         return EXIT_USAGE
     print(f"raydpo demo: tiny Llama + generated sample, SFT then DPO with {cfg.scaling.num_workers} workers, "
           f"DeepSpeed ZeRO-{cfg.deepspeed.stage}, quantization={cfg.quantization.mode}, LoRA r={cfg.lora.r}", flush=True)
+    if args.tune:
+        print(f"then a Tune search of {cfg.tune.num_samples} trials over beta and lr (ASHA, shared reference log-probs)",
+              flush=True)
+        sft = launch.fit_stage(cfg, "sft")
+        print(summary([sft], tracking.resolve_tracking_uri(cfg.tracking)))
+        return _tune(cfg.with_overrides({"dpo.sft_adapter": sft.adapter_path}), resume=False)
     results = list(launch.run_pipeline(cfg))
     print(summary(results, tracking.resolve_tracking_uri(cfg.tracking)))
     return 0
@@ -150,8 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
         _config_args(t, required=True)
         t.set_defaults(fn=lambda a, n=name: _train(a, n))
 
+    tu = sub.add_parser("tune", help="Ray Tune search over DPO beta and lr (set dpo.sft_adapter to start from SFT)")
+    _config_args(tu, required=True)
+    tu.add_argument("--resume", action="store_true", help="continue an interrupted search (same run.name)")
+    tu.set_defaults(fn=cmd_tune)
+
     dm = sub.add_parser("demo", help="tiny Llama + generated data: SFT then DPO on a local Ray, tracked in MLflow")
     dm.add_argument("--quick", action="store_true", help="a much shorter run (for tests)")
+    dm.add_argument("--tune", action="store_true", help="SFT, then a Tune search over DPO beta and lr")
     dm.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     dm.set_defaults(fn=cmd_demo)
 

@@ -201,6 +201,7 @@ class TuneConfig(_Section):
     beta: SearchSpace = Field(default_factory=lambda: SearchSpace(kind="loguniform", low=0.01, high=0.5))
     lr: SearchSpace = Field(default_factory=lambda: SearchSpace(kind="loguniform", low=1e-6, high=5e-4))
     searcher: Literal["random", "optuna"] = "random"
+    scheduler: Literal["asha", "fifo"] = Field("asha", description="fifo: every trial runs to max_steps")
     metric: Literal["eval/rewards/accuracies", "eval/rewards/margins"] = "eval/rewards/accuracies"
     grace_period: int = Field(1, ge=1, description="ASHA grace period, in evaluations")
     reduction_factor: int = Field(2, ge=2)

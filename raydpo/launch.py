@@ -6,7 +6,6 @@ No training maths here: that lives in `raydpo.train.loop`.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -87,6 +86,9 @@ def fit_stage(
     *,
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
+    params: dict[str, str] | None = None,
+    callbacks: list | None = None,
+    base: tuple[str, str] | None = None,
     progress=print,
 ) -> StageResult:
     """Run one stage as a Ray Train job and track it in MLflow. Returns where the adapter is."""
@@ -101,8 +103,8 @@ def fit_stage(
     t0 = time.perf_counter()
     ensure_ray()
     check_cpu_budget(cfg)
-    base_path, tok_path = resolve_base(cfg)
-    if stage == "dpo" and cfg.dpo.sft_adapter:
+    base_path, tok_path = base or resolve_base(cfg)
+    if base is None and stage == "dpo" and cfg.dpo.sft_adapter:
         progress(f"[dpo] merging SFT adapter {cfg.dpo.sft_adapter} into the base (the DPO reference)")
         base_path = merged_sft_base(cfg, cfg.dpo.sft_adapter, base_path)
         tok_path = base_path
@@ -112,11 +114,16 @@ def fit_stage(
     run_name = f"{cfg.tracking.run_name or cfg.run.name}-{stage}"
     run_id = tracking.start_run(uri, exp_id, run_name, parent_run_id=parent_run_id,
                                 tags={"raydpo.stage": stage, **(tags or {})})
-    tracking.log_params(uri, run_id, cfg.flat())
+    tracking.log_params(uri, run_id, {**cfg.flat(), **(params or {})})
     progress(f"[{stage}] MLflow run {run_id} in {uri}")
 
     try:
-        train_ds, eval_ds = build_datasets(cfg, stage, tok_path)
+        if stage == "dpo" and cfg.dpo.reference == "precomputed":
+            from raydpo.reference import reference_datasets
+
+            train_ds, eval_ds = reference_datasets(cfg, base_path, tok_path, progress=progress)
+        else:
+            train_ds, eval_ds = build_datasets(cfg, stage, tok_path)
         eval_ds = eval_ds.materialize()  # evaluated many times: tokenize it once
         s = cfg.scaling
         resources = {"CPU": s.cpus_per_worker}
@@ -138,6 +145,7 @@ def fit_stage(
                 storage_path=str(Path(cfg.run.storage_path).resolve()),
                 failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                callbacks=callbacks,
             ),
         )
         result = trainer.fit()
@@ -150,6 +158,7 @@ def fit_stage(
         history = tracking.fetch_history(uri, run_id, None)
         if cfg.tracking.log_artifacts:
             tracking.log_final_artifacts(uri, run_id, adapter_dir=adapter, config_yaml=cfg.to_yaml(), history=history)
+        tracking.set_tags(uri, run_id, {tracking.ADAPTER_TAG: str(Path(adapter).resolve())})
         tracking.end_run(uri, run_id, "FINISHED")
     except BaseException:
         tracking.end_run(uri, run_id, "FAILED")
@@ -180,6 +189,3 @@ def export_adapter(adapter_path: str, out_dir: str, merge: bool, dtype: str = "f
     base = json.loads(cfg_file.read_text())["base_model_name_or_path"]
     return merge_adapter(base, adapter_path, out_dir, dtype)
 
-
-def summary_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith(("RAY_", "MLFLOW_"))}

@@ -17,7 +17,14 @@ def demo_config_path() -> str:
     return str(resources.files("raydpo") / "configs" / "demo_cpu.yaml")
 
 
-def demo_config(quick: bool = False, overrides: list[str] | None = None) -> Config:
+# the search: 4 trials, each DPO evaluated 3 times, so ASHA can stop the weak ones early
+TUNE = ["tune.num_samples=4", "dpo.max_steps=60", "dpo.eval_every=20", "dpo.save_every=60", "tune.grace_period=1",
+        "tune.reduction_factor=2"]
+TUNE_QUICK = ["tune.num_samples=4", "dpo.max_steps=4", "dpo.eval_every=2", "dpo.save_every=4"]
+
+
+def demo_config(quick: bool = False, tune: bool = False, overrides: list[str] | None = None) -> Config:
     """The CPU demo config; a fresh run name each time so a new demo never resumes an old one."""
     name = f"run.name=demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    return load_config(demo_config_path(), (QUICK if quick else []) + [name] + list(overrides or []))
+    extra = (QUICK if quick else []) + ((TUNE_QUICK if quick else TUNE) if tune else [])
+    return load_config(demo_config_path(), extra + [name] + list(overrides or []))

@@ -19,6 +19,7 @@ LR = "train/lr"
 SFT_RUN_TAG = "raydpo.sft_run_id"
 STAGE_TAG = "raydpo.stage"
 PARENT_TAG = "mlflow.parentRunId"
+ADAPTER_TAG = "raydpo.adapter_path"
 MAX_PARAM_LEN = 6000
 
 
@@ -85,6 +86,23 @@ def start_run(uri: str, experiment_id: str, run_name: str, *, parent_run_id: str
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     _client(uri).set_terminated(run_id, status=status)
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    client = _client(uri)
+    for k, v in tags.items():
+        client.set_tag(run_id, k, v)
+
+
+def run_for_adapter(uri: str, experiment_name: str, adapter_path: str) -> str | None:
+    """The run that produced an adapter folder (lineage: DPO/tune back to SFT)."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment_name)
+    if exp is None:
+        return None
+    path = str(Path(adapter_path).resolve()).replace("'", "")
+    hits = client.search_runs([exp.experiment_id], filter_string=f"tags.`{ADAPTER_TAG}` = '{path}'")
+    return hits[0].info.run_id if hits else None
 
 
 def log_params(uri: str, run_id: str, flat: dict[str, Any]) -> None:

@@ -127,8 +127,11 @@ def dpo_forward(engine, model, batch: dict[str, torch.Tensor], cfg: Config) -> t
     out = engine(input_ids=ids, attention_mask=mask)
     logps = _seq_logps(out.logits, labels, average)
     del out
-    if "ref_chosen_logps" in batch:
+    if "ref_chosen_logps" in batch:  # precomputed sums (raydpo.reference)
         ref_c, ref_r = batch["ref_chosen_logps"].float(), batch["ref_rejected_logps"].float()
+        if average:
+            n_tok = (labels[:, 1:] != -100).sum(-1).clamp(min=1).float()
+            ref_c, ref_r = ref_c / n_tok[:half], ref_r / n_tok[half:]
     else:
         with torch.no_grad(), model.disable_adapter():
             ref_out = engine(input_ids=ids, attention_mask=mask)

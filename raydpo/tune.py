@@ -1,0 +1,238 @@
+"""``raydpo tune``: a Ray Tune search over DPO beta and learning rate (driver side).
+
+Ray 2.60 is Train V2: each trial is a function that builds and fits its own `TorchTrainer`
+(through `raydpo.launch.fit_stage`) with `TuneReportCallback`, so every ``ray.train.report``
+— one per evaluation — reaches Tune and the ASHA scheduler. The reference log-probs are
+computed once before the search (`raydpo.reference`) and every trial reads them.
+MLflow: a parent run for the search, one child run per trial, the best trial tagged and its
+adapter registered in the Model Registry with lineage tags.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raydpo.config import Config, SearchSpace
+
+BEST_TAG = "raydpo.best_trial"
+
+
+def _space(s: SearchSpace):
+    from ray import tune
+
+    if s.kind == "loguniform":
+        return tune.loguniform(s.low, s.high)
+    if s.kind == "uniform":
+        return tune.uniform(s.low, s.high)
+    if s.kind == "choice":
+        return tune.choice(list(s.values))
+    return tune.grid_search(list(s.values))
+
+
+def max_concurrent(cfg: Config) -> int:
+    """As many trials as the cluster fits while Ray Data keeps its CPUs."""
+    import ray
+
+    if cfg.tune.max_concurrent_trials:
+        return cfg.tune.max_concurrent_trials
+    s = cfg.scaling
+    cpus = ray.cluster_resources().get("CPU", 1.0) - s.data_cpus
+    n = int(cpus // (s.num_workers * s.cpus_per_worker))
+    if s.use_gpu:
+        n = min(n, int(ray.cluster_resources().get("GPU", 0) // (s.num_workers * s.gpus_per_worker)))
+    return max(1, n)
+
+
+def _trial(config: dict[str, Any], *, base_cfg: dict, base: tuple[str, str], parent_run_id: str) -> None:
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raydpo.launch import fit_stage
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = Config.from_dict(base_cfg).with_overrides({
+        "dpo.beta": float(config["beta"]), "dpo.lr": float(config["lr"]),
+        "run.name": f"{base_cfg['run']['name']}-trial-{trial_id}",
+        "tracking.run_name": f"trial-{trial_id}",
+    })
+    fit_stage(cfg, "dpo", parent_run_id=parent_run_id, base=base, callbacks=[TuneReportCallback()],
+              tags={"raydpo.trial_id": trial_id},
+              params={"beta": str(cfg.dpo.beta), "lr": str(cfg.dpo.lr), "trial_id": trial_id})
+
+
+@dataclass
+class TrialRow:
+    trial_id: str
+    beta: float
+    lr: float
+    accuracy: float
+    margins: float
+    steps: int
+    status: str
+    run_id: str | None = None
+
+
+def run_tune(cfg: Config, *, resume: bool = False, progress=print) -> tuple[list[TrialRow], TrialRow | None]:
+    from functools import partial
+
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from raydpo import tracking
+    from raydpo.launch import check_cpu_budget, merged_sft_base, resolve_base
+    from raydpo.raycluster import ensure_ray
+
+    ensure_ray()
+    check_cpu_budget(cfg)
+    t = cfg.tune
+    overrides: dict[str, Any] = {"dpo.log_every": cfg.dpo.eval_every}  # every report carries eval metrics
+    if t.shared_reference:
+        overrides["dpo.reference"] = "precomputed"
+    cfg = cfg.with_overrides(overrides)
+    base_path, tok_path = resolve_base(cfg)
+    if cfg.dpo.sft_adapter:
+        base_path = tok_path = merged_sft_base(cfg, cfg.dpo.sft_adapter, base_path)
+    t0 = time.perf_counter()
+    if cfg.dpo.reference == "precomputed":
+        from raydpo.reference import reference_datasets
+
+        reference_datasets(cfg, base_path, tok_path, progress=progress)
+    ref_s = time.perf_counter() - t0
+
+    uri = tracking.resolve_tracking_uri(cfg.tracking)
+    exp_id = tracking.setup_experiment(uri, cfg.tracking.experiment_name)
+    name = f"{cfg.run.name}-tune"
+    parent = _find_parent(uri, cfg.tracking.experiment_name, name) if resume else None
+    if parent is None:
+        sft_run = tracking.run_for_adapter(uri, cfg.tracking.experiment_name, cfg.dpo.sft_adapter) if cfg.dpo.sft_adapter else None
+        parent = tracking.start_run(uri, exp_id, name, tags={"raydpo.stage": "tune", tracking.SFT_RUN_TAG: sft_run or "",
+                                                             "raydpo.sft_adapter": cfg.dpo.sft_adapter or ""})
+        tracking.log_params(uri, parent, cfg.flat())
+    progress(f"[tune] MLflow parent run {parent}; reference log-probs ready in {ref_s:.0f}s")
+
+    n_evals = math.ceil(cfg.dpo.max_steps / cfg.dpo.eval_every)
+    scheduler = None if t.scheduler == "fifo" else ASHAScheduler(metric=t.metric, mode="max", time_attr="training_iteration", max_t=n_evals,
+                              grace_period=min(t.grace_period, n_evals), reduction_factor=t.reduction_factor)
+    search_alg = None
+    if t.searcher == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError as e:  # pragma: no cover - depends on the optional extra
+            raise RuntimeError("tune.searcher=optuna needs `pip install optuna`") from e
+        search_alg = OptunaSearch(metric=t.metric, mode="max")
+    trainable = tune.with_resources(
+        partial(_trial, base_cfg=cfg.to_dict(), base=(base_path, tok_path), parent_run_id=parent), {"CPU": 0})
+    storage = str(Path(cfg.run.storage_path).resolve())
+    path = f"{storage}/{name}"
+    if resume and tune.Tuner.can_restore(path):
+        progress(f"[tune] resuming {path}")
+        tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"beta": _space(t.beta), "lr": _space(t.lr)},
+            tune_config=tune.TuneConfig(num_samples=t.num_samples, scheduler=scheduler, search_alg=search_alg,
+                                        max_concurrent_trials=max_concurrent(cfg)),
+            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0),
+        )
+    grid = tuner.fit()
+    rows = _rows(grid, cfg.dpo.max_steps, uri, cfg.tracking.experiment_name, parent)
+    best = max((r for r in rows if not math.isnan(r.accuracy if "acc" in t.metric else r.margins)),
+               key=lambda r: r.accuracy if "acc" in t.metric else r.margins, default=None)
+    _finish(uri, parent, cfg, rows, best, t.metric)
+    return rows, best
+
+
+def _find_parent(uri: str, experiment: str, name: str) -> str | None:
+    runs = tracking_runs(uri, experiment)
+    if runs.empty or "tags.mlflow.runName" not in runs:
+        return None
+    hits = runs[(runs["tags.mlflow.runName"] == name) & (runs.get("tags.raydpo.stage") == "tune")]
+    return None if hits.empty else str(hits.iloc[0]["run_id"])
+
+
+def tracking_runs(uri: str, experiment: str):
+    from raydpo import tracking
+
+    return tracking.find_runs(uri, experiment)
+
+
+def _rows(grid, max_steps: int, uri: str, experiment: str, parent: str) -> list[TrialRow]:
+    runs = tracking_runs(uri, experiment)
+    by_trial: dict[str, str] = {}
+    if not runs.empty and "tags.raydpo.trial_id" in runs and "tags.mlflow.parentRunId" in runs:
+        children = runs[runs["tags.mlflow.parentRunId"] == parent]
+        by_trial = {r["tags.raydpo.trial_id"]: r["run_id"] for _, r in children.iterrows()}
+    rows = []
+    for res in grid:
+        m, c = res.metrics or {}, res.config or {}
+        steps = int(m.get("step", 0))
+        status = "ERROR" if res.error else ("DONE" if steps >= max_steps else "STOPPED")
+        tid = str(m.get("trial_id", ""))
+        rows.append(TrialRow(trial_id=tid, beta=float(c.get("beta", math.nan)), lr=float(c.get("lr", math.nan)),
+                             accuracy=float(m.get("eval/rewards/accuracies", math.nan)),
+                             margins=float(m.get("eval/rewards/margins", math.nan)),
+                             steps=steps, status=status, run_id=by_trial.get(tid)))
+    return rows
+
+
+def format_table(rows: list[TrialRow], best: TrialRow | None) -> str:
+    lines = [f"{'trial':<12} {'beta':>8} {'lr':>10} {'eval acc':>9} {'margins':>9} {'steps':>6}  status"]
+    for r in sorted(rows, key=lambda r: (-(r.accuracy if not math.isnan(r.accuracy) else -1), r.trial_id)):
+        star = "  <- best" if best is not None and r.trial_id == best.trial_id else ""
+        lines.append(f"{r.trial_id:<12} {r.beta:>8.4f} {r.lr:>10.2e} {r.accuracy:>9.4f} {r.margins:>9.4f} "
+                     f"{r.steps:>6}  {r.status}{star}")
+    return "\n".join(lines)
+
+
+def plot_trials(rows: list[TrialRow], metric: str, path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if not math.isnan(r.accuracy)]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    vals = [r.accuracy if "acc" in metric else r.margins for r in ok]
+    sc = ax.scatter([r.beta for r in ok], [r.lr for r in ok], c=vals, cmap="viridis", s=80, edgecolors="k")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("beta")
+    ax.set_ylabel("learning rate")
+    ax.set_title(f"trials coloured by {metric}")
+    fig.colorbar(sc, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def _finish(uri: str, parent: str, cfg: Config, rows: list[TrialRow], best: TrialRow | None, metric: str) -> None:
+    import tempfile
+
+    from raydpo import tracking
+
+    client = tracking._client(uri)
+    for r in rows:
+        if r.run_id and r.status != "DONE" and client.get_run(r.run_id).info.status == "RUNNING":
+            tracking.end_run(uri, r.run_id, "KILLED")  # ASHA stopped it: the trial's driver never ended it
+    with tempfile.TemporaryDirectory() as tmp:
+        client.log_artifact(parent, plot_trials(rows, metric, str(Path(tmp) / "trials.png")))
+        (Path(tmp) / "trials.txt").write_text(format_table(rows, best) + "\n")
+        client.log_artifact(parent, str(Path(tmp) / "trials.txt"))
+    if best is not None and best.run_id:
+        client.set_tag(best.run_id, BEST_TAG, "true")
+        client.set_tag(parent, "raydpo.best_run_id", best.run_id)
+        client.log_metric(parent, f"best/{metric}", best.accuracy if "acc" in metric else best.margins)
+        if best.status == "DONE":
+            name = cfg.tracking.register_model_name or f"{cfg.tracking.experiment_name}-dpo"
+            sft_run = client.get_run(parent).data.tags.get(tracking.SFT_RUN_TAG, "")
+            version = tracking.register_model(uri, best.run_id, "adapter", name, tags={
+                "raydpo.tune_parent_run_id": parent, "raydpo.trial_run_id": best.run_id,
+                tracking.SFT_RUN_TAG: sft_run, "beta": str(best.beta), "lr": str(best.lr)})
+            client.set_tag(parent, "raydpo.registered_model", f"{name}/{version}")
+    tracking.end_run(uri, parent, "FINISHED")

@@ -1,0 +1,68 @@
+"""`raydpo demo --tune --quick`: a real Tune search with ASHA, shared reference log-probs, MLflow lineage."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(args, tmp_path, env):
+    return subprocess.run([sys.executable, "-m", "raydpo.cli", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=1100)
+
+
+@pytest.mark.timeout(1200)
+def test_demo_tune_quick_parent_children_best_and_registered_model(tmp_path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    common = ["--set", f"run.storage_path={tmp_path / 'runs'}", "--set", f"model.cache_dir={REPO / '.raydpo_cache'}",
+              "--set", "run.name=tq"]
+    r = _run(["demo", "--tune", "--quick", *common], tmp_path, env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    assert "== raydpo tune ==" in r.stdout and "<- best" in r.stdout
+    table = r.stdout.split("== raydpo tune ==")[1]
+    assert sum(1 for line in table.splitlines() if line.strip().endswith(("DONE", "STOPPED", "<- best"))) == 4
+    assert "reference log-probs" in r.stdout + r.stderr
+
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["raydpo-demo"])
+    parent = runs[runs["tags.raydpo.stage"] == "tune"]
+    assert len(parent) == 1
+    pid = parent.iloc[0]["run_id"]
+    children = runs[runs["tags.mlflow.parentRunId"] == pid]
+    assert len(children) == 4
+    assert children["params.beta"].notna().all() and children["params.lr"].notna().all()
+    assert children["params.trial_id"].nunique() == 4
+    assert children["params.dpo.reference"].eq("precomputed").all()  # no reference forward in the trials
+    assert "metrics.eval/rewards/accuracies" in children
+    best = children[children.get("tags.raydpo.best_trial") == "true"]
+    assert len(best) == 1
+    sft = runs[runs["tags.raydpo.stage"] == "sft"]
+    assert parent.iloc[0]["tags.raydpo.sft_run_id"] == sft.iloc[0]["run_id"]  # lineage back to SFT
+
+    client = MlflowClient(uri)
+    versions = client.search_model_versions("name='raydpo-demo-dpo'")
+    assert len(versions) == 1 and versions[0].run_id == best.iloc[0]["run_id"]
+    assert versions[0].tags["raydpo.sft_run_id"] == sft.iloc[0]["run_id"]
+    assert {a.path for a in client.list_artifacts(pid)} >= {"trials.png", "trials.txt"}
+
+    # --resume: the finished search is restored, no trial is run again
+    cfg = tmp_path / "tune.yaml"
+    cfg.write_text((REPO / "jobs" / "demo_cpu.yaml").read_text())
+    sft_adapter = sft.iloc[0]["tags.raydpo.adapter_path"]
+    again = _run(["tune", "--config", str(cfg), "--resume", *common, "--set", f"dpo.sft_adapter={sft_adapter}",
+                  "--set", "tune.num_samples=4", "--set", "dpo.max_steps=4", "--set", "dpo.eval_every=2",
+                  "--set", "dpo.save_every=4"], tmp_path, env)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
+    assert "resuming" in again.stdout
+    runs2 = mlflow.search_runs(experiment_names=["raydpo-demo"])
+    assert len(runs2[runs2["tags.mlflow.parentRunId"] == pid]) == 4  # no new trial runs
