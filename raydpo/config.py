@@ -250,6 +250,19 @@ class Config(_Section):
                 raise ValueError(
                     f"quantization.quant_storage ({storage}) must equal compute_dtype ({q.compute_dtype}) under ZeRO-3"
                 )
+        if q.mode == "4bit" and self.deepspeed.enabled:
+            # DeepSpeed bf16/fp16 casts every floating tensor of the module; 4-bit weights packed
+            # into a float storage of another dtype are reinterpreted and destroyed silently.
+            p = self.deepspeed.precision
+            if p == "auto":
+                p = "bf16" if self.scaling.use_gpu else "fp32"
+            want = {"bf16": "bfloat16", "fp16": "float16"}.get(p)
+            storage = q.quant_storage or q.compute_dtype
+            if want and storage != want:
+                raise ValueError(
+                    f"quantization.quant_storage ({storage}) must be {want} when deepspeed.precision "
+                    f"resolves to {p}: DeepSpeed casts the packed 4-bit weights to {want} and would corrupt them"
+                )
         return self
 
     # -- conversions -------------------------------------------------------------------

@@ -1,9 +1,32 @@
 """Pure loss maths: sequence log-probs, the DPO loss family (as TRL 1.16 defines it), SFT loss,
 and reward metrics as *sums* so ranks can all-reduce before dividing.
 
-Conventions: per-example tensors are ``[B]``; rewards are ``beta * (policy - reference)``
-log-probs, detached. For ``ipo`` TRL uses log-probs averaged over the response tokens: callers
-pass ``sequence_logps(..., average=True)`` for it (the training loop does).
+Conventions: per-example tensors are ``[B]``; log-probs are fp32 **sums** over the response
+tokens (`sequence_logps`); rewards are ``beta * (policy - reference)`` log-probs, detached.
+
+IPO and length normalisation. TRL 1.16 (``DPOTrainer._compute_loss``) feeds IPO the *per-token
+average* log-ratio: ``delta = (pi_c - ref_c)/n_c - (pi_r - ref_r)/n_r`` with ``n`` the number of
+response tokens (``clamp(min=1)``; the scored labels here, the same count whenever a prompt
+precedes the response), while rewards and ``logps/*`` metrics stay on the sums. Two
+ways to get it here:
+
+* exact TRL parity, metrics included: pass summed log-probs plus ``chosen_lengths`` /
+  ``rejected_lengths`` (``sequence_logps(..., return_count=True)`` gives them);
+* or pass averaged log-probs (``sequence_logps(..., average=True)``) for policy *and* reference
+  and no lengths: the IPO loss is identical (policy and reference share the token mask), but
+  rewards and ``logps/*`` are then per-token averages.
+
+Two deliberate notes against TRL 1.16:
+
+* ``sigmoid`` keeps conservative DPO (cDPO): with ``label_smoothing = ε`` the loss is
+  ``-(1-ε)·logσ(βz) - ε·logσ(-βz)``, as TRL < 1.0 defined it. TRL 1.16 ignores label smoothing
+  for ``sigmoid`` (it only uses it in ``robust``/``exo_pair``); at ``ε = 0`` — the default — the
+  two are identical. We keep it rather than silently dropping a value the user set.
+* ``bco_pair`` in TRL 1.16 has no running mean: ``-logσ(r_c) - logσ(-r_r)``. Older TRL
+  subtracted a running mean δ of the rewards; ``running_mean=δ`` reproduces that, and the
+  default ``0.0`` is exactly TRL 1.16. Keeping δ up to date is the caller's job (this module
+  holds no state).
+
 Imports nothing but torch.
 """
 
@@ -21,17 +44,25 @@ REWARDS_ACCURACIES = "rewards/accuracies"
 REWARDS_MARGINS = "rewards/margins"
 LOGPS_CHOSEN = "logps/chosen"
 LOGPS_REJECTED = "logps/rejected"
-METRIC_KEYS = (LOSS, REWARDS_CHOSEN, REWARDS_REJECTED, REWARDS_ACCURACIES, REWARDS_MARGINS, LOGPS_CHOSEN, LOGPS_REJECTED)
+METRIC_KEYS = (LOSS, REWARDS_CHOSEN, REWARDS_REJECTED, REWARDS_ACCURACIES, REWARDS_MARGINS,
+               LOGPS_CHOSEN, LOGPS_REJECTED)
 COUNT = "count"
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
-                   average: bool = False) -> torch.Tensor:
+                   average: bool = False, return_count: bool = False
+                   ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sum (or mean, ``average=True``) over each sequence of log p(label_t | tokens < t).
 
     logits ``[B, T, V]`` (any float dtype), labels ``[B, T]`` with ``ignore_index`` where no
-    loss is taken. Position t's logits predict label t+1. Computed in fp32, one row at a
-    time so at most one fp32 ``[T, V]`` slice is live. Returns ``[B]`` fp32.
+    loss is taken. Position t's logits predict label t+1 (labels are shifted left by one);
+    masked labels are replaced by 0 before the gather and their terms zeroed. Computed in fp32
+    as ``logit[label] - logsumexp(logits)``, one row at a time: without grad at most one fp32
+    ``[T, V]`` row is live; with grad autograd keeps each row's fp32 copy for logsumexp's
+    backward (one fp32 ``[B, T, V]`` in all for bf16 logits, none extra for fp32 logits) —
+    never a full ``log_softmax`` next to it. Returns ``[B]`` fp32; with ``return_count`` also
+    the number of scored tokens ``[B]`` (int64) — IPO's length normaliser. A row with no
+    scored token gives 0 (sum and average), never NaN.
     """
     if logits.shape[:2] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on [B, T]")
@@ -45,9 +76,10 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
         tok = row.gather(-1, safe[b].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(row, dim=-1)
         out.append((tok * mask[b]).sum())
     total = torch.stack(out)
+    count = mask.sum(-1)
     if average:
-        return total / mask.sum(-1).clamp(min=1)
-    return total
+        total = total / count.clamp(min=1)
+    return (total, count) if return_count else total
 
 
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -56,32 +88,37 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -10
                            labels[:, 1:].reshape(-1), ignore_index=ignore_index)
 
 
-# -- DPO family: each takes logits = beta * (pi_logratio - ref_logratio) pieces ------------------
+# -- DPO family: each takes z = (pi_c - ref_c) - (pi_r - ref_r), unscaled, plus keyword pieces ------
 
 
-def _sigmoid(logits, beta, label_smoothing, **_):
-    # TRL: -logsigmoid(beta*l)*(1-ls) - logsigmoid(-beta*l)*ls  (conservative DPO when ls > 0)
-    return -F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing
+def _sigmoid(z, beta, label_smoothing, **_):
+    # cDPO; label_smoothing = 0 is TRL 1.16's sigmoid
+    return -F.logsigmoid(beta * z) * (1 - label_smoothing) - F.logsigmoid(-beta * z) * label_smoothing
 
 
-def _robust(logits, beta, label_smoothing, **_):
-    # TRL: (-logsigmoid(beta*l)*(1-ls) + logsigmoid(-beta*l)*ls) / (1 - 2ls)
-    return (-F.logsigmoid(beta * logits) * (1 - label_smoothing)
-            + F.logsigmoid(-beta * logits) * label_smoothing) / (1 - 2 * label_smoothing)
+def _robust(z, beta, label_smoothing, **_):
+    # TRL 1.16: (clean - flipped) / (1 - 2ε), clean = -(1-ε)·logσ(βz), flipped = -ε·logσ(-βz)
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"robust needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
+    return (-F.logsigmoid(beta * z) * (1 - label_smoothing)
+            + F.logsigmoid(-beta * z) * label_smoothing) / (1 - 2 * label_smoothing)
 
 
-def _hinge(logits, beta, **_):
-    return torch.relu(1 - beta * logits)
+def _hinge(z, beta, **_):
+    return torch.relu(1 - beta * z)
 
 
-def _ipo(logits, beta, **_):
-    # TRL: (logits - 1/(2*beta))**2 with average log-probs (eq. 17 of the IPO paper)
-    return (logits - 1 / (2 * beta)) ** 2
+def _ipo(z, beta, chosen_logratio, rejected_logratio, chosen_lengths=None, rejected_lengths=None, **_):
+    # TRL 1.16: (z̄ - 1/(2β))² (eq. 17 of the IPO paper, β is its τ) on per-token average
+    # log-ratios; without lengths the caller already averaged (see the module docstring)
+    if chosen_lengths is not None:
+        z = (chosen_logratio / chosen_lengths.float().clamp(min=1)
+             - rejected_logratio / rejected_lengths.float().clamp(min=1))
+    return (z - 1 / (2 * beta)) ** 2
 
 
-def _bco_pair(logits, beta, chosen_rewards, rejected_rewards, running_mean=0.0, **_):
-    # TRL: delta = running mean of the rewards;
-    # -logsigmoid(beta*chosen_logratio - delta) - logsigmoid(-(beta*rejected_logratio - delta))
+def _bco_pair(z, beta, chosen_rewards, rejected_rewards, running_mean=0.0, **_):
+    # δ = 0 is TRL 1.16; older TRL subtracted a running mean of the rewards
     return -F.logsigmoid(chosen_rewards - running_mean) - F.logsigmoid(-(rejected_rewards - running_mean))
 
 
@@ -92,22 +129,40 @@ LOSS_FNS: dict[str, Callable[..., torch.Tensor]] = {
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
              ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float = 0.1,
-             loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-             running_mean: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-example DPO losses and rewards, all ``[B]``.
+             loss_type: str = "sigmoid", label_smoothing: float = 0.0, running_mean: float | torch.Tensor = 0.0,
+             *, chosen_lengths: torch.Tensor | None = None, rejected_lengths: torch.Tensor | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-example DPO losses and rewards, all ``[B]`` fp32.
 
-    ``logits = (pi_c - pi_r) - (ref_c - ref_r)``; ``chosen_rewards = beta*(pi_c - ref_c)``,
-    ``rejected_rewards = beta*(pi_r - ref_r)`` (detached). ``running_mean`` is bco_pair's δ.
+    ``z = (pi_c - ref_c) - (pi_r - ref_r)``; ``chosen_rewards = beta*(pi_c - ref_c)``,
+    ``rejected_rewards = beta*(pi_r - ref_r)`` (detached). Per type (σ = sigmoid, ε =
+    ``label_smoothing``, r = rewards):
+
+    * ``sigmoid``  ``-(1-ε)·logσ(βz) - ε·logσ(-βz)`` (cDPO; ε = 0 is TRL 1.16)
+    * ``robust``   ``(-(1-ε)·logσ(βz) + ε·logσ(-βz)) / (1-2ε)``, ε < 0.5
+    * ``hinge``    ``relu(1 - βz)``
+    * ``ipo``      ``(z̄ - 1/(2β))²`` with z̄ on per-token averages: pass ``chosen_lengths`` /
+      ``rejected_lengths`` ``[B]`` with summed log-probs, or averaged log-probs and no lengths
+    * ``bco_pair`` ``-logσ(r_c - δ) - logσ(-(r_r - δ))``, δ = ``running_mean`` (a pure function:
+      the caller keeps the running mean of the rewards; the default 0.0 is exactly TRL 1.16)
+
+    Only ``ipo`` reads the lengths and only ``bco_pair`` reads ``running_mean``. Valid types:
+    the keys of `LOSS_FNS`; anything else raises ValueError. Works on any shape, including the
+    1-element zeros the step-0 sanity check passes.
     """
     fn = LOSS_FNS.get(loss_type)
     if fn is None:
         raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(sorted(LOSS_FNS))}")
+    if (chosen_lengths is None) != (rejected_lengths is None):
+        raise ValueError("pass both chosen_lengths and rejected_lengths, or neither")
     chosen_logratio = policy_chosen_logps.float() - ref_chosen_logps.float()
     rejected_logratio = policy_rejected_logps.float() - ref_rejected_logps.float()
-    logits = chosen_logratio - rejected_logratio
-    losses = fn(logits, beta=beta, label_smoothing=label_smoothing, chosen_rewards=beta * chosen_logratio,
-                rejected_rewards=beta * rejected_logratio, running_mean=running_mean)
-    return losses, (beta * chosen_logratio).detach(), (beta * rejected_logratio).detach()
+    chosen_rewards, rejected_rewards = beta * chosen_logratio, beta * rejected_logratio
+    losses = fn(chosen_logratio - rejected_logratio, beta=beta, label_smoothing=label_smoothing,
+                chosen_logratio=chosen_logratio, rejected_logratio=rejected_logratio,
+                chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards, running_mean=running_mean,
+                chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 
 def dpo_metric_sums(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
@@ -129,7 +184,11 @@ def dpo_metric_sums(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
 
 
 def finalize_metrics(sums: dict[str, torch.Tensor | float]) -> dict[str, float]:
-    """Divide every summed metric by ``count``."""
+    """Divide every summed metric by ``count`` -> plain floats (``count`` itself is dropped).
+
+    Generic over keys: the DPO loop passes `dpo_metric_sums` (added over micro-batches and
+    all-reduced over ranks), the SFT loop only ``{"loss", "count"}``.
+    """
     n = float(sums[COUNT])
     if n <= 0:
         raise ValueError("no examples were counted")

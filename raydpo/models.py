@@ -8,12 +8,20 @@ no second copy in memory. When DPO starts from SFT, its base is the merged SFT m
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from raydpo import losses
 from raydpo.config import BUILTIN_MODEL, LoraConfig, ModelConfig, QuantizationConfig
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +29,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_model_path(model_cfg: ModelConfig) -> str:
+    """``"tiny"`` -> the materialized tiny Llama folder (built once); a local path or hub id -> itself."""
     if model_cfg.name_or_path == BUILTIN_MODEL:
         from raydpo.tiny import ensure_tiny_model
 
@@ -28,19 +37,39 @@ def resolve_model_path(model_cfg: ModelConfig) -> str:
     return model_cfg.name_or_path
 
 
-def load_tokenizer(name_or_path: str, revision: str | None = None):
-    """A tokenizer with a pad token and right padding. Llama 2 ships no pad token: like
-    stack_llama_2 we fall back to EOS (the pad positions are masked out of every loss)."""
+def load_tokenizer(name_or_path: str, revision: str | None = None) -> PreTrainedTokenizerBase:
+    """A tokenizer with a pad token and right padding.
+
+    Llama 2 ships no pad token: like stack_llama_2 (``tokenizer.pad_token = tokenizer.eos_token``)
+    we fall back to EOS, or UNK when there is no EOS. That is safe here because labels come from
+    the response tokens (`raydpo.data.collate`), never from ``input_ids != pad_token_id``, so a
+    real EOS is still learned; pad positions are masked out of every loss by ``-100`` labels.
+    """
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
     if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+        fallback = tok.eos_token if tok.eos_token is not None else tok.unk_token
+        if fallback is None:
+            raise ValueError(f"tokenizer {name_or_path} has no pad, eos or unk token to pad with")
+        tok.pad_token = fallback
     tok.padding_side = "right"
     return tok
 
 
-def bnb_config(q: QuantizationConfig):
+def bnb_config(q: QuantizationConfig) -> BitsAndBytesConfig | None:
+    """``BitsAndBytesConfig`` for 4-bit (NF4/FP4) or 8-bit, or None for ``mode: none``.
+
+    4-bit weights are packed into ``bnb_4bit_quant_storage`` = ``quant_storage`` or the compute
+    dtype: DeepSpeed ZeRO-3 (like FSDP) can then partition and all-gather them as ordinary
+    floating tensors, whereas the default uint8 storage cannot be sharded.
+
+    The storage dtype must also equal DeepSpeed's mixed-precision dtype (bf16 on GPU) at every
+    ZeRO stage: DeepSpeed 0.19 casts each floating parameter *by value* to bf16/fp16
+    (``engine._cast_module_mixed_precision``), which destroys packed fp32 storage
+    (``test_models.py::test_deepspeed_bf16_cast_needs_bf16_quant_storage``). fp32 DeepSpeed
+    (CPU) casts nothing.
+    """
     if q.mode == "none":
         return None
     from transformers import BitsAndBytesConfig
@@ -52,32 +81,53 @@ def bnb_config(q: QuantizationConfig):
         bnb_4bit_quant_type=q.quant_type,
         bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
         bnb_4bit_use_double_quant=q.double_quant,
-        # packed 4-bit weights stored in the compute dtype: ZeRO-3 can then shard them
         bnb_4bit_quant_storage=DTYPES[q.quant_storage or q.compute_dtype],
     )
 
 
 def load_base(model_cfg: ModelConfig, quant_cfg: QuantizationConfig, *, base_path: str | None = None,
-              device: str | torch.device = "cpu"):
+              device: str | torch.device = "cpu") -> PreTrainedModel:
+    """The base causal LM, quantized on load when ``quant_cfg.mode != "none"``.
+
+    ``model_cfg.dtype`` is the dtype of the weights bnb does not quantize (embeddings, norms,
+    lm_head). ``model_cfg.revision`` applies to the configured model only: a different
+    ``base_path`` (e.g. a merged SFT folder) is loaded as is.
+    """
     from transformers import AutoModelForCausalLM
 
     path = base_path or resolve_model_path(model_cfg)
     quant = bnb_config(quant_cfg)
-    kwargs = dict(revision=None if base_path else model_cfg.revision, attn_implementation=model_cfg.attn_implementation,
-                  trust_remote_code=model_cfg.trust_remote_code)
+    kwargs = dict(
+        revision=model_cfg.revision if path == model_cfg.name_or_path else None,
+        attn_implementation=model_cfg.attn_implementation,
+        trust_remote_code=model_cfg.trust_remote_code,
+        dtype=DTYPES[model_cfg.dtype],
+    )
     if quant is not None:
-        dtype = DTYPES[quant_cfg.compute_dtype]
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=dtype,
-                                                     device_map={"": torch.device(device)}, **kwargs)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[model_cfg.dtype], **kwargs).to(device)
-    return model
+        # bnb quantizes while loading, on the device it loads to
+        return AutoModelForCausalLM.from_pretrained(path, quantization_config=quant,
+                                                    device_map={"": torch.device(device)}, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
 
 
 def load_model(model_cfg: ModelConfig, quant_cfg: QuantizationConfig, lora_cfg: LoraConfig, *,
                base_path: str | None = None, device: str | torch.device = "cpu", adapter_path: str | None = None,
-               trainable: bool = True):
-    """Base (quantized or not) + a fresh LoRA adapter, or the adapter at ``adapter_path``."""
+               trainable: bool = True) -> PeftModel:
+    """Base (quantized or not) + a fresh LoRA adapter, or the adapter at ``adapter_path``.
+
+    Quantized: ``prepare_model_for_kbit_training`` (freezes the base, upcasts the fp16/bf16
+    non-quantized weights to fp32, optional gradient checkpointing). Not quantized: gradient
+    checkpointing (``use_reentrant=False``) when ``model_cfg.gradient_checkpointing``. The
+    reference for DPO is this model under ``disable_adapter()``. ``trainable`` only applies to
+    a loaded adapter (a new one is always trainable).
+
+    DeepSpeed caveats (the loop's concern, recorded here because they follow from this setup):
+    the fp32 upcast leaves mixed dtypes, which a bf16 engine casts back to bf16 by value —
+    harmless only when ``quant_storage`` is bf16 (see `bnb_config`); TRL 1.16 skips
+    ``prepare_model_for_kbit_training`` for sharded QLoRA. TRL 1.16 also forces
+    ``use_reentrant=True`` for PEFT + ZeRO-3 + gradient checkpointing (trl#2514); this
+    function uses ``use_reentrant=False`` (what PyTorch recommends), fine for stages 0-2.
+    """
     import peft
 
     model = load_base(model_cfg, quant_cfg, base_path=base_path, device=device)
@@ -100,12 +150,57 @@ def load_model(model_cfg: ModelConfig, quant_cfg: QuantizationConfig, lora_cfg: 
 
 
 def count_parameters(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameter counts. bnb 4-bit weights are counted by their logical shape,
+    not the packed storage (two 4-bit values per byte)."""
+
+    def n(p) -> int:
+        qs = getattr(p, "quant_state", None)
+        return int(qs.shape.numel()) if qs is not None and getattr(qs, "shape", None) is not None else p.numel()
+
+    params = list(model.parameters())
+    return sum(n(p) for p in params if p.requires_grad), sum(n(p) for p in params)
+
+
+@contextlib.contextmanager
+def reference_disabled(model: PeftModel) -> Iterator[PeftModel]:
+    """The DPO reference: ``model`` with its LoRA adapter disabled, under ``torch.no_grad()``.
+
+    Pass the PeftModel itself (under DeepSpeed, ``engine.module``); calling the engine inside
+    the block is fine, the adapter switch is on the shared modules. No second copy of the
+    weights exists: with a fresh adapter this is the base (or merged SFT) model.
+    """
+    with torch.no_grad(), model.disable_adapter():
+        yield model
+
+
+def concatenated_forward(model, batch: dict[str, torch.Tensor], average_log_prob: bool = False,
+                         return_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """ONE forward over chosen and rejected rows -> ``(chosen_logps [B], rejected_logps [B], logits)``.
+
+    ``batch`` holds ``input_ids``, ``attention_mask``, ``labels``, each ``[2B, T]``: rows ``0..B-1``
+    prompt+chosen, ``B..2B-1`` prompt+rejected, labels -100 on prompt and padding (the layout of
+    `raydpo.data.collate.collate_dpo`). Log-probs are fp32 sums (`losses.sequence_logps`), or
+    per-token means with ``average_log_prob`` (IPO). ``logits`` ``[2B, T, V]`` only with
+    ``return_logits``: otherwise they are dropped here so the caller does not keep them alive.
+    ``model`` is anything callable like a HF causal LM (PeftModel, DeepSpeed engine).
+    """
+    ids = batch["input_ids"]
+    if ids.shape[0] % 2:
+        raise ValueError(f"a concatenated DPO batch has an even number of rows, got {ids.shape[0]}")
+    logits = model(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False).logits
+    logps = losses.sequence_logps(logits, batch["labels"], average=average_log_prob)
+    half = ids.shape[0] // 2
+    return logps[:half], logps[half:], (logits if return_logits else None)
 
 
 def merge_adapter(base_path: str, adapter_path: str, out_dir: str, dtype: str = "float32") -> str:
-    """Base (unquantized, ``dtype``) + adapter, merged into a plain Hugging Face model folder."""
+    """Base (unquantized, ``dtype``) + adapter, merged into a plain Hugging Face model folder.
+
+    Merging into 4-bit weights would round the update away, so the base is always loaded
+    unquantized; the result can be loaded 4-bit again (DPO's base after SFT). The tokenizer
+    comes from the adapter folder when it has one (training saves it there), else the base.
+    Returns ``out_dir``.
+    """
     import peft
     from transformers import AutoModelForCausalLM
 

@@ -3,21 +3,40 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 
 def ensure_ray(num_cpus: float | None = None) -> None:
+    """``ray.init`` unless Ray is already initialized (then: nothing, whoever started it wins).
+
+    With ``RAY_ADDRESS`` set, connect to that cluster (``num_cpus`` is ignored: the cluster has
+    its own). Otherwise ``ray.init`` finds a local cluster started with ``ray start``, or starts
+    an embedded instance with ``num_cpus`` CPUs (rounded up; None = all), without a dashboard.
+    Either way Ray logs at WARNING, worker output still reaches the driver, and Ray Data's
+    progress bars and per-execution banners are off.
+    """
     import ray
 
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS")
-    kwargs = {"log_to_driver": True, "logging_level": logging.WARNING}
-    if not address:
-        # an embedded local instance: no dashboard, quiet
-        kwargs.update(include_dashboard=False, num_cpus=int(num_cpus) if num_cpus else None)
-    ray.init(address=address, **kwargs)
+    address = os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict = {"log_to_driver": True, "configure_logging": True, "logging_level": logging.WARNING}
+    if address is None:
+        kwargs["include_dashboard"] = False
+        if num_cpus is not None:
+            kwargs["num_cpus"] = max(1, math.ceil(num_cpus))
+    try:
+        ray.init(address=address, **kwargs)
+    except ValueError as e:  # address None found a `ray start` cluster, which refuses num_cpus
+        if "num_cpus" not in kwargs or "existing cluster" not in str(e):
+            raise
+        kwargs.pop("num_cpus")
+        ray.init(address=address, **kwargs)
+
     from ray.data import DataContext
 
-    DataContext.get_current().enable_progress_bars = False
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)

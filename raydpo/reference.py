@@ -64,6 +64,7 @@ def reference_datasets(cfg: Config, base_path: str, tok_path: str, progress=prin
     """(train, eval) DPO datasets with reference log-prob columns, computed at most once per
     (model, data) and stored as parquet under the run's storage."""
     import ray
+    from ray.data import ActorPoolStrategy
 
     from raydpo.data.pipeline import build_datasets
 
@@ -74,7 +75,7 @@ def reference_datasets(cfg: Config, base_path: str, tok_path: str, progress=prin
         train, evals = build_datasets(cfg, "dpo", tok_path)
         s = cfg.scaling
         kw = dict(fn_constructor_args=(cfg.to_dict(), base_path, s.use_gpu), batch_size=cfg.dpo.per_device_batch_size * 4,
-                  batch_format="pyarrow", concurrency=1,
+                  batch_format="pyarrow", compute=ActorPoolStrategy(size=1),
                   num_cpus=0 if s.use_gpu else max(s.cpus_per_worker, 0.5), num_gpus=s.gpus_per_worker if s.use_gpu else 0)
         for name, ds in (("train", train), ("eval", evals)):
             ds.map_batches(RefLogps, **kw).write_parquet(str(root / name))

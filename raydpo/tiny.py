@@ -8,20 +8,33 @@ merge, ``AutoPeftModelForCausalLM`` loading an adapter) treats it like any local
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
 import tempfile
+import threading
+from collections.abc import Iterable
 from pathlib import Path
 
-from raydpo.config import ModelConfig
+from raydpo.config import DataConfig, ModelConfig
 
-SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3, Llama's order plus a dedicated pad
+# ids 0..3: Llama's order, plus a dedicated pad token. A dedicated pad (rather than pad = EOS, as
+# for Llama 2) keeps "is this position padding?" answerable from the ids alone; every loss masks
+# padding through the labels/attention mask anyway.
+SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
+BUILD_VERSION = 2  # bump when the build below changes
+_BUILD_LOCK = threading.Lock()
 
 
 def _key(model_cfg: ModelConfig) -> str:
-    blob = json.dumps(model_cfg.tiny.model_dump(), sort_keys=True).encode()
-    return hashlib.sha256(blob + b"v1").hexdigest()[:10]
+    """Short hash of everything the folder's content depends on: the ``tiny`` sub-config, this
+    build and the generated text the tokenizer is trained on."""
+    from raydpo.data.sample import SAMPLE_VERSION
+
+    blob = json.dumps({"tiny": model_cfg.tiny.model_dump(), "build": BUILD_VERSION, "sample": SAMPLE_VERSION},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
 def ensure_tiny_model(model_cfg: ModelConfig) -> Path:
@@ -30,22 +43,32 @@ def ensure_tiny_model(model_cfg: ModelConfig) -> Path:
     out = root / f"tiny-llama-{_key(model_cfg)}"
     if (out / "config.json").exists():
         return out
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=root))
-    try:
-        build_tiny(model_cfg, tmp)
+    with _BUILD_LOCK:  # threads of one process: one build (the seeded init uses torch's global RNG)
+        if (out / "config.json").exists():
+            return out
+        root.mkdir(parents=True, exist_ok=True)
+        # build beside the final folder (same filesystem) and rename: readers never see a
+        # half-built folder, and when two processes (Ray workers) race, the first rename wins and
+        # the other build is dropped — the two are identical anyway (seeded, deterministic)
+        tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=root))
         try:
-            os.replace(tmp, out)
-        except OSError:  # another process won the race: its folder is identical
-            if not (out / "config.json").exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            build_tiny(model_cfg, tmp)
+            tmp.chmod(0o755)  # mkdtemp makes it private; other users of a shared cache read it
+            try:
+                os.replace(tmp, out)
+            except OSError:  # out exists and is not empty: another process won the race
+                if not (out / "config.json").exists():
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def build_tokenizer(vocab_size: int, texts):
+def build_tokenizer(vocab_size: int, texts: Iterable[str]):
+    """A byte-level BPE (any text encodes: code, unicode) trained on ``texts``, wrapped as a
+    ``PreTrainedTokenizerFast``: bos ``<s>``, eos ``</s>``, unk ``<unk>``, pad ``<pad>``, and
+    ``<s>`` prepended to every encoded text (``add_special_tokens=False`` leaves it out)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -57,19 +80,23 @@ def build_tokenizer(vocab_size: int, texts):
     tok.train_from_iterator(texts, trainer=trainer)
     bos = tok.token_to_id("<s>")
     # Llama-style: BOS in front of every encoded text; EOS is appended by the data pipeline
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s>:1 $B:1",
+                                                       special_tokens=[("<s>", bos)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="<pad>", padding_side="right", model_max_length=1_000_000)
 
 
 def build_tiny(model_cfg: ModelConfig, out: Path) -> None:
+    """Write the tokenizer and a randomly initialised ``LlamaForCausalLM`` (seeded) to ``out``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from raydpo.data.sample import sample_texts
 
     t = model_cfg.tiny
-    tokenizer = build_tokenizer(t.vocab_size, sample_texts(3000, seed=t.seed))
+    # the default prompt frame is in every prompt: give it whole tokens
+    frame = DataConfig().prompt_template.format(question="")
+    tokenizer = build_tokenizer(t.vocab_size, itertools.chain(sample_texts(3000, seed=t.seed), [frame] * 500))
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
         num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
@@ -77,8 +104,9 @@ def build_tiny(model_cfg: ModelConfig, out: Path) -> None:
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
     )
-    torch.manual_seed(t.seed)
-    model = LlamaForCausalLM(config)
+    with torch.random.fork_rng(devices=[]):  # seeded init, without touching the caller's RNG
+        torch.manual_seed(t.seed)
+        model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))

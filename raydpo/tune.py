@@ -125,7 +125,7 @@ def run_tune(cfg: Config, *, resume: bool = False, progress=print) -> tuple[list
             raise RuntimeError("tune.searcher=optuna needs `pip install optuna`") from e
         search_alg = OptunaSearch(metric=t.metric, mode="max")
     trainable = tune.with_resources(
-        partial(_trial, base_cfg=cfg.to_dict(), base=(base_path, tok_path), parent_run_id=parent), {"CPU": 0})
+        partial(_trial, base_cfg=cfg.to_dict(), base=(base_path, tok_path), parent_run_id=parent), {"CPU": 0.01})  # the trial only drives its TorchTrainer
     storage = str(Path(cfg.run.storage_path).resolve())
     path = f"{storage}/{name}"
     if resume and tune.Tuner.can_restore(path):

@@ -63,6 +63,21 @@ def test_zero3_needs_quant_storage_equal_to_compute_dtype():
     assert ok.quantization.quant_storage is None  # resolved to compute dtype at load time
 
 
+def test_bf16_deepspeed_needs_bf16_quant_storage_for_4bit():
+    # DeepSpeed bf16 casts the module; fp32-packed 4-bit weights would be silently corrupted.
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["deepspeed.stage=2", "quantization.mode=4bit", "scaling.use_gpu=true",
+                           "quantization.compute_dtype=float32"])
+    assert "quant_storage" in str(e.value) and "bf16" in str(e.value)
+    # the same storage is fine when DeepSpeed trains in fp32 (the CPU demo)
+    assert load_config(None, ["deepspeed.stage=2", "quantization.mode=4bit",
+                              "quantization.compute_dtype=float32", "deepspeed.precision=fp32"])
+    # explicit bf16 storage with fp32 compute passes the ZeRO-2 rule
+    ok = load_config(None, ["deepspeed.precision=bf16", "quantization.mode=4bit",
+                            "quantization.compute_dtype=float32", "quantization.quant_storage=bfloat16"])
+    assert ok.quantization.quant_storage == "bfloat16"
+
+
 def test_override_syntax_errors():
     with pytest.raises(ConfigError):
         parse_override("dpo.beta")

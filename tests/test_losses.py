@@ -1,11 +1,13 @@
 """DPO loss family and metrics against numbers worked out by hand."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from raydpo.losses import dpo_loss, dpo_metric_sums, finalize_metrics, sequence_logps, sft_loss
+from raydpo.losses import LOSS_FNS, METRIC_KEYS, dpo_loss, dpo_metric_sums, finalize_metrics, sequence_logps, sft_loss
 
 t = lambda *v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
 
@@ -43,8 +45,94 @@ def test_hinge_ipo_bco_by_hand():
     assert ipo.item() == pytest.approx(9.0)  # (2 - 1/(2*0.1))^2 = (2-5)^2
     bco, _, _ = dpo_loss(PC, PR, RC, RR, beta=0.1, loss_type="bco_pair", running_mean=0.05)
     # -log sigma(0.1 - 0.05) - log sigma(-(-0.1 - 0.05)) = -log sigma(0.05) - log sigma(0.15)
+    #   = 0.668460 + 0.620957 = 1.289417
     expected = -math.log(sig(0.05)) - math.log(sig(0.15))
-    assert bco.item() == pytest.approx(expected, abs=1e-6)
+    assert bco.item() == pytest.approx(expected, abs=1e-6) and expected == pytest.approx(1.289417, abs=1e-6)
+    # the running mean may be a 0-dim tensor (the loop keeps it on device)
+    assert dpo_loss(PC, PR, RC, RR, loss_type="bco_pair", running_mean=torch.tensor(0.05))[0].item() == pytest.approx(expected)
+
+
+def test_ipo_with_lengths_is_trl_1_16_by_hand():
+    # summed log-probs: policy chosen -2 / ref -4 over 2 tokens -> per-token log-ratio (−2+4)/2 = 1
+    #                   policy rejected -6 / ref -3 over 3 tokens -> (−6+3)/3 = −1
+    # z̄ = 1 − (−1) = 2; beta 0.1: (2 − 1/0.2)^2 = (2 − 5)^2 = 9
+    losses, cr, rr = dpo_loss(t(-2.0), t(-6.0), t(-4.0), t(-3.0), beta=0.1, loss_type="ipo",
+                              chosen_lengths=torch.tensor([2]), rejected_lengths=torch.tensor([3]))
+    assert losses.item() == pytest.approx(9.0)
+    # rewards stay on the sums, as in TRL: 0.1 * 2 and 0.1 * -3
+    assert cr.item() == pytest.approx(0.2) and rr.item() == pytest.approx(-0.3)
+    # the same loss from log-probs the caller averaged: policy -1, -2; ref -2, -1
+    averaged, _, _ = dpo_loss(t(-1.0), t(-2.0), t(-2.0), t(-1.0), beta=0.1, loss_type="ipo")
+    assert averaged.item() == pytest.approx(9.0)
+    # a zero length is clamped to 1 (TRL's clamp(min=1)): z̄ = 2/1 − (−3)/3 = 3 -> (3 − 5)^2 = 4
+    zero, _, _ = dpo_loss(t(-2.0), t(-6.0), t(-4.0), t(-3.0), beta=0.1, loss_type="ipo",
+                          chosen_lengths=torch.tensor([0]), rejected_lengths=torch.tensor([3]))
+    assert zero.item() == pytest.approx(4.0)
+
+
+def test_lengths_are_read_by_ipo_only_and_must_come_in_pairs():
+    n = dict(chosen_lengths=torch.tensor([2]), rejected_lengths=torch.tensor([3]))
+    for lt in ("sigmoid", "hinge", "robust", "bco_pair"):
+        assert torch.equal(dpo_loss(PC, PR, RC, RR, loss_type=lt)[0], dpo_loss(PC, PR, RC, RR, loss_type=lt, **n)[0])
+    with pytest.raises(ValueError, match="both"):
+        dpo_loss(PC, PR, RC, RR, loss_type="ipo", chosen_lengths=torch.tensor([2]))
+
+
+def test_robust_rejects_label_smoothing_of_one_half():
+    with pytest.raises(ValueError, match="0.5"):
+        dpo_loss(PC, PR, RC, RR, loss_type="robust", label_smoothing=0.5)  # 1 − 2ε = 0
+
+
+def test_ipo_pipeline_from_logits_matches_trl_definition():
+    # sequence_logps(return_count=True) feeds dpo_loss's lengths; equals averaging in sequence_logps
+    torch.manual_seed(4)
+    pol, ref = torch.randn(4, 6, 5), torch.randn(4, 6, 5)
+    labels = torch.randint(0, 5, (4, 6))
+    labels[:, :2] = -100
+    labels[1, 4:] = -100  # chosen rows 0-1, rejected rows 2-3, unequal lengths
+    (p, n), r = sequence_logps(pol, labels, return_count=True), sequence_logps(ref, labels)
+    exact = dpo_loss(p[:2], p[2:], r[:2], r[2:], loss_type="ipo", chosen_lengths=n[:2], rejected_lengths=n[2:])[0]
+    pa, ra = sequence_logps(pol, labels, average=True), sequence_logps(ref, labels, average=True)
+    assert torch.allclose(exact, dpo_loss(pa[:2], pa[2:], ra[:2], ra[2:], loss_type="ipo")[0], atol=1e-5)
+
+
+def test_bco_pair_without_running_mean_is_trl_1_16():
+    bco, _, _ = dpo_loss(PC, PR, RC, RR, beta=0.1, loss_type="bco_pair")
+    # TRL 1.16: -log sigma(r_c) - log sigma(-r_r) = -log sigma(0.1) - log sigma(0.1) = 2 * 0.644397 = 1.288793
+    assert bco.item() == pytest.approx(1.288793, abs=1e-6)
+
+
+def test_loss_types_ignore_running_mean_except_bco_pair():
+    for lt in ("sigmoid", "hinge", "ipo", "robust"):
+        a = dpo_loss(PC, PR, RC, RR, loss_type=lt)[0]
+        b = dpo_loss(PC, PR, RC, RR, loss_type=lt, running_mean=3.0)[0]
+        assert torch.equal(a, b), lt
+
+
+@pytest.mark.parametrize(("loss_type", "ls", "expected"), [
+    ("sigmoid", 0.0, math.log(2)),  # -log sigma(0)
+    ("sigmoid", 0.1, math.log(2)),  # 0.9 ln2 + 0.1 ln2
+    ("robust", 0.1, math.log(2)),  # (0.9 ln2 - 0.1 ln2) / 0.8 = ln2
+    ("hinge", 0.0, 1.0),  # relu(1 - 0)
+    ("ipo", 0.0, 25.0),  # (0 - 1/(2*0.1))^2 = 5^2
+    ("bco_pair", 0.0, 2 * math.log(2)),  # -log sigma(0) - log sigma(0)
+])
+def test_step0_expected_loss_on_one_element_zeros(loss_type, ls, expected):
+    # exactly what train.loop.sanity_check computes
+    z = torch.zeros(1)
+    losses, cr, rr = dpo_loss(z, z, z, z, beta=0.1, loss_type=loss_type, label_smoothing=ls)
+    assert losses.shape == (1,)
+    assert losses.item() == pytest.approx(expected, abs=1e-6)
+    assert cr.item() == 0 and rr.item() == 0
+
+
+def test_rewards_are_detached_and_loss_has_grad():
+    pc = PC.clone().requires_grad_()
+    losses, cr, rr = dpo_loss(pc, PR, RC, RR)
+    assert losses.requires_grad and not cr.requires_grad and not rr.requires_grad
+    losses.sum().backward()
+    # d/dpc of -log sigma(0.1 * z), z = 2: -0.1 * (1 - sigma(0.2)) = -0.1 * 0.450166 = -0.0450166
+    assert pc.grad.item() == pytest.approx(-0.0450166, abs=1e-6)
 
 
 def test_step0_identity_policy_equals_reference():
@@ -55,8 +143,11 @@ def test_step0_identity_policy_equals_reference():
 
 
 def test_unknown_loss_type_names_valid_ones():
-    with pytest.raises(ValueError, match="bco_pair"):
+    with pytest.raises(ValueError, match="kto_typo") as e:
         dpo_loss(PC, PR, RC, RR, loss_type="kto_typo")
+    for name in ("sigmoid", "hinge", "ipo", "robust", "bco_pair"):
+        assert name in str(e.value)
+    assert set(LOSS_FNS) >= {"sigmoid", "hinge", "ipo", "robust", "bco_pair"}
 
 
 def test_sequence_logps_shift_and_mask_by_hand():
@@ -71,12 +162,55 @@ def test_sequence_logps_shift_and_mask_by_hand():
     avg = sequence_logps(logits, labels, average=True)
     assert avg.item() == pytest.approx((math.log(0.5) + math.log(0.25)) / 2, abs=1e-6)
     assert sequence_logps(logits.bfloat16(), labels).dtype == torch.float32
+    total, count = sequence_logps(logits, labels, return_count=True)
+    assert count.tolist() == [2] and total.item() == pytest.approx(out.item())
+    assert sequence_logps(logits, torch.tensor([[-100, -100, 1]]), return_count=True)[1].tolist() == [1]
+
+
+def test_sequence_logps_batch_rows_are_independent_and_fully_masked_row_is_zero():
+    logits = torch.tensor([[[0.0, 0.0], [math.log(3), 0.0], [0.0, 0.0]]]).repeat(2, 1, 1)
+    labels = torch.tensor([[-100, 0, 1], [-100, -100, -100]])
+    out = sequence_logps(logits, labels)
+    assert out[0].item() == pytest.approx(math.log(0.5) + math.log(0.25), abs=1e-6)
+    assert out[1].item() == 0.0  # no label tokens: sum 0, average 0 (no NaN)
+    assert sequence_logps(logits, labels, average=True)[1].item() == 0.0
+    # the label at position 0 is never scored (nothing predicts it)
+    first = sequence_logps(logits, torch.tensor([[1, 0, 1]] * 2))
+    assert torch.equal(first, sequence_logps(logits, labels[:1].repeat(2, 1)))
+
+
+def test_sequence_logps_matches_log_softmax_and_gradients_flow():
+    torch.manual_seed(3)
+    logits = torch.randn(3, 7, 13, requires_grad=True)
+    labels = torch.randint(0, 13, (3, 7))
+    labels[0, :3] = -100
+    out = sequence_logps(logits, labels)
+    lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    ref = (lp * (labels[:, 1:] != -100)).sum(-1)
+    assert torch.allclose(out, ref, atol=1e-5)
+    out.sum().backward()
+    assert logits.grad is not None and logits.grad[:, -1].abs().sum() == 0  # the last position predicts nothing
+
+
+def test_sequence_logps_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="disagree"):
+        sequence_logps(torch.zeros(1, 3, 2), torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_sft_loss_by_hand():
+    logits = torch.tensor([[[0.0, 0.0], [math.log(3), 0.0], [0.0, 0.0]]])
+    # scored: pos0 -> label 0 (p 1/2), pos1 -> label 1 (p 1/4); mean of -log: (ln2 + ln4) / 2 = 1.039721
+    assert sft_loss(logits, torch.tensor([[5, 0, 1]])).item() == pytest.approx(1.039721, abs=1e-6)
+    # -100 is ignored in the token mean: only pos1 -> ln4 = 1.386294
+    assert sft_loss(logits, torch.tensor([[5, -100, 1]])).item() == pytest.approx(1.386294, abs=1e-6)
+    assert sft_loss(logits.bfloat16(), torch.tensor([[5, 0, 1]])).dtype == torch.float32
 
 
 def test_sft_loss_matches_sequence_logps():
     torch.manual_seed(0)
     logits, labels = torch.randn(2, 6, 11), torch.randint(0, 11, (2, 6))
-    assert sft_loss(logits, labels).item() == pytest.approx(-(sequence_logps(logits, labels).sum() / 10).item(), abs=1e-5)
+    per_token = -(sequence_logps(logits, labels).sum() / 10).item()  # 2 rows x 5 scored tokens
+    assert sft_loss(logits, labels).item() == pytest.approx(per_token, abs=1e-5)
 
 
 def _metrics(pc, pr, rc, rr):
@@ -91,6 +225,23 @@ def test_metrics_by_hand():
     assert m["rewards/accuracies"] == pytest.approx(0.5)
     assert m["rewards/margins"] == pytest.approx(0.0)  # (0.4 + -0.4)/2
     assert m["logps/chosen"] == pytest.approx(-2.5) and m["logps/rejected"] == pytest.approx(-2.5)
+
+
+def test_metric_sums_keys_and_count():
+    sums = _metrics(t(-1.0, -4.0), t(-3.0, -2.0), t(-2.0, -2.0), t(-2.0, -2.0))
+    assert set(sums) == {*METRIC_KEYS, "count"}
+    assert all(v.dim() == 0 for v in sums.values())
+    assert sums["count"].item() == 2 and sums["rewards/accuracies"].item() == 1  # a count, not a mean
+    # loss sum by hand: z = 2 -> -log sigma(0.4) = 0.513015; z = -2 -> -log sigma(-0.4) = 0.913015
+    assert sums["loss"].item() == pytest.approx(1.426030, abs=1e-5)
+
+
+def test_finalize_is_generic_and_accepts_floats():
+    # the SFT loop passes only loss and count
+    assert finalize_metrics({"loss": torch.tensor(6.0), "count": torch.tensor(4.0)}) == {"loss": 1.5}
+    assert finalize_metrics({"loss": 3.0, "count": 2}) == {"loss": 1.5}
+    with pytest.raises(ValueError):
+        finalize_metrics({"loss": 0.0, "count": 0})
 
 
 def test_per_rank_sums_combine_into_the_global_mean():
@@ -116,3 +267,10 @@ def test_grad_accumulation_of_equal_micro_batches_matches_full_batch():
     (g_micro,) = torch.autograd.grad(micro, w)
     assert micro.item() == pytest.approx(full.item(), abs=1e-6)
     assert torch.allclose(g_full, g_micro, atol=1e-6)
+
+
+def test_import_is_light():
+    code = ("import sys, raydpo.losses;"
+            "bad=[m for m in ('ray','peft','deepspeed','bitsandbytes','mlflow','transformers','raydpo.config')"
+            " if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,5 +1,9 @@
-"""Collate functions for ``iter_torch_batches(collate_fn=...)``: padding only — tokenization
-already happened in Ray Data."""
+"""Collate functions: padding and label masking only — tokenization already happened in Ray Data.
+
+Plain functions over ``dict[str, np.ndarray]`` batches (list columns arrive as object arrays of
+int arrays, or 2-D arrays when every row has the same length), so they run without Ray; Ray's
+``iter_torch_batches`` takes them wrapped in `raydpo.data.ray_collate`.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ IGNORE = -100
 
 
 def _rows(col) -> list[np.ndarray]:
+    """A list column as int64 arrays, one per row."""
     return [np.asarray(x, dtype=np.int64) for x in col]
 
 
@@ -44,6 +49,8 @@ def collate_dpo(batch: dict[str, np.ndarray], pad_token_id: int) -> dict[str, to
 
 
 def collate_sft(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """Packed blocks are all the same length: no padding, labels = inputs."""
+    """Packed blocks ``input_ids`` ``[B, block_size]`` (all the same length: no padding) →
+    ``input_ids``, ``labels`` (a copy of the inputs; the model shifts them), ``attention_mask``
+    (all ones), int64."""
     ids = torch.from_numpy(np.stack(_rows(batch["input_ids"])))
     return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}

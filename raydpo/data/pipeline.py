@@ -1,66 +1,72 @@
-"""The Ray Data pipeline: read → validate (count bad rows) → format → split → tokenize."""
+"""The Ray Data pipeline: read → validate (count bad rows) → format → split → tokenize.
+
+    train, evals = build_datasets(cfg, "dpo", tokenizer_path)
+
+Both are lazy, streaming datasets of valid rows only; the source is read once per dataset
+(train and eval each stream it and keep their side of the split), which keeps memory flat for
+hub-sized data. Callers that iterate eval many times ``materialize()`` it.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from raydpo.config import Config, DataConfig
-from raydpo.data.rows import VALID, drop_reason, format_prompt, is_eval, parse_json_line
-from raydpo.data.sources import read_raw
+from raydpo.data.rows import VALID
+
+if TYPE_CHECKING:
+    import ray.data
 
 Stage = Literal["sft", "dpo"]
 
 
-def _validate(batch, max_chars: int, template: str, eval_fraction: float):
-    import pyarrow as pa
-
-    reasons, prompts, chosen, rejected, evals = [], [], [], [], []
-    for raw in batch["raw"].to_pylist():
-        row = parse_json_line(raw) if raw is not None else None
-        reason = drop_reason(row, max_chars)
-        reasons.append(reason)
-        ok = reason == VALID
-        prompts.append(format_prompt(row["question"], template) if ok else "")
-        chosen.append(row["response_j"] if ok else "")
-        rejected.append(row["response_k"] if ok else "")
-        evals.append(is_eval(row["question"], eval_fraction) if ok else False)
-    return pa.table({"reason": reasons, "prompt": prompts, "chosen": chosen, "rejected": rejected, "is_eval": evals})
-
-
 def validated(cfg: DataConfig, stage: Stage = "dpo"):
-    """Every row read, with a ``reason`` column ("" = valid) and formatted text for valid rows."""
-    return read_raw(cfg, stage).map_batches(
-        _validate, batch_format="pyarrow", num_cpus=cfg.tokenize_num_cpus,
-        fn_kwargs={"max_chars": cfg.max_chars, "template": cfg.prompt_template, "eval_fraction": cfg.eval_fraction},
-    )
+    """Every row read (at most ``max_rows``) with its ``reason`` (``""`` = valid) and, for valid
+    rows, ``prompt``/``chosen``/``rejected`` and ``is_eval``. Raises `DataSourceError` now when
+    the source cannot be read at all."""
+    from raydpo.data.sources import read_rows
+
+    return read_rows(cfg, stage)
+
+
+def keep_split(batch, want_eval: bool):
+    """Valid rows of one side of the split (pyarrow batch in, pyarrow batch out)."""
+    import pyarrow.compute as pc
+
+    return batch.filter(pc.and_(pc.equal(batch["reason"], VALID), pc.equal(batch["is_eval"], want_eval)))
 
 
 def tokenized(ds, cfg: Config, stage: Stage, tokenizer_name_or_path: str):
-    """Formatted valid rows → token ids, in Ray Data workers."""
+    """Formatted valid rows → token ids, in a small pool of tokenizer actors.
+
+    DPO: ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids`` (list<int32>) and
+    ``truncated`` (bool). SFT: ``input_ids`` (list<int32> of exactly ``sft_block_size``).
+    """
+    from ray.data import ActorPoolStrategy
+
     from raydpo.data.tokenize import DPOTokenize, SFTPack
 
     d = cfg.data
+    # a fixed pool: each actor loads the tokenizer once (``concurrency=`` is deprecated since Ray 2.51)
     common = {"batch_size": d.tokenize_batch_size, "batch_format": "pyarrow", "num_cpus": d.tokenize_num_cpus,
-              "concurrency": d.tokenize_concurrency}
+              "compute": ActorPoolStrategy(size=d.tokenize_concurrency)}
     if stage == "sft":
-        return ds.map_batches(SFTPack, fn_constructor_args=(tokenizer_name_or_path, d.sft_block_size, cfg.model.revision),
-                              **common)
-    return ds.map_batches(DPOTokenize, fn_constructor_args=(tokenizer_name_or_path, d.max_length, d.max_prompt_length,
+        return ds.map_batches(SFTPack, fn_constructor_args=(tokenizer_name_or_path, d.sft_block_size,
                                                             cfg.model.revision), **common)
+    return ds.map_batches(DPOTokenize, fn_constructor_args=(tokenizer_name_or_path, d.max_length,
+                                                            d.max_prompt_length, cfg.model.revision), **common)
 
 
-def _keep(batch, want_eval: bool):
-    import pyarrow.compute as pc
-
-    keep = pc.and_(pc.equal(batch["reason"], ""), pc.equal(batch["is_eval"], want_eval))
-    return batch.filter(keep)
-
-
-def build_datasets(cfg: Config, stage: Stage, tokenizer_name_or_path: str):
-    """(train, eval) tokenized Ray datasets of valid rows, split by a stable hash of the question."""
+def build_datasets(cfg: Config, stage: Stage,
+                   tokenizer_name_or_path: str) -> tuple[ray.data.Dataset, ray.data.Dataset]:
+    """``(train, eval)`` tokenized Ray datasets of valid rows, split by a stable hash of the
+    question (`raydpo.data.rows.is_eval`). Hub sources read ``sft_data_dir`` / ``dpo_data_dir``
+    by stage."""
+    if stage not in ("sft", "dpo"):
+        raise ValueError(f"stage must be 'sft' or 'dpo', got {stage!r}")
     rows = validated(cfg.data, stage)
     kw = {"batch_format": "pyarrow", "num_cpus": cfg.data.tokenize_num_cpus}
-    train = rows.map_batches(_keep, fn_kwargs={"want_eval": False}, **kw)
-    evals = rows.map_batches(_keep, fn_kwargs={"want_eval": True}, **kw)
+    train = rows.map_batches(keep_split, fn_kwargs={"want_eval": False}, **kw)
+    evals = rows.map_batches(keep_split, fn_kwargs={"want_eval": True}, **kw)
     return (tokenized(train, cfg, stage, tokenizer_name_or_path),
             tokenized(evals, cfg, stage, tokenizer_name_or_path))

@@ -1,4 +1,8 @@
-"""``raydpo data stats``: run the pipeline on a source and account for every row."""
+"""``raydpo data stats``: run the pipeline on a source and account for every row.
+
+Counted with Ray Data (``materialize`` once, then ``count``/``groupby``/``aggregate``), never
+by iterating rows on the driver. Invariant: ``valid + sum(dropped.values()) == rows``.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,40 @@ from typing import Any
 from raydpo.config import Config
 from raydpo.data.rows import REASONS, VALID
 
+PERCENTILES = (50, 90, 99)
+PARTS = ("prompt", "chosen", "rejected")
 
-def _lengths(batch):
-    import pyarrow as pa
-    import pyarrow.compute as pc
 
-    return pa.table({k: pc.list_value_length(batch[f"{k}_input_ids"]) for k in ("prompt", "chosen", "rejected")}
-                    | {"truncated": batch["truncated"]})
+class _Measure:
+    """Ray Data callable: validated rows → for each valid one its DPO token lengths and
+    ``truncated``, plus the SFT blocks the batch's valid rows pack into (on its first row, 0 on
+    the others). Both tokenizations in one actor pool (one pool startup, not two), with the
+    pipeline's functions and batch size; batches are cut before dropping invalid rows here, so
+    ``sft_blocks`` can differ from a training run's count by the per-batch tails (< 1 block per
+    batch)."""
+
+    def __init__(self, tokenizer_name_or_path: str, max_length: int, max_prompt_length: int, block_size: int,
+                 revision: str | None = None):
+        from raydpo.models import load_tokenizer
+
+        self.tokenizer = load_tokenizer(tokenizer_name_or_path, revision=revision)
+        self.max_length, self.max_prompt_length, self.block_size = max_length, max_prompt_length, block_size
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        from raydpo.data.tokenize import pack_sft, tokenize_dpo
+
+        batch = _valid_only(batch)
+        prompts, chosen = batch["prompt"].to_pylist(), batch["chosen"].to_pylist()
+        out = tokenize_dpo(self.tokenizer, prompts, chosen, batch["rejected"].to_pylist(), self.max_length,
+                           self.max_prompt_length)
+        blocks = [0] * batch.num_rows
+        if blocks:
+            blocks[0] = len(pack_sft(self.tokenizer, [p + c for p, c in zip(prompts, chosen)], self.block_size))
+        cols = {k: pa.array([len(x) for x in out[f"{k}_input_ids"]], type=pa.int64()) for k in PARTS}
+        return pa.table(cols | {"truncated": pa.array([int(t) for t in out["truncated"]], type=pa.int64()),
+                                "sft_blocks": pa.array(blocks, type=pa.int64())})
 
 
 def _valid_only(batch):
@@ -22,55 +53,81 @@ def _valid_only(batch):
     return batch.filter(pc.equal(batch["reason"], VALID))
 
 
-def compute_stats(cfg: Config, tokenizer_name_or_path: str) -> dict[str, Any]:
-    import numpy as np
-
-    from raydpo.data.pipeline import tokenized, validated
-    from raydpo.raycluster import ensure_ray
-
-    ensure_ray()
-    rows_ds = validated(cfg.data, "dpo").materialize()  # read + validate once, reused below
-    rows = rows_ds.count()
-    counts = {r["reason"]: int(r["count()"]) for r in rows_ds.groupby("reason").count().take_all()}
-    valid_ds = rows_ds.map_batches(_valid_only, batch_format="pyarrow").materialize()
-    valid = valid_ds.count()
-    dropped = {r: counts.get(r, 0) for r in REASONS}
-    dropped.update({r: c for r, c in counts.items() if r != VALID and r not in dropped})
-
-    out: dict[str, Any] = {"source": cfg.data.source, "rows": rows, "valid": valid, "dropped": dropped,
-                           "dpo_pairs": 0, "sft_blocks": 0, "truncated_pairs": 0, "train_pairs": 0, "eval_pairs": 0,
-                           "token_lengths": {}, "example": None}
-    if valid == 0:
-        return out
-    out["eval_pairs"] = int(valid_ds.sum("is_eval") or 0)
-    out["train_pairs"] = valid - out["eval_pairs"]
-    dpo = tokenized(valid_ds, cfg, "dpo", tokenizer_name_or_path).map_batches(_lengths, batch_format="pyarrow")
-    lens = dpo.to_pandas()
-    out["dpo_pairs"] = len(lens)
-    out["truncated_pairs"] = int(lens["truncated"].sum())
-    for k in ("prompt", "chosen", "rejected"):
-        v = lens[k].to_numpy()
-        out["token_lengths"][k] = {f"p{q}": int(np.percentile(v, q)) for q in (50, 90, 99)} | {"max": int(v.max())}
-    out["sft_blocks"] = tokenized(valid_ds, cfg, "sft", tokenizer_name_or_path).count()
-    ex = valid_ds.take(1)[0]
-    out["example"] = {k: _short(ex[k]) for k in ("prompt", "chosen", "rejected")}
-    return out
-
-
 def _short(s: str, n: int = 300) -> str:
     return s if len(s) <= n else s[:n] + f"... [{len(s) - n} more chars]"
 
 
+def compute_stats(cfg: Config, tokenizer_name_or_path: str) -> dict[str, Any]:
+    """Read, validate, split and tokenize ``cfg.data.source`` (DPO and SFT) and report:
+
+    ``rows``, ``valid``, ``dropped`` (every reason of `REASONS` → count), ``train_pairs``,
+    ``eval_pairs``, ``dpo_pairs``, ``truncated_pairs``, ``sft_blocks``, ``token_lengths``
+    (``{"prompt"|"chosen"|"rejected": {"p50", "p90", "p99", "max"}}``, DPO ids after
+    truncation, special tokens included) and ``example`` (one formatted pair, shortened).
+    A hub source is read from ``dpo_data_dir``. Raises `DataSourceError` when the source cannot
+    be read at all.
+    """
+    from ray.data import ActorPoolStrategy
+    from ray.data.aggregate import Count, Max, Quantile, Sum
+
+    from raydpo.data.pipeline import validated
+    from raydpo.raycluster import ensure_ray
+
+    ensure_ray()
+    d = cfg.data
+    rows_ds = validated(d, "dpo").materialize()  # read + validate once, reused below
+    rows = rows_ds.count()
+    counts: dict[str, int] = {}
+    eval_pairs = 0
+    for r in rows_ds.groupby(["reason", "is_eval"]).count().take_all():
+        counts[r["reason"]] = counts.get(r["reason"], 0) + int(r["count()"])
+        eval_pairs += int(r["count()"]) if r["reason"] == VALID and r["is_eval"] else 0
+    dropped = {r: counts.get(r, 0) for r in REASONS}
+    dropped.update({r: c for r, c in counts.items() if r != VALID and r not in dropped})
+    valid = counts.get(VALID, 0)
+
+    out: dict[str, Any] = {"source": d.source, "rows": rows, "valid": valid, "dropped": dropped,
+                           "train_pairs": valid - eval_pairs, "eval_pairs": eval_pairs, "dpo_pairs": 0,
+                           "truncated_pairs": 0, "sft_blocks": 0, "token_lengths": {}, "example": None,
+                           "limits": {"max_length": d.max_length, "max_prompt_length": d.max_prompt_length,
+                                      "sft_block_size": d.sft_block_size}}
+    if valid == 0:
+        return out
+    measured = rows_ds.map_batches(
+        _Measure, fn_constructor_args=(tokenizer_name_or_path, d.max_length, d.max_prompt_length, d.sft_block_size,
+                                       cfg.model.revision),
+        batch_size=d.tokenize_batch_size, batch_format="pyarrow", num_cpus=d.tokenize_num_cpus,
+        compute=ActorPoolStrategy(size=d.tokenize_concurrency))
+    aggs = [Count(), Sum("truncated", alias_name="truncated"), Sum("sft_blocks", alias_name="sft_blocks")]
+    for k in PARTS:
+        aggs.append(Max(k, alias_name=f"{k}.max"))
+        aggs += [Quantile(k, q=p / 100, alias_name=f"{k}.p{p}") for p in PERCENTILES]
+    agg = measured.aggregate(*aggs)  # one pass: tokenize and aggregate
+    out["dpo_pairs"] = int(agg["count()"])
+    out["truncated_pairs"] = int(agg["truncated"] or 0)
+    out["sft_blocks"] = int(agg["sft_blocks"] or 0)
+    out["token_lengths"] = {k: {f"p{p}": round(float(agg[f"{k}.p{p}"])) for p in PERCENTILES}
+                            | {"max": int(agg[f"{k}.max"])} for k in PARTS}
+    ex = rows_ds.map_batches(_valid_only, batch_format="pyarrow").take(1)[0]
+    out["example"] = {k: _short(ex[k]) for k in PARTS}
+    return out
+
+
 def format_stats(d: dict[str, Any]) -> str:
+    """The dict of `compute_stats`, for humans."""
     lines = [f"source: {d['source']}",
-             f"rows read: {d['rows']}   valid: {d['valid']}   dropped: {d['rows'] - d['valid']}"]
+             f"rows read: {d['rows']}   valid: {d['valid']}   dropped: {sum(d['dropped'].values())}"]
     for reason, n in d["dropped"].items():
         if n:
             lines.append(f"  dropped {reason}: {n}")
     lines.append(f"DPO pairs: {d['dpo_pairs']} (train {d['train_pairs']}, eval {d['eval_pairs']}; "
                  f"truncated {d['truncated_pairs']})   SFT blocks: {d['sft_blocks']}")
-    for k, q in d["token_lengths"].items():
-        lines.append(f"  {k:>8} tokens: " + "  ".join(f"{a}={b}" for a, b in q.items()))
+    lim = d.get("limits") or {}
+    if d["token_lengths"]:
+        lines.append(f"tokens per pair (max_length {lim.get('max_length')}, "
+                     f"max_prompt_length {lim.get('max_prompt_length')}):")
+        for k, q in d["token_lengths"].items():
+            lines.append(f"  {k:>8}: " + "  ".join(f"{a}={b}" for a, b in q.items()))
     if d["example"]:
         lines.append("example:")
         for k, v in d["example"].items():

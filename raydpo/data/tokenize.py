@@ -1,11 +1,20 @@
-"""Tokenization for SFT (packed blocks) and DPO (prompt / chosen / rejected ids), pure Python
+"""Tokenization for SFT (packed blocks) and DPO (prompt / chosen / rejected ids): pure functions
 over lists, wrapped by callable classes that Ray Data's ``map_batches`` runs in its workers.
 
-EOS: every response ends with EOS. Truncation (TRL's order, counted in tokens): if prompt +
-longer response exceeds ``max_length``, the prompt keeps BOS and its *last*
-``max_prompt_length - 1`` tokens; if still too long, both responses are cut to
-``max_length - len(prompt)`` — a cut response loses its EOS (it did not end), the same rule for
-chosen and rejected.
+DPO. ``prompt_input_ids`` = BOS + prompt (the tokenizer's own special tokens);
+``chosen_input_ids`` / ``rejected_input_ids`` = response tokens + EOS, no BOS. Prompt and
+response are tokenized separately (as TRL does), so the prompt/response boundary is exact.
+Truncation, in tokens, TRL's order: if prompt + longer response > ``max_length``, the prompt
+keeps BOS and its *last* ``max_prompt_length - 1`` tokens (the question's end and the
+"Answer:" frame matter most); if still too long, both responses are cut to
+``max_length - len(prompt)``. A cut response loses its EOS — it did not end, and the model
+must not learn that it did — by the same rule for chosen and rejected. Such pairs are flagged
+``truncated``.
+
+SFT. Each example is BOS + prompt + chosen + EOS; the examples of one Ray Data batch are
+concatenated and cut into ``block_size`` blocks (column ``input_ids``). The tail of each batch
+shorter than a block is dropped: at most ``block_size - 1`` tokens per batch of
+``tokenize_batch_size`` rows, and a batch holding fewer tokens than one block yields nothing.
 """
 
 from __future__ import annotations
@@ -15,13 +24,13 @@ from typing import Any
 
 def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int,
                   max_prompt_length: int, bos_id: int | None) -> tuple[list[int], list[int], list[int], bool]:
-    """Returns (prompt, chosen, rejected, truncated)."""
-    longer = max(len(chosen), len(rejected))
-    if len(prompt) + longer <= max_length:
+    """Returns ``(prompt, chosen, rejected, truncated)`` with ``len(prompt) + len(longer) <= max_length``."""
+    if len(prompt) + max(len(chosen), len(rejected)) <= max_length:
         return prompt, chosen, rejected, False
     if len(prompt) > max_prompt_length:
         if bos_id is not None and prompt and prompt[0] == bos_id:
-            prompt = [bos_id] + prompt[len(prompt) - (max_prompt_length - 1):]
+            keep = max_prompt_length - 1
+            prompt = [bos_id] + (prompt[-keep:] if keep > 0 else [])
         else:
             prompt = prompt[-max_prompt_length:]
     budget = max_length - len(prompt)
@@ -30,11 +39,14 @@ def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], max
 
 def tokenize_dpo(tokenizer, prompts: list[str], chosen: list[str], rejected: list[str], max_length: int,
                  max_prompt_length: int) -> dict[str, list[Any]]:
+    """Lists of ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids`` (lists of int)
+    and ``truncated`` (bool), one per pair."""
     eos = tokenizer.eos_token_id
     p_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
     c_ids = tokenizer(chosen, add_special_tokens=False)["input_ids"]
     r_ids = tokenizer(rejected, add_special_tokens=False)["input_ids"]
-    out: dict[str, list[Any]] = {"prompt_input_ids": [], "chosen_input_ids": [], "rejected_input_ids": [], "truncated": []}
+    out: dict[str, list[Any]] = {"prompt_input_ids": [], "chosen_input_ids": [], "rejected_input_ids": [],
+                                 "truncated": []}
     for p, c, r in zip(p_ids, c_ids, r_ids):
         p, c, r, cut = truncate_pair(list(p), list(c) + [eos], list(r) + [eos], max_length, max_prompt_length,
                                      tokenizer.bos_token_id)
@@ -46,8 +58,8 @@ def tokenize_dpo(tokenizer, prompts: list[str], chosen: list[str], rejected: lis
 
 
 def pack_sft(tokenizer, texts: list[str], block_size: int) -> list[list[int]]:
-    """BOS + text + EOS per example, concatenated and cut into ``block_size`` blocks. The tail
-    shorter than a block is dropped (per Ray Data batch, so at most one block per batch)."""
+    """BOS + text + EOS per example, concatenated and cut into ``block_size`` blocks; the tail
+    shorter than a block is dropped."""
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]:
@@ -66,16 +78,16 @@ class _Tokenizing:
 class DPOTokenize(_Tokenizing):
     """Ray Data callable: formatted rows → prompt/chosen/rejected token ids (pyarrow table)."""
 
-    def __init__(self, tokenizer_name_or_path: str, max_length: int, max_prompt_length: int, revision: str | None = None):
+    def __init__(self, tokenizer_name_or_path: str, max_length: int, max_prompt_length: int,
+                 revision: str | None = None):
         super().__init__(tokenizer_name_or_path, revision)
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
 
     def __call__(self, batch):
         import pyarrow as pa
 
-        col = lambda k: batch[k].to_pylist()  # noqa: E731
-        out = tokenize_dpo(self.tokenizer, col("prompt"), col("chosen"), col("rejected"),
-                           self.max_length, self.max_prompt_length)
+        out = tokenize_dpo(self.tokenizer, batch["prompt"].to_pylist(), batch["chosen"].to_pylist(),
+                           batch["rejected"].to_pylist(), self.max_length, self.max_prompt_length)
         ids = pa.list_(pa.int32())
         return pa.table({
             "prompt_input_ids": pa.array(out["prompt_input_ids"], type=ids),

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from functools import partial
 from typing import Any
 
 
@@ -17,7 +16,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from raydpo.config import Config
-    from raydpo.data.collate import collate_dpo, collate_sft
+    from raydpo.data.ray_collate import DPOCollate, SFTCollate
     from raydpo.models import load_model, load_tokenizer
     from raydpo.tracking import make_logger
     from raydpo.train.loop import Hooks, env_from_torch, run_stage
@@ -33,7 +32,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = load_model(cfg.model, cfg.quantization, cfg.lora, base_path=config["base_path"], device=env.device)
     logger = make_logger(config.get("tracking_uri"), config.get("run_id"), env.rank)
 
-    collate = partial(collate_dpo, pad_token_id=tokenizer.pad_token_id) if stage == "dpo" else collate_sft
+    collate = DPOCollate(tokenizer.pad_token_id) if stage == "dpo" else SFTCollate()
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval")
     bs = stage_cfg.per_device_batch_size

@@ -1,82 +1,265 @@
-"""The Ray Data pipeline on a real local Ray: bad rows counted by reason, good rows kept."""
+"""The Ray Data pipeline on a real local Ray (2 CPUs): bad rows counted by reason, good rows
+kept, sources that cannot be read refused up front, tokenized datasets ready for training."""
 
 import json
 import subprocess
 import sys
-from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+from raydpo.config import Config
+from raydpo.data.rows import REASONS, format_prompt, is_eval
 
-REPO = Path(__file__).resolve().parents[2]
-GOOD = [{"qid": i, "question": f"How do I do thing {i}?", "response_j": f"Do it like {i}.", "response_k": "No idea."}
-        for i in range(7)]
-BAD_LINES = [
-    json.dumps({"question": "q", "response_j": "a"}),                                  # missing_field
-    json.dumps({"question": None, "response_j": "a", "response_k": "b"}),              # null_field
-    json.dumps({"question": "q", "response_j": "", "response_k": "b"}),                # empty_field
-    json.dumps({"question": "   ", "response_j": "a", "response_k": "b"}),             # empty_field
-    json.dumps({"question": 12345, "response_j": "a", "response_k": "b"}),             # not_text
-    json.dumps({"question": "q", "response_j": "same", "response_k": "same"}),         # chosen_equals_rejected
-    '{"question": "broken json',                                                       # bad_json
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+GOOD = [{"qid": i, "question": f"How do I do thing {i} in git?", "response_j": f"Run git thing {i}, then commit.",
+         "response_k": "No idea.", "date": "2020/01/01", "metadata": [f"https://stackoverflow.com/q/{i}"]}
+        for i in range(8)]
+BAD = [  # (line, reason)
+    (json.dumps({"question": "q", "response_j": "a"}), "missing_field"),
+    (json.dumps({"question": None, "response_j": "a", "response_k": "b"}), "null_field"),
+    (json.dumps({"question": "q", "response_j": "", "response_k": "b"}), "empty_field"),
+    (json.dumps({"question": "   \n", "response_j": "a", "response_k": "b"}), "empty_field"),
+    (json.dumps({"question": 12345, "response_j": "a", "response_k": "b"}), "not_text"),
+    (json.dumps({"question": "q", "response_j": ["a", "list"], "response_k": "b"}), "not_text"),
+    (json.dumps({"question": "q", "response_j": "same", "response_k": "same"}), "chosen_equals_rejected"),
+    (json.dumps({"question": "q" * 300, "response_j": "a", "response_k": "b"}), "too_long"),
+    ('{"question": "broken json', "bad_json"),
+    ("42", "bad_json"),
+    (b'{"question": "caf\xe9", "response_j": "a", "response_k": "b"}', "bad_encoding"),
 ]
 
 
-def _stats(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "raydpo.cli", "data", "stats", *args,
-                           "--set", f"model.cache_dir={REPO / '.raydpo_cache'}"],
-                          capture_output=True, text=True, cwd=cwd, timeout=500)
-
-
-def test_mixed_file_counts_every_bad_row_and_keeps_every_good_one(tmp_path):
-    f = tmp_path / "mixed.jsonl"
-    lines = [json.dumps(r) for r in GOOD[:4]] + BAD_LINES + [json.dumps(r) for r in GOOD[4:]]
-    f.write_text("\n".join(lines) + "\n")
-    r = _stats("--source", str(f), "--json", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    s = json.loads(r.stdout)
-    assert s["rows"] == 14 and s["valid"] == 7 and s["dpo_pairs"] == 7
-    assert s["valid"] + sum(s["dropped"].values()) == s["rows"]
-    assert s["dropped"] == {"bad_json": 1, "missing_field": 1, "null_field": 1, "not_text": 1, "empty_field": 2,
-                            "chosen_equals_rejected": 1, "too_long": 0}
-    assert s["train_pairs"] + s["eval_pairs"] == 7 and s["sft_blocks"] >= 0
-    assert s["example"]["prompt"].startswith("Question: How do I do thing")
-
-
-def test_sample_source_and_a_missing_source(tmp_path):
-    r = _stats("--source", "sample", "--json", "--set", "data.sample_size=300", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    s = json.loads(r.stdout)
-    assert s["rows"] == 300 and s["valid"] == 300 and s["dpo_pairs"] == 300 and s["sft_blocks"] > 0
-    assert s["token_lengths"]["chosen"]["max"] <= 1024
-    human = _stats("--source", "sample", "--set", "data.sample_size=50", cwd=tmp_path)
-    assert human.returncode == 0 and "rows read: 50" in human.stdout and "example:" in human.stdout
-    missing = _stats("--source", str(tmp_path / "nope.jsonl"), "--json", cwd=tmp_path)
-    assert missing.returncode == 2 and missing.stdout == ""
-    assert "nope.jsonl" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
-
-
-def test_build_datasets_stream_tokenized_columns(tmp_path):
+@pytest.fixture(scope="module")
+def ray_local():
     import ray
+    from ray.data import DataContext
 
-    from raydpo.config import load_config
-    from raydpo.data.pipeline import build_datasets
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    DataContext.get_current().enable_progress_bars = False
+    DataContext.get_current().print_on_execution_start = False
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cfg_tok(tmp_path_factory):
     from raydpo.models import resolve_model_path
 
-    cfg = load_config(None, ["data.sample_size=400", "data.eval_fraction=0.2", "data.sft_block_size=64",
-                             "data.max_length=96", "data.max_prompt_length=48", f"model.cache_dir={REPO / '.raydpo_cache'}"])
-    tok = resolve_model_path(cfg.model)
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        train, evals = build_datasets(cfg, "dpo", tok)
-        n_train, n_eval = train.count(), evals.count()
-        assert n_train + n_eval == 400 and 40 < n_eval < 120
-        row = train.take(1)[0]
-        assert set(row) == {"prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "truncated"}
-        assert len(row["prompt_input_ids"]) + max(len(row["chosen_input_ids"]), len(row["rejected_input_ids"])) <= 96
-        sft_train, _ = build_datasets(cfg, "sft", tok)
-        blocks = sft_train.take(3)
-        assert blocks and all(len(b["input_ids"]) == 64 for b in blocks)
-    finally:
-        ray.shutdown()
+    cfg = Config().with_overrides({"model.cache_dir": str(tmp_path_factory.mktemp("cache")), "data.max_chars": 200,
+                                   "data.tokenize_num_cpus": 0.25})
+    return cfg, resolve_model_path(cfg.model)
+
+
+def _with(cfg, **data):
+    return cfg.with_overrides({f"data.{k}": v for k, v in data.items()})
+
+
+def _mixed_jsonl(path):
+    lines = [json.dumps(r).encode() for r in GOOD[:4]]
+    lines += [line if isinstance(line, bytes) else line.encode() for line, _ in BAD]
+    lines += [b"", b"   "]  # blank lines are not rows
+    lines += [json.dumps(r).encode() for r in GOOD[4:]]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def _expected_dropped():
+    want = dict.fromkeys(REASONS, 0)
+    for _, reason in BAD:
+        want[reason] += 1
+    return want
+
+
+def test_mixed_jsonl_counts_every_bad_row_under_its_reason_and_keeps_every_good_one(ray_local, cfg_tok, tmp_path):
+    from raydpo.data.stats import compute_stats, format_stats
+
+    cfg, tok = cfg_tok
+    s = compute_stats(_with(cfg, source=str(_mixed_jsonl(tmp_path / "mixed.jsonl"))), tok)
+    assert s["rows"] == len(GOOD) + len(BAD) and s["valid"] == len(GOOD)
+    assert s["dropped"] == _expected_dropped()
+    assert s["valid"] + sum(s["dropped"].values()) == s["rows"]
+    assert s["dpo_pairs"] == len(GOOD) and s["truncated_pairs"] == 0
+    assert s["train_pairs"] + s["eval_pairs"] == len(GOOD)
+    assert s["eval_pairs"] == sum(is_eval(r["question"], cfg.data.eval_fraction) for r in GOOD)
+    assert s["token_lengths"]["prompt"]["max"] >= s["token_lengths"]["prompt"]["p50"] > 5
+    assert s["example"]["prompt"].startswith("Question: How do I do thing")
+    text = format_stats(s)
+    assert "rows read: 19" in text and "dropped bad_encoding: 1" in text and "dropped empty_field: 2" in text
+    json.dumps(s)  # the CLI's --json
+
+
+def test_a_folder_mixing_jsonl_json_array_jsonl_as_json_and_parquet(ray_local, cfg_tok, tmp_path):
+    from raydpo.data.stats import compute_stats
+
+    cfg, tok = cfg_tok
+    _mixed_jsonl(tmp_path / "a.jsonl")
+    (tmp_path / "b.json").write_text(json.dumps(GOOD[:3] + [{"question": "q", "response_j": None, "response_k": "b"},
+                                                             "not a row"]))
+    (tmp_path / "c.json").write_text("\n".join(json.dumps(r) for r in GOOD[3:6]))  # JSON Lines named .json
+    pq.write_table(pa.Table.from_pylist(GOOD[6:] + [{**GOOD[0], "response_k": None}]), tmp_path / "d.parquet")
+    (tmp_path / "README.md").write_text("not data")
+    (tmp_path / "_SUCCESS").write_text("")
+    s = compute_stats(_with(cfg, source=str(tmp_path)), tok)
+    want = _expected_dropped()
+    want["null_field"] += 2
+    want["bad_json"] += 1
+    assert s["dropped"] == want
+    assert s["valid"] == len(GOOD) + 3 + 3 + 2 and s["rows"] == s["valid"] + sum(want.values())
+    from raydpo.data.pipeline import validated
+
+    assert validated(_with(cfg, source=str(tmp_path), max_rows=5).data).count() == 5  # rows read, good or bad
+
+
+def test_the_shared_shape_of_real_data_a_json_array_file(ray_local, cfg_tok, tmp_path):
+    from raydpo.data.stats import compute_stats
+
+    cfg, tok = cfg_tok
+    long = "```\nfor (int i = 0; i < n; i++) { printf(\"%d\\n\", i); }\n```\n" * 20
+    rows = [{"question": f"Why does loop {i} fail? " + long, "response_j": "Because " + long, "response_k": "Dunno."}
+            for i in range(6)]
+    (tmp_path / "real.json").write_text(json.dumps(rows))
+    s = compute_stats(_with(cfg, source=str(tmp_path / "real.json"), max_chars=200_000, max_length=128,
+                            max_prompt_length=64), tok)
+    assert s["valid"] == 6 and s["truncated_pairs"] == 6
+    assert s["token_lengths"]["prompt"]["max"] == 64
+    assert s["token_lengths"]["chosen"]["max"] == 128 - 64
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda p: p / "nope.jsonl", "no such file or folder"),
+    (lambda p: (p / "empty").mkdir() or p / "empty", "no .jsonl, .json or .parquet files"),
+    (lambda p: (p / "broken.json").write_text('[{"question": "a"') and p / "broken.json", "not valid JSON"),
+    (lambda p: (p / "bad.parquet").write_bytes(b"not parquet") and p / "bad.parquet", "not a readable parquet"),
+    (lambda p: (p / "rows.csv").write_text("a,b") and p / "rows.csv", "unsupported file type"),
+])
+def test_unreadable_sources_raise_one_line_errors_naming_them(ray_local, cfg_tok, tmp_path, make, needle):
+    from raydpo.data.pipeline import build_datasets
+    from raydpo.data.sources import DataSourceError
+    from raydpo.data.stats import compute_stats
+
+    cfg, tok = cfg_tok
+    path = make(tmp_path)
+    bad = _with(cfg, source=str(path))
+    with pytest.raises(DataSourceError) as e:
+        compute_stats(bad, tok)
+    msg = str(e.value)
+    assert needle in msg and str(path) in msg and "\n" not in msg
+    with pytest.raises(DataSourceError):
+        build_datasets(bad, "dpo", tok)
+
+
+def test_cli_data_stats_exit_2_on_a_missing_source(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "raydpo.cli", "data", "stats", "--source", str(tmp_path / "nope.jsonl"),
+                        "--json"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert "nope.jsonl" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_build_datasets_dpo_streams_valid_pairs_split_by_question(ray_local, cfg_tok, tmp_path):
+    from transformers import AutoTokenizer
+
+    from raydpo.data.pipeline import build_datasets
+    from raydpo.data.ray_collate import DPOCollate
+    from raydpo.data.sample import generate_rows
+
+    cfg, tok_path = cfg_tok
+    cfg = _with(cfg, sample_size=300, eval_fraction=0.2, max_length=256, max_prompt_length=128, max_chars=200_000)
+    tok = AutoTokenizer.from_pretrained(tok_path)
+    train, evals = build_datasets(cfg, "dpo", tok_path)
+    train, evals = train.materialize(), evals.materialize()
+    n_train, n_eval = train.count(), evals.count()
+    rows = generate_rows(300, cfg.data.seed)
+    want_eval = sum(is_eval(r["question"], 0.2) for r in rows)
+    assert (n_train, n_eval) == (300 - want_eval, want_eval) and 30 < n_eval < 90
+    assert set(train.columns()) == {"prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "truncated"}
+    # eval holds exactly the eval questions' prompts
+    eval_prompts = {tok.decode(r["prompt_input_ids"][1:]) for r in evals.take_all()}
+    assert eval_prompts == {format_prompt(r["question"], cfg.data.prompt_template) for r in rows
+                            if is_eval(r["question"], 0.2)}
+    for r in train.take(50):
+        p, c, j = r["prompt_input_ids"], r["chosen_input_ids"], r["rejected_input_ids"]
+        assert p[0] == tok.bos_token_id and len(p) + max(len(c), len(j)) <= 256 and not r["truncated"]
+        assert c[-1] == tok.eos_token_id and j[-1] == tok.eos_token_id
+    # what a training worker sees: concatenated chosen+rejected batches
+    batch = next(iter(train.iter_torch_batches(batch_size=4, collate_fn=DPOCollate(tok.pad_token_id))))
+    assert batch["input_ids"].shape[0] == 8 and batch["input_ids"].shape == batch["labels"].shape
+    assert batch["input_ids"].shape[1] <= 256
+    assert not ((batch["labels"] != -100) & (batch["attention_mask"] == 0)).any()  # no loss on padding
+
+
+def test_build_datasets_sft_packs_fixed_blocks(ray_local, cfg_tok):
+    from raydpo.data.pipeline import build_datasets
+    from raydpo.data.ray_collate import SFTCollate
+
+    cfg, tok_path = cfg_tok
+    cfg = _with(cfg, sample_size=300, sft_block_size=64, max_chars=200_000)
+    train, evals = build_datasets(cfg, "sft", tok_path)
+    assert train.columns() == ["input_ids"]
+    lengths = train.map_batches(lambda b: {"n": np.array([len(x) for x in b["input_ids"]])}).unique("n")
+    assert lengths == [64] and train.count() > 100
+    batch = next(iter(train.iter_torch_batches(batch_size=8, collate_fn=SFTCollate())))
+    assert batch["input_ids"].shape == (8, 64) and (batch["labels"] == batch["input_ids"]).all()
+
+
+def test_sample_source_end_to_end(ray_local, cfg_tok):
+    from raydpo.data.stats import compute_stats
+
+    cfg, tok = cfg_tok
+    s = compute_stats(_with(cfg, source="sample", sample_size=400, max_chars=200_000), tok)
+    assert s["rows"] == 400 and s["valid"] == 400 and s["dpo_pairs"] == 400
+    assert set(s["dropped"].values()) == {0} and s["truncated_pairs"] == 0
+    assert 0 < s["eval_pairs"] < 60 and s["train_pairs"] + s["eval_pairs"] == 400
+    assert s["sft_blocks"] > 0 and s["token_lengths"]["chosen"]["p50"] < 100
+
+
+def test_ray_workers_racing_to_build_the_tiny_model_share_one_folder(ray_local, tmp_path):
+    import ray
+
+    @ray.remote(num_cpus=0.5)
+    def build(cache_dir: str) -> str:
+        from raydpo.tiny import ensure_tiny_model
+
+        return str(ensure_tiny_model(Config().with_overrides({"model.cache_dir": cache_dir}).model))
+
+    paths = ray.get([build.remote(str(tmp_path)) for _ in range(3)])
+    assert len(set(paths)) == 1
+    assert [p.name for p in tmp_path.iterdir()] == [paths[0].rsplit("/", 1)[-1]]  # no half-built leftovers
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(paths[0]).eos_token == "</s>"
+    assert AutoModelForCausalLM.from_pretrained(paths[0]).config.num_hidden_layers == 2
+
+
+def test_hub_source_loads_the_stage_data_dir_with_datasets(ray_local, cfg_tok, monkeypatch):
+    import datasets
+
+    from raydpo.data.pipeline import build_datasets
+    from raydpo.data.sources import DataSourceError
+    from raydpo.data.stats import compute_stats
+
+    calls = []
+
+    def fake_load_dataset(path, data_dir=None, split=None, **kwargs):  # the hub, as datasets returns it
+        calls.append((path, data_dir, split))
+        if path == "nobody/nothing":
+            raise FileNotFoundError("Dataset 'nobody/nothing' doesn't exist on the Hub\nor cannot be accessed.")
+        return datasets.Dataset.from_list(GOOD + [{**GOOD[0], "response_j": None}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    cfg, tok = cfg_tok
+    hub = _with(cfg, source="lvwerra/stack-exchange-paired", sft_data_dir="data/finetune", dpo_data_dir="data/rl")
+    s = compute_stats(hub, tok)
+    assert calls[-1] == ("lvwerra/stack-exchange-paired", "data/rl", "train")
+    assert s["rows"] == len(GOOD) + 1 and s["valid"] == len(GOOD) and s["dropped"]["null_field"] == 1
+    train, evals = build_datasets(_with(hub, sft_block_size=16), "sft", tok)
+    assert calls[-1][1] == "data/finetune" and train.count() + evals.count() >= len(GOOD)  # 8 short rows: >= 8 blocks
+    assert compute_stats(_with(hub, max_rows=3), tok)["rows"] == 3
+    with pytest.raises(DataSourceError) as e:
+        compute_stats(_with(hub, source="nobody/nothing"), tok)
+    assert str(e.value).startswith("nobody/nothing (data_dir=data/rl, split=train): FileNotFoundError")
+    assert "\n" not in str(e.value)

@@ -1,0 +1,291 @@
+"""raydpo.tracking against a real MLflow sqlite store (one per test, under tmp_path; no Ray)."""
+
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from raydpo import tracking
+from raydpo.config import Config, flatten
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def _quiet_mlflow(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # anything MLflow drops in the cwd would show up here
+
+
+@pytest.fixture(scope="session")
+def _migrated_db(tmp_path_factory) -> Path:
+    # Creating a sqlite store runs MLflow's schema migrations (seconds); do it once and give
+    # each test its own copy of the empty, migrated database.
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def store(tmp_path, _migrated_db):
+    (tmp_path / "store").mkdir()
+    shutil.copy(_migrated_db, tmp_path / "store" / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    exp_id = tracking.setup_experiment(uri, "raydpo-test")
+    return SimpleNamespace(uri=uri, exp_id=exp_id, dir=tmp_path / "store", cwd=tmp_path)
+
+
+def _run(store, name="run", **kw):
+    return tracking.start_run(store.uri, store.exp_id, name, **kw)
+
+
+def _dpo_metrics(step: int) -> dict[str, float]:
+    base = {k: step / 10 + i for i, k in enumerate(tracking.REWARD_KEYS)}
+    return {**tracking.prefixed(base, "train"), tracking.LR: 1e-4, tracking.TOKENS_PER_S: 1234.5}
+
+
+# -- light import ------------------------------------------------------------------------
+
+def test_importing_tracking_does_not_load_mlflow_or_matplotlib():
+    code = "import sys, raydpo.tracking; print(sorted(m for m in ('mlflow', 'matplotlib') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_prefixed_builds_the_shared_metric_names():
+    assert tracking.prefixed({"loss": 1.0, "rewards/accuracies": 0.5}, "eval") == {
+        "eval/loss": 1.0, "eval/rewards/accuracies": 0.5}
+    with pytest.raises(ValueError, match="split"):
+        tracking.prefixed({"loss": 1.0}, "validation")  # would log a series no plot or dashboard reads
+
+
+def test_reward_keys_are_the_strings_losses_computes():
+    # raydpo.losses names its metrics with module constants; read them without importing torch.
+    src = Path(tracking.__file__).with_name("losses.py").read_text()
+    consts = {t.id: n.value.value for n in ast.parse(src).body if isinstance(n, ast.Assign)
+              for t in n.targets if isinstance(t, ast.Name) and isinstance(n.value, ast.Constant)}
+    names = ("LOSS", "REWARDS_CHOSEN", "REWARDS_REJECTED", "REWARDS_ACCURACIES", "REWARDS_MARGINS",
+             "LOGPS_CHOSEN", "LOGPS_REJECTED")
+    assert tuple(consts.get(n) for n in names) == tracking.REWARD_KEYS
+
+
+# -- where the store is ------------------------------------------------------------------
+
+def test_resolve_tracking_uri_config_beats_env_beats_default(monkeypatch, tmp_path):
+    cfg = Config().tracking
+    assert tracking.resolve_tracking_uri(cfg, cwd=str(tmp_path)) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    assert tracking.resolve_tracking_uri(cfg, cwd=str(tmp_path)) == "http://mlflow.internal:5000"
+    explicit = Config().with_overrides({"tracking.tracking_uri": "sqlite:////data/runs.db"}).tracking
+    assert tracking.resolve_tracking_uri(explicit) == "sqlite:////data/runs.db"
+
+
+def test_resolve_tracking_uri_makes_relative_sqlite_absolute_for_workers(tmp_path):
+    cfg = Config().with_overrides({"tracking.tracking_uri": "sqlite:///sub/mlflow.db"}).tracking
+    # the autouse fixture chdir'ed to tmp_path: a Ray worker elsewhere must reach the same file
+    assert tracking.resolve_tracking_uri(cfg) == f"sqlite:///{tmp_path.resolve()}/sub/mlflow.db"
+
+
+def test_ui_command_points_at_the_store_and_its_artifacts(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cmd = tracking.ui_command(uri)
+    assert cmd.startswith(f"mlflow ui --backend-store-uri {uri}")
+    assert f"--default-artifact-root {tmp_path}/mlartifacts" in cmd
+    assert tracking.ui_command("http://mlflow.internal:5000") == "http://mlflow.internal:5000"
+
+
+def test_setup_experiment_creates_the_store_once_and_honours_an_artifact_location(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"  # neither the folder nor the db exists yet
+    exp_id = tracking.setup_experiment(uri, "elsewhere", artifact_location="artifacts")
+    assert (tmp_path / "new" / "mlflow.db").is_file()
+    assert tracking.setup_experiment(uri, "elsewhere", artifact_location="/ignored") == exp_id
+    # a relative location is pinned to the driver's cwd, so workers elsewhere agree on it
+    assert MlflowClient(uri).get_experiment(exp_id).artifact_location == (tmp_path / "artifacts").as_uri()
+
+
+def test_setup_experiment_is_idempotent_and_keeps_artifacts_next_to_the_db(store):
+    from mlflow.tracking import MlflowClient
+
+    assert tracking.setup_experiment(store.uri, "raydpo-test") == store.exp_id
+    exp = MlflowClient(store.uri).get_experiment(store.exp_id)
+    assert exp.artifact_location == (store.dir / "mlartifacts" / "raydpo-test").as_uri()
+
+
+# -- metrics -----------------------------------------------------------------------------
+
+def test_metric_names_round_trip_and_become_search_runs_columns(store):
+    run_id = _run(store)
+    log = tracking.make_logger(store.uri, run_id, rank=0)
+    assert isinstance(log, tracking.RunLogger)
+    for step in (1, 2, 3):
+        log.log_metrics(_dpo_metrics(step), step=step)
+    log.log_metrics(tracking.prefixed({"loss": 0.5, "rewards/accuracies": 0.75}, "eval"), step=3)
+
+    runs = tracking.find_runs(store.uri, "raydpo-test")
+    row = runs.set_index("run_id").loc[run_id]
+    assert row["metrics.eval/rewards/accuracies"] == 0.75
+    assert row["metrics.train/rewards/margins"] == pytest.approx(0.3 + tracking.REWARD_KEYS.index("rewards/margins"))
+    assert row["metrics.train/tokens_per_s"] == 1234.5
+    assert row["metrics.train/lr"] == 1e-4
+    # find_runs must not leak its URI into the environment (resolve_tracking_uri reads it)
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+
+
+def test_fetch_history_merges_train_and_eval_per_step(store):
+    run_id = _run(store)
+    log = tracking.RunLogger(store.uri, run_id)
+    for step in (20, 10, 30):  # out of order on purpose
+        log.log_metrics(_dpo_metrics(step), step=step)
+    log.log_metrics({"eval/loss": 0.4, "eval/rewards/margins": 0.9}, step=20)
+
+    hist = tracking.fetch_history(store.uri, run_id, None)
+    assert [h["step"] for h in hist] == [10, 20, 30]
+    assert hist[1]["eval/loss"] == 0.4 and hist[1]["eval/rewards/margins"] == 0.9
+    assert "eval/loss" not in hist[0]
+    assert hist[2]["train/loss"] == pytest.approx(3.0)
+    assert set(hist[0]) == {"step", *_dpo_metrics(10)}
+
+    only = tracking.fetch_history(store.uri, run_id, ["eval/loss"])
+    assert only == [{"step": 20, "eval/loss": 0.4}]
+
+
+def test_null_logger_for_other_ranks_touches_no_store(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'never.db'}"
+    for log in (tracking.make_logger(uri, "abc", rank=1), tracking.make_logger(None, "abc", rank=0),
+                tracking.make_logger(uri, None, rank=0)):
+        assert isinstance(log, tracking.NullLogger)
+        log.log_metrics({"train/loss": 1.0}, step=1)
+        log.set_tags({"a": "b"})
+        log.log_artifact(__file__)
+        log.log_artifacts(str(tmp_path))
+    assert not (tmp_path / "never.db").exists()
+
+
+# -- params, tags, runs ------------------------------------------------------------------
+
+def test_log_params_flattens_config_truncates_and_passes_100(store):
+    from mlflow.tracking import MlflowClient
+
+    run_id = _run(store)
+    flat = Config().flat()
+    flat.update(flatten({"extra": {f"k{i}": {"deep": i} for i in range(150)}}))
+    flat["data.prompt_template"] = "x" * 10_000
+    assert len(flat) > 200
+    tracking.log_params(store.uri, run_id, flat)
+
+    params = MlflowClient(store.uri).get_run(run_id).data.params
+    assert len(params) == len(flat)
+    assert params["dpo.beta"] == "0.1"
+    assert params["lora.target_modules"] == "['q_proj', 'v_proj']"
+    assert params["dpo.sft_adapter"] == "None"
+    assert params["extra.k149.deep"] == "149"
+    assert params["data.prompt_template"] == "x" * tracking.MAX_PARAM_LEN
+
+
+def test_child_run_links_to_parent_and_statuses_are_recorded(store):
+    parent = _run(store, "sweep", tags={tracking.STAGE_TAG: "tune"})
+    child = _run(store, "trial-1", parent_run_id=parent, tags={"raydpo.trial_id": "t1"})
+    tracking.set_tags(store.uri, child, {tracking.ADAPTER_TAG: "/ckpt/adapter"})
+    tracking.end_run(store.uri, child, "KILLED")
+
+    runs = tracking.find_runs(store.uri, "raydpo-test").set_index("run_id")
+    assert runs.loc[child, "tags.mlflow.parentRunId"] == parent
+    assert runs.loc[child, "tags.mlflow.runName"] == "trial-1"
+    assert runs.loc[child, "status"] == "KILLED"
+    assert runs.loc[parent, "status"] == "RUNNING"  # stays open until the driver ends it
+    assert tracking.run_for_adapter(store.uri, "raydpo-test", "/ckpt/adapter") == child
+    dpo = _run(store, "dpo", sft_run_id=child)
+    runs = tracking.find_runs(store.uri, "raydpo-test").set_index("run_id")
+    assert runs.loc[dpo, "tags.raydpo.sft_run_id"] == child  # lineage, without nesting under it
+    assert not isinstance(runs.loc[dpo, "tags.mlflow.parentRunId"], str)  # missing: None/NaN
+    tracking.end_run(store.uri, parent)
+    assert tracking.find_runs(store.uri, "raydpo-test").set_index("run_id").loc[parent, "status"] == "FINISHED"
+    with pytest.raises(ValueError, match="status"):
+        tracking.end_run(store.uri, parent, "DONE")
+
+
+def test_find_runs_of_a_missing_experiment_is_empty(store):
+    assert tracking.find_runs(store.uri, "no-such-experiment").empty
+
+
+# -- plots and artifacts -----------------------------------------------------------------
+
+def _history(dpo: bool = True) -> list[dict[str, float]]:
+    hist = []
+    for step in range(1, 21):
+        rec: dict[str, float] = {"step": step, "train/loss": 0.69 - 0.01 * step}
+        if dpo:
+            rec.update({"train/rewards/chosen": 0.02 * step, "train/rewards/rejected": -0.01 * step,
+                        "train/rewards/margins": 0.03 * step, "train/rewards/accuracies": min(1.0, 0.5 + 0.03 * step)})
+            if step % 5 == 0:
+                rec.update({"eval/loss": 0.7 - 0.008 * step, "eval/rewards/accuracies": 0.5 + 0.02 * step,
+                            "eval/rewards/margins": 0.02 * step})
+        hist.append(rec)
+    return hist
+
+
+@pytest.mark.parametrize(("dpo", "panels"), [(True, 5), (False, 1)], ids=["dpo", "sft-loss-only"])
+def test_reward_curves_png_is_a_real_png_with_one_panel_per_logged_quantity(tmp_path, dpo, panels):
+    path = tracking.plot_reward_curves(_history(dpo), str(tmp_path / "curves.png"))
+    data = Path(path).read_bytes()
+    assert data[:8] == PNG_MAGIC
+    width = int.from_bytes(data[16:20], "big")  # IHDR: 4 inches per panel at 80 dpi
+    assert width == panels * 4 * 80
+    empty = Path(tracking.plot_reward_curves([], str(tmp_path / "empty.png"))).stat().st_size
+    assert len(data) > empty + 3_000  # curves were drawn, not just axes
+
+
+def test_final_artifacts_land_under_adapter_next_to_the_db(store):
+    from mlflow.tracking import MlflowClient
+
+    adapter = store.cwd / "ckpt" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
+    (adapter / "adapter_model.safetensors").write_bytes(b"\x00\x01weights" * 100)
+    run_id = _run(store)
+    tracking.log_final_artifacts(store.uri, run_id, adapter_dir=str(adapter), config_yaml=Config().to_yaml(),
+                                 history=_history())
+
+    client = MlflowClient(store.uri)
+    assert {a.path for a in client.list_artifacts(run_id)} == {"adapter", "config.yaml", "reward_curves.png"}
+    assert {a.path for a in client.list_artifacts(run_id, "adapter")} == {
+        "adapter/adapter_config.json", "adapter/adapter_model.safetensors"}
+    on_disk = store.dir / "mlartifacts" / "raydpo-test" / run_id / "artifacts"
+    assert (on_disk / "adapter" / "adapter_model.safetensors").read_bytes() == b"\x00\x01weights" * 100
+    assert (on_disk / "reward_curves.png").read_bytes()[:8] == PNG_MAGIC
+    assert Config.from_dict(__import__("yaml").safe_load((on_disk / "config.yaml").read_text())) == Config()
+    assert not (store.cwd / "mlruns").exists()  # MLflow's cwd-relative default was not used
+
+
+def test_final_artifacts_with_a_missing_adapter_fail_loudly(store):
+    with pytest.raises(FileNotFoundError, match="adapter folder"):
+        tracking.log_final_artifacts(store.uri, _run(store), adapter_dir=str(store.cwd / "nope"))
+
+
+def test_register_model_gives_successive_versions(store):
+    from mlflow.tracking import MlflowClient
+
+    adapter = store.cwd / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    runs = [_run(store, f"r{i}") for i in range(2)]
+    for r in runs:
+        tracking.log_final_artifacts(store.uri, r, adapter_dir=str(adapter))
+    assert tracking.register_model(store.uri, runs[0], "adapter", "raydpo-dpo", tags={"beta": 0.1}) == "1"
+    assert tracking.register_model(store.uri, runs[1], "adapter", "raydpo-dpo") == "2"
+
+    mv = MlflowClient(store.uri, registry_uri=store.uri).get_model_version("raydpo-dpo", "1")
+    assert mv.run_id == runs[0] and mv.tags == {"beta": "0.1"}
+    assert mv.source == f"{(store.dir / 'mlartifacts' / 'raydpo-test').as_uri()}/{runs[0]}/artifacts/adapter"
