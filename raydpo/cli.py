@@ -194,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     dm.set_defaults(fn=cmd_demo)
 
+    from raydpo.submit import add_parsers as add_submit_parsers
+
+    add_submit_parsers(sub)
+
+    from raydpo.report import add_parser as add_report_parser
+
+    add_report_parser(sub)
+
     ex = sub.add_parser("export", help="copy an adapter, or --merge it into its base model")
     ex.add_argument("--adapter", required=True)
     ex.add_argument("--out", required=True)

@@ -21,6 +21,11 @@ def ensure_ray(num_cpus: float | None = None) -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS") or None
+    if address and address.startswith(("http://", "https://")):
+        # the job-submission (dashboard) address users export for `ray job submit`; ray.init
+        # would read it too and fail, so look for a local cluster / start one instead
+        os.environ.pop("RAY_ADDRESS")
+        address = None
     kwargs: dict = {"log_to_driver": True, "configure_logging": True, "logging_level": logging.WARNING}
     if address is None:
         kwargs["include_dashboard"] = False

@@ -149,10 +149,31 @@ def _check_parquet(path: str) -> None:
         raise DataSourceError(f"{path}: not a readable parquet file ({_one_line(e)})") from None
 
 
+def read_parquet(paths, num_cpus: float):
+    """``ray.data.read_parquet`` whose every task asks for ``num_cpus``.
+
+    Ray 2.60's default parquet path (datasource V2) plans a ``ListFiles`` task with the 1-CPU
+    default that no argument reaches; beside Train workers holding fractional CPUs (2 workers x
+    0.5 + a Tune trial on 2 CPUs) it is never scheduled and the read waits forever at 0 rows.
+    The V1 path honours ``ray_remote_args`` for all of its tasks.
+    """
+    import ray
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    old = ctx.use_datasource_v2
+    ctx.use_datasource_v2 = False
+    try:  # the dataset copies the context when it is created
+        return ray.data.read_parquet(paths, ray_remote_args={"num_cpus": num_cpus})
+    finally:
+        ctx.use_datasource_v2 = old
+
+
 def _local(path: Path, cfg: DataConfig):
     import ray
 
     opts = _opts(cfg)
+    read = {"num_cpus": cfg.tokenize_num_cpus}  # not the 1-CPU default: Train workers hold the rest
     parts = []
     files = _data_files(path)
     line_files = list(files.get("jsonl", []))
@@ -165,12 +186,12 @@ def _local(path: Path, cfg: DataConfig):
                 json_texts_to_rows, batch_format="pyarrow", fn_kwargs=opts, num_cpus=cfg.tokenize_num_cpus))
     if line_files:
         # batch_size=1: one file per call; the function yields bounded blocks
-        parts.append(ray.data.read_binary_files(sorted(line_files)).map_batches(
+        parts.append(ray.data.read_binary_files(sorted(line_files), ray_remote_args=read).map_batches(
             lines_to_rows, batch_size=1, batch_format="pyarrow", fn_kwargs=opts, num_cpus=cfg.tokenize_num_cpus))
     if files.get("parquet"):
         for f in files["parquet"]:
             _check_parquet(f)
-        parts.append(ray.data.read_parquet(files["parquet"]).map_batches(
+        parts.append(read_parquet(files["parquet"], cfg.tokenize_num_cpus).map_batches(
             records_to_rows, batch_format="pyarrow", fn_kwargs=opts, num_cpus=cfg.tokenize_num_cpus))
     if not parts:  # only empty JSON arrays
         return ray.data.from_arrow(_table({k: [] for k in COLUMNS}))

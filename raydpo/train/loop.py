@@ -218,7 +218,7 @@ def run_stage(stage: Stage, cfg: Config, model, tokenizer, env: WorkerEnv, hooks
     window: dict[str, torch.Tensor] = {}
     tokens = torch.zeros((), device=env.device)
     samples = torch.zeros((), device=env.device)  # pairs for DPO, packed blocks for SFT
-    t_window = time.perf_counter()
+    t_window, window_steps = time.perf_counter(), 0
     check_step0 = stage == "dpo" and cfg.dpo.sanity_check and step == 0
     batches = _batches_forever(hooks.train_batches)
     engine.train()
@@ -232,6 +232,7 @@ def run_stage(stage: Stage, cfg: Config, model, tokenizer, env: WorkerEnv, hooks
             tokens += b["attention_mask"].sum() if "attention_mask" in b else b["input_ids"].numel()
             samples += s["count"].detach().float().reshape(())
         step += 1
+        window_steps += 1
         if check_step0:
             sanity_check(_finalize(dict(window), env.device), cfg)
             check_step0 = False
@@ -244,14 +245,16 @@ def run_stage(stage: Stage, cfg: Config, model, tokenizer, env: WorkerEnv, hooks
             metrics.update({f"train/{k}": v for k, v in train.items()})
             metrics["train/tokens_per_s"] = float(totals[0]) / max(elapsed, 1e-9)
             metrics["train/samples_per_s"] = float(totals[1]) / max(elapsed, 1e-9)
+            metrics["train/step_time_s"] = elapsed / max(window_steps, 1)
             if env.use_gpu:
                 metrics["train/peak_memory_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30
             metrics["train/lr"] = float(sched.get_last_lr()[0])
-            window, t_window = {}, time.perf_counter()
+            window, t_window, window_steps = {}, time.perf_counter(), 0
             tokens, samples = torch.zeros((), device=env.device), torch.zeros((), device=env.device)
         if step % stage_cfg.eval_every == 0 or last:
+            t_eval = time.perf_counter()
             metrics.update(evaluate())
-            t_window = time.perf_counter()  # eval time is not training throughput
+            t_window += time.perf_counter() - t_eval  # eval time is not training throughput
         if metrics:
             metrics["step"] = float(step)
             history.append(metrics)

@@ -2,9 +2,6 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -42,15 +39,11 @@ def _runs(uri, experiment):
 
 
 @pytest.mark.timeout(900)
-def test_demo_cli_runs_sft_then_dpo_and_tracks_both(tmp_path):
+def test_demo_cli_runs_sft_then_dpo_and_tracks_both(demo_run):
     """The README's main command, shortened: SFT then DPO, 2 workers, ZeRO-2, 4-bit LoRA."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    r = subprocess.run(
-        [sys.executable, "-m", "raydpo.cli", "demo", "--quick", "--set", f"run.storage_path={tmp_path / 'runs'}",
-         "--set", f"model.cache_dir={REPO / '.raydpo_cache'}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=880,
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    demo_run.check()
+    r = demo_run
+    env = {"MLFLOW_TRACKING_URI": demo_run.tracking_uri}
     assert "== raydpo summary ==" in r.stdout and "mlflow ui" in r.stdout
     assert "[dpo] step 1/" in r.stdout + r.stderr  # progress is visible while it runs
 
@@ -61,7 +54,8 @@ def test_demo_cli_runs_sft_then_dpo_and_tracks_both(tmp_path):
     assert dpo["tags.raydpo.sft_run_id"] == sft["run_id"]
     for key in ("train/loss", "train/rewards/chosen", "train/rewards/rejected", "train/rewards/accuracies",
                 "train/rewards/margins", "train/logps/chosen", "train/logps/rejected", "eval/loss",
-                "eval/rewards/accuracies", "eval/rewards/margins", "train/tokens_per_s", "train/lr"):
+                "eval/rewards/accuracies", "eval/rewards/margins", "train/tokens_per_s", "train/step_time_s",
+                "train/lr"):
         assert f"metrics.{key}" in runs.columns and not math.isnan(dpo[f"metrics.{key}"]), key
     assert dpo["params.dpo.beta"] == "0.1" and dpo["params.quantization.mode"] == "4bit"
 
