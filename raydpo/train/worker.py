@@ -58,10 +58,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if env.rank == 0:
             print(line, flush=True)
 
+    log, exporter = logger.log_metrics, None
+    if env.rank == 0:  # metrics are already all-reduced: one exporter, as one MLflow logger
+        from raydpo.metrics import TrainMetricsExporter
+
+        exporter = TrainMetricsExporter(stage, cfg.tracking.experiment_name, cfg.tracking.run_name or cfg.run.name)
+        log = exporter.wrap(log)
+
     hooks = Hooks(train_batches=train_batches, eval_batches=eval_batches, report=report,
-                  log=logger.log_metrics, resume_dir=resume_dir, progress=progress)
+                  log=log, resume_dir=resume_dir, progress=progress)
     try:
         run_stage(stage, cfg, model, tokenizer, env, hooks)
     finally:
+        if exporter is not None:
+            exporter.close()
         if resume_dir:
             shutil.rmtree(resume_dir, ignore_errors=True)
