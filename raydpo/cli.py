@@ -27,15 +27,23 @@ def _load(args, extra: list[str] | None = None) -> Config:
     return load_config(args.config, list(extra or []) + list(args.overrides))
 
 
-def cmd_validate(args) -> int:
+def _load_checked(args) -> Config | None:
+    """The validated config with its data source and model checked; None after printing errors."""
     try:
         cfg = _load(args)
     except ConfigError as e:
         _print_errors(e.errors)
-        return EXIT_USAGE
+        return None
     errs = check_resources(cfg)
     if errs:
         _print_errors(errs)
+        return None
+    return cfg
+
+
+def cmd_validate(args) -> int:
+    cfg = _load_checked(args)
+    if cfg is None:
         return EXIT_USAGE
     print(f"{args.config or '<defaults>'}: OK")
     return 0
@@ -67,14 +75,8 @@ def cmd_data_stats(args) -> int:
 def _train(args, stage: str) -> int:
     from raydpo import launch, tracking
 
-    try:
-        cfg = _load(args)
-    except ConfigError as e:
-        _print_errors(e.errors)
-        return EXIT_USAGE
-    errs = check_resources(cfg)
-    if errs:
-        _print_errors(errs)
+    cfg = _load_checked(args)
+    if cfg is None:
         return EXIT_USAGE
     if stage == "pipeline":
         results = list(launch.run_pipeline(cfg))
@@ -115,14 +117,8 @@ def _tune(cfg: Config, resume: bool) -> int:
 
 
 def cmd_tune(args) -> int:
-    try:
-        cfg = _load(args)
-    except ConfigError as e:
-        _print_errors(e.errors)
-        return EXIT_USAGE
-    errs = check_resources(cfg)
-    if errs:
-        _print_errors(errs)
+    cfg = _load_checked(args)
+    if cfg is None:
         return EXIT_USAGE
     return _tune(cfg, args.resume)
 

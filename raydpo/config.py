@@ -135,7 +135,8 @@ class ScalingConfig(_Section):
     cpus_per_worker: float = Field(0.5, gt=0.0)
     gpus_per_worker: float = Field(1.0, gt=0.0)
     data_cpus: float = Field(
-        0.5, ge=0.0, description="CPUs left to Ray Data; checked against the cluster before training"
+        1.0, ge=1.0, description="CPUs left to Ray Data; checked against the cluster before training. At least "
+        "1: Ray 2.60 file reads plan listing/sampling tasks of one whole CPU, which never run on less"
     )
 
 

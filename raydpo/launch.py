@@ -88,6 +88,7 @@ def fit_stage(
     tags: dict[str, str] | None = None,
     params: dict[str, str] | None = None,
     callbacks: list | None = None,
+    report_eval_only: bool = False,
     base: tuple[str, str] | None = None,
     progress=print,
 ) -> StageResult:
@@ -133,7 +134,7 @@ def fit_stage(
             train_loop_per_worker=train_loop_per_worker,
             train_loop_config={
                 "config": cfg.to_dict(), "stage": stage, "base_path": base_path, "tokenizer_path": tok_path,
-                "tracking_uri": uri, "run_id": run_id,
+                "tracking_uri": uri, "run_id": run_id, "report_eval_only": report_eval_only,
             },
             scaling_config=ray.train.ScalingConfig(
                 num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources

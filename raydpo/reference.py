@@ -63,10 +63,10 @@ def cache_key(cfg: Config, base_path: str) -> str:
 def reference_datasets(cfg: Config, base_path: str, tok_path: str, progress=print):
     """(train, eval) DPO datasets with reference log-prob columns, computed at most once per
     (model, data) and stored as parquet under the run's storage."""
+    import ray
     from ray.data import ActorPoolStrategy
 
     from raydpo.data.pipeline import build_datasets
-    from raydpo.data.sources import read_parquet
 
     root = Path(cfg.run.storage_path).resolve() / "reference" / cache_key(cfg, base_path)
     done = root / "_SUCCESS"
@@ -82,5 +82,5 @@ def reference_datasets(cfg: Config, base_path: str, tok_path: str, progress=prin
         done.write_text(json.dumps({"base": base_path}))
     else:
         progress(f"[reference] reusing reference log-probs in {root}")
-    n = cfg.data.tokenize_num_cpus
-    return read_parquet(str(root / "train"), n), read_parquet(str(root / "eval"), n)
+    read = {"ray_remote_args": {"num_cpus": cfg.data.tokenize_num_cpus}}
+    return ray.data.read_parquet(str(root / "train"), **read), ray.data.read_parquet(str(root / "eval"), **read)

@@ -59,7 +59,7 @@ def _trial(config: dict[str, Any], *, base_cfg: dict, base: tuple[str, str], par
         "run.name": f"{base_cfg['run']['name']}-trial-{trial_id}",
         "tracking.run_name": f"trial-{trial_id}",
     })
-    fit_stage(cfg, "dpo", parent_run_id=parent_run_id, base=base, callbacks=[TuneReportCallback()],
+    fit_stage(cfg, "dpo", parent_run_id=parent_run_id, base=base, callbacks=[TuneReportCallback()], report_eval_only=True,
               tags={"raydpo.trial_id": trial_id},
               params={"beta": str(cfg.dpo.beta), "lr": str(cfg.dpo.lr), "trial_id": trial_id})
 
@@ -89,7 +89,9 @@ def run_tune(cfg: Config, *, resume: bool = False, progress=print) -> tuple[list
     ensure_ray()
     check_cpu_budget(cfg)
     t = cfg.tune
-    overrides: dict[str, Any] = {"dpo.log_every": cfg.dpo.eval_every}  # every report carries eval metrics
+    # trials report to Tune only at evaluations; checkpoints land on evaluation steps too
+    ev = cfg.dpo.eval_every
+    overrides: dict[str, Any] = {"dpo.log_every": ev, "dpo.save_every": max(ev, cfg.dpo.save_every // ev * ev)}
     if t.shared_reference:
         overrides["dpo.reference"] = "precomputed"
     cfg = cfg.with_overrides(overrides)
@@ -125,7 +127,7 @@ def run_tune(cfg: Config, *, resume: bool = False, progress=print) -> tuple[list
             raise RuntimeError("tune.searcher=optuna needs `pip install optuna`") from e
         search_alg = OptunaSearch(metric=t.metric, mode="max")
     trainable = tune.with_resources(
-        partial(_trial, base_cfg=cfg.to_dict(), base=(base_path, tok_path), parent_run_id=parent), {"CPU": 0.01})  # the trial only drives its TorchTrainer
+        partial(_trial, base_cfg=cfg.to_dict(), base=(base_path, tok_path), parent_run_id=parent), {"CPU": 0, "memory": 1})  # the trial only drives its TorchTrainer; CPUs stay with Ray Data
     storage = str(Path(cfg.run.storage_path).resolve())
     path = f"{storage}/{name}"
     if resume and tune.Tuner.can_restore(path):

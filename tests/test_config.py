@@ -78,6 +78,13 @@ def test_bf16_deepspeed_needs_bf16_quant_storage_for_4bit():
     assert ok.quantization.quant_storage == "bfloat16"
 
 
+def test_ray_data_keeps_at_least_one_whole_cpu():
+    # Ray 2.60 file reads plan 1-CPU listing/sampling tasks: less than one free CPU hangs at 0 rows
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["scaling.data_cpus=0.5"])
+    assert "scaling.data_cpus" in str(e.value)
+
+
 def test_override_syntax_errors():
     with pytest.raises(ConfigError):
         parse_override("dpo.beta")

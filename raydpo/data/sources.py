@@ -149,26 +149,6 @@ def _check_parquet(path: str) -> None:
         raise DataSourceError(f"{path}: not a readable parquet file ({_one_line(e)})") from None
 
 
-def read_parquet(paths, num_cpus: float):
-    """``ray.data.read_parquet`` whose every task asks for ``num_cpus``.
-
-    Ray 2.60's default parquet path (datasource V2) plans a ``ListFiles`` task with the 1-CPU
-    default that no argument reaches; beside Train workers holding fractional CPUs (2 workers x
-    0.5 + a Tune trial on 2 CPUs) it is never scheduled and the read waits forever at 0 rows.
-    The V1 path honours ``ray_remote_args`` for all of its tasks.
-    """
-    import ray
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    old = ctx.use_datasource_v2
-    ctx.use_datasource_v2 = False
-    try:  # the dataset copies the context when it is created
-        return ray.data.read_parquet(paths, ray_remote_args={"num_cpus": num_cpus})
-    finally:
-        ctx.use_datasource_v2 = old
-
-
 def _local(path: Path, cfg: DataConfig):
     import ray
 
@@ -191,7 +171,7 @@ def _local(path: Path, cfg: DataConfig):
     if files.get("parquet"):
         for f in files["parquet"]:
             _check_parquet(f)
-        parts.append(read_parquet(files["parquet"], cfg.tokenize_num_cpus).map_batches(
+        parts.append(ray.data.read_parquet(files["parquet"], ray_remote_args=read).map_batches(
             records_to_rows, batch_format="pyarrow", fn_kwargs=opts, num_cpus=cfg.tokenize_num_cpus))
     if not parts:  # only empty JSON arrays
         return ray.data.from_arrow(_table({k: [] for k in COLUMNS}))

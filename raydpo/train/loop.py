@@ -57,6 +57,8 @@ class Hooks:
     log: Callable[[dict[str, float], int], None]
     resume_dir: str | None = None
     progress: Callable[[str], None] = print
+    # Tune: report only results that carry eval metrics (what the scheduler ranks trials on)
+    report_eval_only: bool = False
 
 
 @dataclass
@@ -263,7 +265,8 @@ def run_stage(stage: Stage, cfg: Config, model, tokenizer, env: WorkerEnv, hooks
             ckpt = None
             if step % stage_cfg.save_every == 0 or last:
                 ckpt = save_state(engine, model, tokenizer, step, stage, env)
-            hooks.report(metrics, ckpt)
+            if ckpt or not hooks.report_eval_only or any(k.startswith("eval/") for k in metrics):
+                hooks.report(metrics, ckpt)
     return LoopResult(step=step, history=history)
 
 

@@ -66,7 +66,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         log = exporter.wrap(log)
 
     hooks = Hooks(train_batches=train_batches, eval_batches=eval_batches, report=report,
-                  log=log, resume_dir=resume_dir, progress=progress)
+                  log=log, resume_dir=resume_dir, progress=progress,
+                  report_eval_only=bool(config.get("report_eval_only", False)))
     try:
         run_stage(stage, cfg, model, tokenizer, env, hooks)
     finally:

@@ -264,27 +264,3 @@ def test_hub_source_loads_the_stage_data_dir_with_datasets(ray_local, cfg_tok, m
     assert str(e.value).startswith("nobody/nothing (data_dir=data/rl, split=train): FileNotFoundError")
     assert "\n" not in str(e.value)
 
-
-@pytest.mark.timeout(120)
-def test_parquet_reads_beside_train_workers_holding_fractional_cpus(ray_local, tmp_path):
-    """2 train workers x 0.5 CPU + a Tune trial leave < 1 CPU: Ray 2.60's default parquet read
-    plans a 1-CPU listing task that never runs (0 rows forever). Ours must still read."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import ray
-
-    from raydpo.data.sources import read_parquet
-
-    pq.write_table(pa.table({"x": list(range(100))}), tmp_path / "part.parquet")
-
-    @ray.remote(num_cpus=1.01)
-    class Holder:  # stands in for the train workers and the trial actor
-        def ready(self):
-            return True
-
-    h = Holder.remote()
-    ray.get(h.ready.remote())
-    try:
-        assert sorted(r["x"] for r in read_parquet(str(tmp_path), 0.25).take_all()) == list(range(100))
-    finally:
-        ray.kill(h)
