@@ -12,7 +12,7 @@ def ensure_ray(num_cpus: float | None = None) -> None:
 
     With ``RAY_ADDRESS`` set, connect to that cluster (``num_cpus`` is ignored: the cluster has
     its own). Otherwise ``ray.init`` finds a local cluster started with ``ray start``, or starts
-    an embedded instance with ``num_cpus`` CPUs (rounded up; None = all), without a dashboard.
+    an embedded instance with ``num_cpus`` CPUs (rounded up; None = all), dashboard on 127.0.0.1.
     Either way Ray logs at WARNING, worker output still reaches the driver, and Ray Data's
     progress bars and per-execution banners are off.
     """
@@ -28,7 +28,11 @@ def ensure_ray(num_cpus: float | None = None) -> None:
         address = None
     kwargs: dict = {"log_to_driver": True, "configure_logging": True, "logging_level": logging.WARNING}
     if address is None:
-        kwargs["include_dashboard"] = False
+        # the dashboard serves Ray's State API, which Ray Train's PlacementGroupCleaner needs to
+        # free the workers' placement group of a Tune trial that was stopped (ASHA) — without it
+        # the next trial waits forever for CPUs
+        kwargs["include_dashboard"] = True
+        kwargs["dashboard_host"] = "127.0.0.1"
         if num_cpus is not None:
             kwargs["num_cpus"] = max(1, math.ceil(num_cpus))
     try:

@@ -117,7 +117,10 @@ def run_tune(cfg: Config, *, resume: bool = False, progress=print) -> tuple[list
     progress(f"[tune] MLflow parent run {parent}; reference log-probs ready in {ref_s:.0f}s")
 
     n_evals = math.ceil(cfg.dpo.max_steps / cfg.dpo.eval_every)
-    scheduler = None if t.scheduler == "fifo" else ASHAScheduler(metric=t.metric, mode="max", time_attr="training_iteration", max_t=n_evals,
+    scheduler = None if t.scheduler == "fifo" else ASHAScheduler(metric=t.metric, mode="max", time_attr="training_iteration",
+                              # past the last evaluation: a trial that runs to the end finishes on its
+                              # own (ends its MLflow run, logs its adapter) instead of being stopped
+                              max_t=n_evals + 1,
                               grace_period=min(t.grace_period, n_evals), reduction_factor=t.reduction_factor)
     search_alg = None
     if t.searcher == "optuna":

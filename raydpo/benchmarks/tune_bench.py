@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     from raydpo.presets import demo_config
     from raydpo.tune import format_table, run_tune
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)  # State API: frees stopped trials
     tmp = tempfile.mkdtemp(prefix="raydpo-tune-bench-")
     base = [f"run.storage_path={tmp}/runs", f"tracking.tracking_uri=sqlite:///{tmp}/mlflow.db",
             f"dpo.max_steps={args.steps}", f"dpo.eval_every={args.eval_every}", f"dpo.save_every={args.steps}",

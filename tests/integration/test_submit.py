@@ -52,7 +52,9 @@ def ray_head(tmp_path_factory):
 
 
 def _quick_sets(tmp: Path, name: str) -> list[str]:
-    return [*QUICK, f"run.name={name}", f"run.storage_path={tmp / 'runs'}",
+    short = ["data.sample_size=300", "sft.max_steps=3", "sft.eval_every=3", "sft.save_every=3",
+             "dpo.max_steps=3", "dpo.eval_every=3", "dpo.save_every=3"]
+    return [*QUICK, *short, f"run.name={name}", f"run.storage_path={tmp / 'runs'}",
             f"model.cache_dir={REPO / '.raydpo_cache'}", "tracking.experiment_name=raydpo-jobs"]
 
 
@@ -87,8 +89,7 @@ def test_raydpo_submit_then_jobs_status_and_logs(ray_head):
     env, tmp = dict(ray_head["env"]), ray_head["tmp"]
     secret = f"hf_{uuid.uuid4().hex}"
     env["HF_TOKEN"] = secret
-    sets = [a for s in _quick_sets(tmp, "raydposubmit") + ["sft.max_steps=3", "sft.eval_every=3", "sft.save_every=3"]
-            for a in ("--set", s)]
+    sets = [a for s in _quick_sets(tmp, "raydposubmit") for a in ("--set", s)]
     job_id = f"raydpo-test-{uuid.uuid4().hex[:8]}"
     raydpo = str(BIN / "raydpo")
     r = subprocess.run([raydpo, "submit", "--address", ray_head["address"], "--config", "jobs/demo_cpu.yaml",
