@@ -284,6 +284,27 @@ class Config(_Section):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def with_absolute_paths(self, cwd: str | None = None) -> Config:
+        """Local paths made absolute against ``cwd`` (default: this process's), so processes
+        with another working dir (Tune trials run in their trial folder) see the same files."""
+        import os
+
+        base = cwd or os.getcwd()
+
+        def local(p: str | None, must_exist: bool) -> str | None:
+            if p in (None, BUILTIN_SOURCE, BUILTIN_MODEL) or "://" in p or os.path.isabs(os.path.expanduser(p)):
+                return os.path.expanduser(p) if p else p
+            full = os.path.normpath(os.path.join(base, p))
+            return full if (os.path.exists(full) or not must_exist) else p
+
+        return self.with_overrides({
+            "run.storage_path": local(self.run.storage_path, False),
+            "model.cache_dir": local(self.model.cache_dir, False),
+            "model.name_or_path": local(self.model.name_or_path, True),
+            "data.source": local(self.data.source, True),
+            "dpo.sft_adapter": local(self.dpo.sft_adapter, True),
+        })
+
     def with_overrides(self, overrides: dict[str, Any]) -> Config:
         """A new validated config with ``{"dpo.beta": 0.2, ...}`` applied."""
         d = self.to_dict()

@@ -102,6 +102,7 @@ def fit_stage(
     from raydpo.train.worker import train_loop_per_worker
 
     t0 = time.perf_counter()
+    cfg = cfg.with_absolute_paths()  # workers and Ray Data tasks may not share this cwd
     ensure_ray()
     check_cpu_budget(cfg)
     base_path, tok_path = base or resolve_base(cfg)

@@ -18,8 +18,9 @@ def demo_config_path() -> str:
 
 
 # the search: 4 trials, each DPO evaluated 3 times, so ASHA can stop the weak ones early
-TUNE = ["tune.num_samples=4", "dpo.max_steps=60", "dpo.eval_every=20", "dpo.save_every=60", "tune.grace_period=1",
-        "tune.reduction_factor=2"]
+# (SFT shortened too, so SFT + 4 trials stay under 10 minutes on 2 cores)
+TUNE = ["tune.num_samples=4", "sft.max_steps=50", "dpo.max_steps=40", "dpo.eval_every=10", "dpo.save_every=40",
+        "tune.grace_period=1", "tune.reduction_factor=2"]
 TUNE_QUICK = ["tune.num_samples=4", "dpo.max_steps=4", "dpo.eval_every=2", "dpo.save_every=4"]
 
 

@@ -94,7 +94,9 @@ def run_tune(cfg: Config, *, resume: bool = False, progress=print) -> tuple[list
     overrides: dict[str, Any] = {"dpo.log_every": ev, "dpo.save_every": max(ev, cfg.dpo.save_every // ev * ev)}
     if t.shared_reference:
         overrides["dpo.reference"] = "precomputed"
-    cfg = cfg.with_overrides(overrides)
+    # trials run in their own trial folder: give them absolute paths and the driver's MLflow store
+    overrides["tracking.tracking_uri"] = tracking.resolve_tracking_uri(cfg.tracking)
+    cfg = cfg.with_absolute_paths().with_overrides(overrides)
     base_path, tok_path = resolve_base(cfg)
     if cfg.dpo.sft_adapter:
         base_path = tok_path = merged_sft_base(cfg, cfg.dpo.sft_adapter, base_path)

@@ -85,6 +85,20 @@ def test_ray_data_keeps_at_least_one_whole_cpu():
     assert "scaling.data_cpus" in str(e.value)
 
 
+def test_local_paths_become_absolute_for_processes_in_other_folders(tmp_path):
+    # Tune trials run in their own trial folder: relative paths must not move with them
+    (tmp_path / "pairs.jsonl").write_text("{}\n")
+    cfg = load_config(None, ["data.source=pairs.jsonl", "run.storage_path=runs", "model.cache_dir=.cache"])
+    out = cfg.with_absolute_paths(cwd=str(tmp_path))
+    assert out.data.source == str(tmp_path / "pairs.jsonl")
+    assert out.run.storage_path == str(tmp_path / "runs") and out.model.cache_dir == str(tmp_path / ".cache")
+    # hub ids, the builtin names and remote storage are not paths
+    other = load_config(None, ["data.source=lvwerra/stack-exchange-paired", "run.storage_path=s3://bucket/runs"])
+    kept = other.with_absolute_paths(cwd=str(tmp_path))
+    assert kept.data.source == "lvwerra/stack-exchange-paired" and kept.run.storage_path == "s3://bucket/runs"
+    assert kept.model.name_or_path == "tiny" and load_config(None, []).with_absolute_paths().data.source == "sample"
+
+
 def test_override_syntax_errors():
     with pytest.raises(ConfigError):
         parse_override("dpo.beta")
