@@ -22,16 +22,19 @@ def test_demo_tune_quick_parent_children_best_and_registered_model(tmp_path):
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    # a user's defaults: relative run storage and the MLflow store in the working dir (trials run
+    # in their own trial folders and must still share both)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    common = ["--set", f"run.storage_path={tmp_path / 'runs'}", "--set", f"model.cache_dir={REPO / '.raydpo_cache'}",
-              "--set", "run.name=tq"]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    common = ["--set", f"model.cache_dir={REPO / '.raydpo_cache'}", "--set", "run.name=tq"]
     r = _run(["demo", "--tune", "--quick", *common], tmp_path, env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     assert "== raydpo tune ==" in r.stdout and "<- best" in r.stdout
     table = r.stdout.split("== raydpo tune ==")[1]
     assert sum(1 for line in table.splitlines() if line.strip().endswith(("DONE", "STOPPED", "<- best"))) == 4
-    assert "reference log-probs" in r.stdout + r.stderr
+    out = r.stdout + r.stderr
+    assert out.count("computing reference log-probs once") == 1, out[-5000:]  # not again in any trial
+    assert (tmp_path / "raydpo_runs" / "reference").is_dir()
 
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["raydpo-demo"])
