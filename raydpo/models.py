@@ -105,9 +105,25 @@ def load_base(model_cfg: ModelConfig, quant_cfg: QuantizationConfig, *, base_pat
     )
     if quant is not None:
         # bnb quantizes while loading, on the device it loads to
-        return AutoModelForCausalLM.from_pretrained(path, quantization_config=quant,
-                                                    device_map={"": torch.device(device)}, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant,
+                                                     device_map={"": torch.device(device)}, **kwargs)
+        return keep_bnb_cpu_layout(model)
     return AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
+
+
+def keep_bnb_cpu_layout(model):
+    """Turn off bitsandbytes' AVX512-BF16 weight repacking on CPU (bnb 0.50).
+
+    On CPUs with AVX512-BF16, ``Linear4bit.forward`` in eval mode under ``no_grad`` rewrites
+    its weight, in place and for good, into an inference-only layout: it asserts
+    ``out_features % 32 == 0`` (the tiny model's 176-wide MLP fails it), and once repacked the
+    layer runs through ``gemv_4bit`` even back in training mode. A training run evaluates and
+    then trains again, so the canonical layout must stay. No effect on GPU or on other CPUs.
+    """
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    return model
 
 
 def load_model(model_cfg: ModelConfig, quant_cfg: QuantizationConfig, lora_cfg: LoraConfig, *,

@@ -108,6 +108,8 @@ def test_4bit_nf4_on_cpu_trains_only_the_adapter(cfg, batch):
     with reference_disabled(model):
         ref_c, ref_r, _ = concatenated_forward(model, batch)
     assert torch.equal(pol_c, ref_c) and torch.equal(pol_r, ref_r)  # fresh adapter on 4-bit: policy == reference
+    # an eval pass keeps the trainable layout (bnb repacks for inference on AVX512-BF16 CPUs otherwise)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
     model.train()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

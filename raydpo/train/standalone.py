@@ -78,14 +78,18 @@ def main(argv: list[str] | None = None) -> None:
             cols = tokenize_dpo(tok, [r["prompt"] for r in mine], [r["chosen"] for r in mine],
                                 [r["rejected"] for r in mine], cfg.data.max_length, cfg.data.max_prompt_length)
             collate = partial(collate_dpo, pad_token_id=tok.pad_token_id)
-        n = len(next(iter(cols.values())))
-        n_batches = n // bs
-        counts = torch.tensor([n_batches], device=env.device)
-        dist.all_reduce(counts, op=dist.ReduceOp.MIN)  # every rank runs the same number of steps
+        # every rank sees the same number of rows (Ray's equal split does the same), so every
+        # rank runs the same number of forwards (ZeRO-3 gathers and the metric all-reduce are
+        # collective); training drops the last partial batch, evaluation keeps it
+        n = torch.tensor([len(next(iter(cols.values())))], device=env.device)
+        dist.all_reduce(n, op=dist.ReduceOp.MIN)
+        n_rows = int(n.item())
+        n_batches = -(-n_rows // bs) if split_eval else n_rows // bs
 
         def it():
-            for i in range(int(counts.item())):
-                yield collate({k: np.array(v[i * bs:(i + 1) * bs] + [None], dtype=object)[:-1] for k, v in cols.items()})
+            for i in range(n_batches):
+                hi = min((i + 1) * bs, n_rows)
+                yield collate({k: np.array(v[i * bs:hi] + [None], dtype=object)[:-1] for k, v in cols.items()})
         return it
 
     model = load_model(cfg.model, cfg.quantization, cfg.lora, base_path=path, device=env.device)
