@@ -49,11 +49,25 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def _stdout_for_json():
+    """Point fd 1 and ``sys.stdout`` at stderr for the rest of the process and return a file on
+    the real stdout: with ``--json`` stdout carries one JSON object and nothing else, whatever
+    the libraries print (DeepSpeed's accelerator warning, Ray's worker logs, even late ones)."""
+    import os
+
+    sys.stdout.flush()
+    real = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return real
+
+
 def cmd_data_stats(args) -> int:
     from raydpo.data.sources import DataSourceError
     from raydpo.data.stats import compute_stats, format_stats
     from raydpo.models import resolve_model_path
 
+    out = _stdout_for_json() if args.json else sys.stdout
     try:
         cfg = _load(args, [f"data.source={json.dumps(args.source)}"] if args.source else None)
     except ConfigError as e:
@@ -68,7 +82,7 @@ def cmd_data_stats(args) -> int:
     except DataSourceError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    print(json.dumps(stats) if args.json else format_stats(stats))
+    print(json.dumps(stats) if args.json else format_stats(stats), file=out, flush=True)
     return 0
 
 

@@ -159,6 +159,19 @@ def test_cli_data_stats_exit_2_on_a_missing_source(tmp_path):
     assert "nope.jsonl" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_cli_data_stats_json_is_the_only_thing_on_stdout(tmp_path):
+    """`--json` output pipes into jq: library chatter (DeepSpeed's accelerator warning while the
+    tiny model is built in a fresh cache, Ray worker logs) goes to stderr."""
+    r = subprocess.run([sys.executable, "-m", "raydpo.cli", "data", "stats", "--json",
+                        "--source", str(_mixed_jsonl(tmp_path / "mixed.jsonl")), "--set", "data.max_chars=200"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(r.stdout.splitlines()) == 1, r.stdout[:2000]
+    s = json.loads(r.stdout)
+    assert (s["rows"], s["valid"], s["dpo_pairs"]) == (len(GOOD) + len(BAD), len(GOOD), len(GOOD))
+    assert s["dropped"] == _expected_dropped() and s["example"]["prompt"].startswith("Question: ")
+
+
 def test_build_datasets_dpo_streams_valid_pairs_split_by_question(ray_local, cfg_tok, tmp_path):
     from transformers import AutoTokenizer
 
