@@ -208,6 +208,9 @@ class TuneConfig(_Section):
     reduction_factor: int = Field(2, ge=2)
     max_concurrent_trials: int | None = Field(None, ge=1, description="None: derived from resources")
     shared_reference: bool = True
+    share_data: bool = Field(True, description="materialize the tokenized pairs (with the reference log-probs) once in "
+                             "the object store for every trial; false: each trial streams them from storage "
+                             "(data larger than the object store)")
 
 
 class TrackingConfig(_Section):

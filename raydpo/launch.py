@@ -90,9 +90,13 @@ def fit_stage(
     callbacks: list | None = None,
     report_eval_only: bool = False,
     base: tuple[str, str] | None = None,
+    datasets: tuple[Any, Any] | None = None,
     progress=print,
 ) -> StageResult:
-    """Run one stage as a Ray Train job and track it in MLflow. Returns where the adapter is."""
+    """Run one stage as a Ray Train job and track it in MLflow. Returns where the adapter is.
+
+    ``datasets``: (train, eval) Ray datasets prepared by the caller (a Tune search materializes
+    them once for all its trials); by default the stage builds its own from ``cfg.data``."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -120,7 +124,9 @@ def fit_stage(
     progress(f"[{stage}] MLflow run {run_id} in {uri}")
 
     try:
-        if stage == "dpo" and cfg.dpo.reference == "precomputed":
+        if datasets is not None:
+            train_ds, eval_ds = datasets
+        elif stage == "dpo" and cfg.dpo.reference == "precomputed":
             from raydpo.reference import reference_datasets
 
             train_ds, eval_ds = reference_datasets(cfg, base_path, tok_path, progress=progress)

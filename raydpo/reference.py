@@ -60,6 +60,17 @@ def cache_key(cfg: Config, base_path: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def inference_actors(cfg: Config) -> int:
+    """How many model replicas the reference pass may run at once: it runs before training, so
+    as many as training workers fit (every GPU, or every CPU Ray Data does not keep)."""
+    import ray
+
+    s, res = cfg.scaling, ray.cluster_resources()
+    if s.use_gpu:
+        return max(1, int(res.get("GPU", 0) // s.gpus_per_worker))
+    return max(1, int((res.get("CPU", 1.0) - s.data_cpus) // max(s.cpus_per_worker, 0.5)))
+
+
 def reference_datasets(cfg: Config, base_path: str, tok_path: str, progress=print):
     """(train, eval) DPO datasets with reference log-prob columns, computed at most once per
     (model, data) and stored as parquet under the run's storage."""
@@ -75,7 +86,7 @@ def reference_datasets(cfg: Config, base_path: str, tok_path: str, progress=prin
         train, evals = build_datasets(cfg, "dpo", tok_path)
         s = cfg.scaling
         kw = dict(fn_constructor_args=(cfg.to_dict(), base_path, s.use_gpu), batch_size=cfg.dpo.per_device_batch_size * 4,
-                  batch_format="pyarrow", compute=ActorPoolStrategy(size=1),
+                  batch_format="pyarrow", compute=ActorPoolStrategy(min_size=1, max_size=inference_actors(cfg)),
                   num_cpus=0 if s.use_gpu else max(s.cpus_per_worker, 0.5), num_gpus=s.gpus_per_worker if s.use_gpu else 0)
         for name, ds in (("train", train), ("eval", evals)):
             ds.map_batches(RefLogps, **kw).write_parquet(str(root / name))

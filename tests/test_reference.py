@@ -47,3 +47,19 @@ def test_precomputed_reference_matches_on_the_fly(tmp_path, quant, loss_type):
         for k in m_fly:
             assert abs(m_fly[k].item() - m_pre[k].item()) < 1e-4 * max(1.0, abs(m_fly[k].item())), k
         assert abs(m_fly["rewards/chosen"].item()) > 1e-4  # the comparison is not trivially 0 == 0
+
+
+@pytest.mark.parametrize("resources,overrides,expected", [
+    ({"CPU": 2.0}, {}, 2),  # 2 CPUs, 1 kept for Ray Data, 0.5 per replica
+    ({"CPU": 16.0}, {"scaling.cpus_per_worker": 4.0}, 3),
+    ({"CPU": 1.0}, {}, 1),  # never fewer than one replica
+    ({"CPU": 64.0, "GPU": 8.0}, {"scaling.use_gpu": True}, 8),  # one per GPU, not per CPU
+    ({"CPU": 64.0, "GPU": 8.0}, {"scaling.use_gpu": True, "scaling.gpus_per_worker": 2.0}, 4),
+])
+def test_reference_pass_uses_every_free_replica_slot(monkeypatch, resources, overrides, expected):
+    import ray
+
+    from raydpo.reference import inference_actors
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
+    assert inference_actors(Config().with_overrides(overrides)) == expected

@@ -34,6 +34,9 @@ def test_demo_tune_quick_parent_children_best_and_registered_model(tmp_path):
     assert sum(1 for line in table.splitlines() if line.strip().endswith(("DONE", "STOPPED", "<- best"))) == 4
     out = r.stdout + r.stderr
     assert out.count("computing reference log-probs once") == 1, out[-5000:]  # not again in any trial
+    # the tokenized pairs + reference columns are materialized once by the driver, not read per trial
+    assert out.count("materialized once for every trial") == 1, out[-5000:]
+    assert "reusing reference log-probs" not in out, out[-5000:]  # no trial touched the parquet store
     assert (tmp_path / "raydpo_runs" / "reference").is_dir()
 
     mlflow.set_tracking_uri(uri)
