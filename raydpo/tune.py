@@ -241,8 +241,14 @@ def _finish(uri: str, parent: str, cfg: Config, rows: list[TrialRow], best: Tria
 
     client = tracking._client(uri)
     for r in rows:
-        if r.run_id and r.status != "DONE" and client.get_run(r.run_id).info.status == "RUNNING":
-            tracking.end_run(uri, r.run_id, "KILLED")  # ASHA stopped it: the trial's driver never ended it
+        if not r.run_id or r.status == "DONE":
+            continue
+        status = client.get_run(r.run_id).info.status
+        # ASHA stopped it: its driver was killed before ending the run, or saw the stop as a failure
+        if r.status == "STOPPED" and status in ("RUNNING", "FAILED"):
+            tracking.end_run(uri, r.run_id, "KILLED")
+        elif status == "RUNNING":
+            tracking.end_run(uri, r.run_id, "FAILED")
     with tempfile.TemporaryDirectory() as tmp:
         client.log_artifact(parent, plot_trials(rows, metric, str(Path(tmp) / "trials.png")))
         (Path(tmp) / "trials.txt").write_text(format_table(rows, best) + "\n")

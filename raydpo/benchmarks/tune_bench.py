@@ -1,9 +1,9 @@
 """Cost of a DPO search: shared reference log-probs + ASHA against the naive search.
 
-    python -m raydpo.benchmarks.tune_bench [--steps 300] [--eval-every 30] [--lrs ...] [--betas ...]
+    python -m raydpo.benchmarks.tune_bench [--steps 600] [--eval-every 60] [--lrs ...] [--betas ...]
 
-Both searches run the same grid of (beta, lr) trials (default 4 lr x 2 beta = 8 trials, one
-epoch of the demo sample each) from the same SFT adapter on the demo model, 2 trials at a time
+Both searches run the same grid of (beta, lr) trials (default 4 lr x 2 beta = 8 trials, two
+epochs of the demo sample each) from the same SFT adapter on the demo model, 2 trials at a time
 on 2 CPUs. The naive one computes the reference forward pass at every training and evaluation
 step and runs every trial to the end (FIFO), as a search stitched from TRL + Tune would; raydpo's
 computes the reference log-probs once (Ray Data batch inference, inside its cost) and lets ASHA
@@ -46,8 +46,8 @@ def train_seconds(uri: str, run_ids: list[str]) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=300, help="DPO steps per trial (300 x 8 pairs ~ one epoch of the sample)")
-    p.add_argument("--eval-every", type=int, default=30)
+    p.add_argument("--steps", type=int, default=600, help="DPO steps per trial (600 x 8 pairs ~ two epochs of the sample)")
+    p.add_argument("--eval-every", type=int, default=60)
     p.add_argument("--lrs", default="2e-4,1e-3,5e-3,1e-2")
     p.add_argument("--betas", default="0.05,0.5")
     p.add_argument("--reduction-factor", type=int, default=3)

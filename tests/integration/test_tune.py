@@ -48,6 +48,8 @@ def test_demo_tune_quick_parent_children_best_and_registered_model(tmp_path):
     assert len(children) == 4
     assert children["params.beta"].notna().all() and children["params.lr"].notna().all()
     assert children["params.trial_id"].nunique() == 4
+    # finished trials FINISHED, ASHA-stopped ones KILLED: none left RUNNING or shown as FAILED
+    assert set(children["status"]) <= {"FINISHED", "KILLED"}, children[["status", "params.trial_id"]]
     assert children["params.dpo.reference"].eq("precomputed").all()  # no reference forward in the trials
     assert "metrics.eval/rewards/accuracies" in children
     best = children[children.get("tags.raydpo.best_trial") == "true"]
