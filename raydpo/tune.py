@@ -164,7 +164,9 @@ def run_tune(cfg: Config, *, resume: bool = False, progress=print) -> tuple[list
         )
     grid = tuner.fit()
     rows = _rows(grid, cfg.dpo.max_steps, uri, cfg.tracking.experiment_name, parent)
-    best = max((r for r in rows if not math.isnan(r.accuracy if "acc" in t.metric else r.margins)),
+    scored = [r for r in rows if not math.isnan(r.accuracy if "acc" in t.metric else r.margins)]
+    # the best finished trial (it has an adapter to register); a stopped one only if none finished
+    best = max([r for r in scored if r.status == "DONE"] or scored,
                key=lambda r: r.accuracy if "acc" in t.metric else r.margins, default=None)
     _finish(uri, parent, cfg, rows, best, t.metric)
     return rows, best
@@ -186,20 +188,24 @@ def tracking_runs(uri: str, experiment: str):
 
 def _rows(grid, max_steps: int, uri: str, experiment: str, parent: str) -> list[TrialRow]:
     runs = tracking_runs(uri, experiment)
-    by_trial: dict[str, str] = {}
+    by_trial: dict[str, tuple[str, str]] = {}
     if not runs.empty and "tags.raydpo.trial_id" in runs and "tags.mlflow.parentRunId" in runs:
         children = runs[runs["tags.mlflow.parentRunId"] == parent]
-        by_trial = {r["tags.raydpo.trial_id"]: r["run_id"] for _, r in children.iterrows()}
+        by_trial = {r["tags.raydpo.trial_id"]: (r["run_id"], r["status"]) for _, r in children.iterrows()}
     rows = []
     for res in grid:
         m, c = res.metrics or {}, res.config or {}
         steps = int(m.get("step", 0))
-        status = "ERROR" if res.error else ("DONE" if steps >= max_steps else "STOPPED")
         tid = str(m.get("trial_id", ""))
+        run_id, run_status = by_trial.get(tid, (None, None))
+        # DONE = the trial's driver finished its stage (adapter logged, run FINISHED). ASHA can stop a
+        # trial at its last evaluation too: it then has every step but was killed before finishing.
+        done = run_status == "FINISHED" if run_status else steps >= max_steps
+        status = "ERROR" if res.error else ("DONE" if done else "STOPPED")
         rows.append(TrialRow(trial_id=tid, beta=float(c.get("beta", math.nan)), lr=float(c.get("lr", math.nan)),
                              accuracy=float(m.get("eval/rewards/accuracies", math.nan)),
                              margins=float(m.get("eval/rewards/margins", math.nan)),
-                             steps=steps, status=status, run_id=by_trial.get(tid)))
+                             steps=steps, status=status, run_id=run_id))
     return rows
 
 
@@ -245,7 +251,7 @@ def _finish(uri: str, parent: str, cfg: Config, rows: list[TrialRow], best: Tria
             continue
         status = client.get_run(r.run_id).info.status
         # ASHA stopped it: its driver was killed before ending the run, or saw the stop as a failure
-        if r.status == "STOPPED" and status in ("RUNNING", "FAILED"):
+        if r.status == "STOPPED" and status in ("RUNNING", "FAILED"):  # RUNNING: stopped at its last evaluation
             tracking.end_run(uri, r.run_id, "KILLED")
         elif status == "RUNNING":
             tracking.end_run(uri, r.run_id, "FAILED")
