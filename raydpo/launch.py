@@ -80,6 +80,18 @@ def merged_sft_base(cfg: Config, sft_adapter: str, base_path: str) -> str:
     return str(out)
 
 
+def stage_datasets(cfg: Config, stage: Stage, base_path: str, tok_path: str, progress=print):
+    """(train, eval) lazy Ray datasets of a stage: tokenized pairs, with the reference log-prob
+    columns (computed once, `raydpo.reference`) when DPO uses ``dpo.reference=precomputed``."""
+    if stage == "dpo" and cfg.dpo.reference == "precomputed":
+        from raydpo.reference import reference_datasets
+
+        return reference_datasets(cfg, base_path, tok_path, progress=progress)
+    from raydpo.data.pipeline import build_datasets
+
+    return build_datasets(cfg, stage, tok_path)
+
+
 def fit_stage(
     cfg: Config,
     stage: Stage,
@@ -101,7 +113,6 @@ def fit_stage(
     from ray.train.torch import TorchTrainer
 
     from raydpo import tracking
-    from raydpo.data.pipeline import build_datasets
     from raydpo.raycluster import ensure_ray
     from raydpo.train.worker import train_loop_per_worker
 
@@ -124,14 +135,7 @@ def fit_stage(
     progress(f"[{stage}] MLflow run {run_id} in {uri}")
 
     try:
-        if datasets is not None:
-            train_ds, eval_ds = datasets
-        elif stage == "dpo" and cfg.dpo.reference == "precomputed":
-            from raydpo.reference import reference_datasets
-
-            train_ds, eval_ds = reference_datasets(cfg, base_path, tok_path, progress=progress)
-        else:
-            train_ds, eval_ds = build_datasets(cfg, stage, tok_path)
+        train_ds, eval_ds = datasets or stage_datasets(cfg, stage, base_path, tok_path, progress)
         eval_ds = eval_ds.materialize()  # evaluated many times: tokenize it once
         s = cfg.scaling
         resources = {"CPU": s.cpus_per_worker}

@@ -85,7 +85,7 @@ def run_tune(cfg: Config, *, resume: bool = False, progress=print) -> tuple[list
     from ray.tune.schedulers import ASHAScheduler
 
     from raydpo import tracking
-    from raydpo.launch import check_cpu_budget, merged_sft_base, resolve_base
+    from raydpo.launch import check_cpu_budget, merged_sft_base, resolve_base, stage_datasets
     from raydpo.raycluster import ensure_ray
 
     ensure_ray()
@@ -103,14 +103,7 @@ def run_tune(cfg: Config, *, resume: bool = False, progress=print) -> tuple[list
     if cfg.dpo.sft_adapter:
         base_path = tok_path = merged_sft_base(cfg, cfg.dpo.sft_adapter, base_path)
     t0 = time.perf_counter()
-    if cfg.dpo.reference == "precomputed":
-        from raydpo.reference import reference_datasets
-
-        datasets = reference_datasets(cfg, base_path, tok_path, progress=progress)
-    else:
-        from raydpo.data.pipeline import build_datasets
-
-        datasets = build_datasets(cfg, "dpo", tok_path)
+    datasets = stage_datasets(cfg, "dpo", base_path, tok_path, progress)
     ref_s = time.perf_counter() - t0
     shared = None
     if t.share_data:
