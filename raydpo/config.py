@@ -134,6 +134,7 @@ class ScalingConfig(_Section):
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0.0)
     gpus_per_worker: float = Field(1.0, gt=0.0)
+    torch_threads: int | None = Field(None, ge=1, description="torch threads per worker; None: the CPUs it was given")
     data_cpus: float = Field(
         1.0, ge=1.0, description="CPUs left to Ray Data; checked against the cluster before training. At least "
         "1: Ray 2.60 file reads plan listing/sampling tasks of one whole CPU, which never run on less"
@@ -169,8 +170,13 @@ class DPOConfig(TrainStageConfig):
     loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "bco_pair"] = "sigmoid"
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
     reference: Literal["adapter_disabled", "precomputed"] = Field(
-        "adapter_disabled", description="precomputed: reference log-probs computed once by Ray Data"
+        "precomputed", description="precomputed: the frozen reference's log-probs computed once by Ray Data and "
+        "cached by content (reference weights, tokenizer, data); adapter_disabled: a reference forward every step"
     )
+    # fast paths, each exact (equal to the plain path within 1e-4) and on by default
+    completion_only_logits: bool = Field(True, description="LM head + log-softmax on scored positions only")
+    share_prefix: bool = Field(True, description="prompt once, chosen and rejected after it in one sequence")
+    padding_free: bool = Field(True, description="pack each micro-batch's sequences into as few rows as fit")
     sanity_check: bool = Field(True, description="stop if the step-0 loss is not ln 2 with rewards ~ 0")
     sft_adapter: str | None = Field(
         None, description="SFT adapter to start from (set by `raydpo pipeline`); None: start from the base model"
@@ -254,6 +260,9 @@ class Config(_Section):
                 raise ValueError(
                     f"quantization.quant_storage ({storage}) must equal compute_dtype ({q.compute_dtype}) under ZeRO-3"
                 )
+        if (self.dpo.share_prefix or self.dpo.padding_free) and self.model.attn_implementation == "flash_attention_2":
+            raise ValueError("dpo.share_prefix and dpo.padding_free need a custom attention mask: use "
+                             "model.attn_implementation sdpa or eager, or turn both off for flash_attention_2")
         if q.mode == "4bit" and self.deepspeed.enabled:
             # DeepSpeed bf16/fp16 casts every floating tensor of the module; 4-bit weights packed
             # into a float storage of another dtype are reinterpreted and destroyed silently.

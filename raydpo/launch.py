@@ -62,21 +62,35 @@ def merged_sft_base(cfg: Config, sft_adapter: str, base_path: str) -> str:
     """DPO's base = the SFT model (base + SFT adapter merged, unquantized), as in stack_llama_2.
     DPO then loads it (4-bit if configured) with a fresh adapter, so the reference
     (adapter disabled) *is* the SFT model. Runs as a Ray task so a 7B merge does not need the
-    driver's memory; the output goes to run storage, which workers share."""
+    driver's memory; the output goes to run storage, which workers share.
+
+    The merge is reused only for the same adapter *content* (its files' digest), never because
+    the path is the same: a rerun under the same run name writes a new SFT adapter to the same
+    path. The marker also records the base's identity, which keys the reference cache."""
     import ray
 
     from raydpo.models import merge_adapter
+    from raydpo.reference import MERGED_MARKER, files_digest, model_identity
 
+    memo = Path(cfg.run.storage_path).resolve() / "reference"
     out = Path(cfg.run.storage_path).resolve() / cfg.run.name / "sft-merged"
-    marker = out / "raydpo_merged.json"
-    if marker.exists() and json.loads(marker.read_text()).get("adapter") == str(Path(sft_adapter).resolve()):
-        return str(out)
+    marker = out / MERGED_MARKER
+    want = {"adapter_digest": files_digest(sft_adapter, memo),
+            "base_identity": model_identity(base_path, cfg.model.revision if base_path == cfg.model.name_or_path else None,
+                                            memo)}
+    if marker.exists():
+        try:
+            have = json.loads(marker.read_text())
+        except ValueError:
+            have = {}
+        if all(have.get(k) == v for k, v in want.items()):
+            return str(out)
     if out.exists():
         shutil.rmtree(out)
     dtype = cfg.quantization.compute_dtype if cfg.quantization.mode != "none" else cfg.model.dtype
     task = ray.remote(num_cpus=min(1.0, ray.cluster_resources().get("CPU", 1.0)))(merge_adapter)
     ray.get(task.remote(base_path, str(sft_adapter), str(out), dtype))
-    marker.write_text(json.dumps({"adapter": str(Path(sft_adapter).resolve()), "base": base_path}))
+    marker.write_text(json.dumps({"adapter": str(Path(sft_adapter).resolve()), "base": base_path, **want}))
     return str(out)
 
 
@@ -136,7 +150,11 @@ def fit_stage(
 
     try:
         train_ds, eval_ds = datasets or stage_datasets(cfg, stage, base_path, tok_path, progress)
-        eval_ds = eval_ds.materialize()  # evaluated many times: tokenize it once
+        if eval_ds is not None:
+            eval_ds = eval_ds.materialize()  # evaluated many times: tokenize it once
+            if eval_ds.count() == 0:
+                progress(f"[{stage}] warning: the eval split is empty; training runs without evaluation")
+                eval_ds = None
         s = cfg.scaling
         resources = {"CPU": s.cpus_per_worker}
         if s.use_gpu:
@@ -146,12 +164,13 @@ def fit_stage(
             train_loop_config={
                 "config": cfg.to_dict(), "stage": stage, "base_path": base_path, "tokenizer_path": tok_path,
                 "tracking_uri": uri, "run_id": run_id, "report_eval_only": report_eval_only,
+                "has_eval": eval_ds is not None,
             },
             scaling_config=ray.train.ScalingConfig(
                 num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
             ),
             torch_config=ray.train.torch.TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
-            datasets={"train": train_ds, "eval": eval_ds},
+            datasets={"train": train_ds, **({"eval": eval_ds} if eval_ds is not None else {})},
             run_config=ray.train.RunConfig(
                 name=f"{cfg.run.name}-{stage}",
                 storage_path=str(Path(cfg.run.storage_path).resolve()),

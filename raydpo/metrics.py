@@ -41,6 +41,11 @@ TRAIN_GAUGES: dict[str, tuple[str, str, float]] = {
     STEP_TIME: ("raydpo_step_time_seconds", "wall time per optimizer step over the logging window", 1.0),
     "train/peak_memory_gb": ("raydpo_gpu_peak_memory_bytes", "peak GPU memory allocated by torch on rank 0", GB),
     LR: ("raydpo_learning_rate", "learning rate after the step", 1.0),
+    "train/scored_tokens_per_s": ("raydpo_scored_tokens_per_second", "DPO response tokens scored per second, all workers",
+                                  1.0),
+    "train/padding_fraction": ("raydpo_padding_fraction", "share of the DPO batch positions that are padding", 1.0),
+    "train/peak_rss_mib": ("raydpo_workers_peak_rss_bytes", "peak resident memory of all training workers, summed",
+                           2**20),
 }
 STEP_GAUGE = ("raydpo_step", "optimizer step of the latest logged metrics")
 RSS_GAUGE = ("raydpo_process_rss_bytes", "resident memory of the rank-0 training process")

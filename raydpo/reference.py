@@ -1,22 +1,38 @@
-"""Reference log-probs computed once, by Ray Data batch inference, and stored beside the data.
+"""Reference log-probs computed once, by Ray Data batch inference, and cached by content.
 
-The reference log-probs depend only on the reference model (the SFT model) and the tokenized
-pairs — never on beta or the learning rate — so a Tune search (or a plain run with
-``dpo.reference=precomputed``) reads them from parquet instead of running a second forward
-pass every step. The model is loaded exactly as the trainer loads it (same quantization, same
-k-bit preparation, a fresh adapter) and evaluated with the adapter disabled, so the stored values
-are the ones the on-the-fly path would compute.
+The reference log-probs depend only on the frozen reference model (the base, or the merged SFT
+model) and the tokenized pairs — never on beta or the learning rate — so DPO (by default) and
+every Tune trial read them from parquet instead of running a second forward every step. The
+model is loaded exactly as the trainer loads it (same quantization, same k-bit preparation, a
+fresh adapter) and scored with the adapter disabled through the training forward itself
+(`raydpo.models.pair_logps`), so the stored values are the ones the on-the-fly path computes.
+
+The cache key is content, never a path (TRL keys its precomputed reference on the weights and
+the dataset fingerprint the same way): a digest of the reference weights (for a merged SFT
+model, of its base and of the SFT adapter files), of the tokenizer files, and a fingerprint of
+the data (the source's bytes or generator settings plus every data setting tokenization reads).
+A new SFT adapter written under the same run name therefore gets fresh log-probs. A cache folder
+is built beside its final name and renamed into place with its marker (``_SUCCESS``, holding the
+row count of every split) written last; a folder without a valid marker, or whose parquet row
+counts disagree with it, is rebuilt, never trusted.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import warnings
 from pathlib import Path
 
-from raydpo.config import Config
+from raydpo.config import BUILTIN_SOURCE, Config
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+SPLITS = ("train", "eval")
+MARKER = "_SUCCESS"
+MERGED_MARKER = "raydpo_merged.json"  # written by launch.merged_sft_base
+_DIGEST_MEMO = "digests.json"
 
 
 class RefLogps:
@@ -28,6 +44,7 @@ class RefLogps:
         from raydpo.models import load_model, load_tokenizer
 
         cfg = Config.from_dict(cfg_dict)
+        self.dpo = cfg.dpo
         self.device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
         self.pad = load_tokenizer(base_path).pad_token_id
         self.model = load_model(cfg.model, cfg.quantization, cfg.lora, base_path=base_path, device=self.device)
@@ -36,28 +53,130 @@ class RefLogps:
     def __call__(self, batch):
         import numpy as np
         import pyarrow as pa
-        import torch
 
         from raydpo.data.collate import collate_dpo
-        from raydpo.losses import sequence_logps
+        from raydpo.models import pair_logps, reference_disabled
 
         cols = {k: np.array(batch[k].to_pylist() + [None], dtype=object)[:-1]
                 for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")}
-        b = collate_dpo(cols, self.pad)
-        with torch.no_grad(), self.model.disable_adapter():
-            logits = self.model(input_ids=b["input_ids"].to(self.device),
-                                attention_mask=b["attention_mask"].to(self.device)).logits
-            lp = sequence_logps(logits, b["labels"].to(self.device)).cpu().numpy()
-        n = batch.num_rows
-        return batch.append_column(REF_COLUMNS[0], pa.array(lp[:n], type=pa.float32())).append_column(
-            REF_COLUMNS[1], pa.array(lp[n:], type=pa.float32()))
+        b = collate_dpo(cols, self.pad, share_prefix=self.dpo.share_prefix, pack=self.dpo.padding_free)
+        b = {k: v.to(self.device) for k, v in b.items()}
+        with reference_disabled(self.model):
+            c, r, _, _ = pair_logps(self.model, b, completion_only=self.dpo.completion_only_logits)
+        return batch.append_column(REF_COLUMNS[0], pa.array(c.cpu().numpy(), type=pa.float32())).append_column(
+            REF_COLUMNS[1], pa.array(r.cpu().numpy(), type=pa.float32()))
 
 
-def cache_key(cfg: Config, base_path: str) -> str:
-    d = cfg.to_dict()
-    blob = json.dumps({"base": base_path, "data": d["data"], "model": d["model"], "quantization": d["quantization"]},
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+# -- content digests -----------------------------------------------------------------------
+
+
+def files_digest(path: str | Path, memo_dir: str | Path | None = None) -> str:
+    """sha256 over a file, or a folder's files (relative names + bytes, sorted; hidden files and
+    raydpo's own markers skipped). Remembered in ``memo_dir`` by (path, size, mtime), so a 7B
+    model's weights are read once, not at every run."""
+    p = Path(path).resolve()
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and not any(
+        part.startswith(".") for part in f.relative_to(p).parts) and f.name not in (MERGED_MARKER,))
+    stat = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    stamp = hashlib.sha256(json.dumps(stat).encode()).hexdigest()
+    memo_file = Path(memo_dir) / _DIGEST_MEMO if memo_dir else None
+    memo = {}
+    if memo_file and memo_file.exists():
+        try:
+            memo = json.loads(memo_file.read_text())
+        except ValueError:
+            memo = {}
+    if memo.get(str(p), {}).get("stamp") == stamp:
+        return memo[str(p)]["digest"]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(p) if f != p else f.name).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    digest = h.hexdigest()
+    if memo_file:
+        memo[str(p)] = {"stamp": stamp, "digest": digest}
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, memo_file)
+    return digest
+
+
+def model_identity(path: str, revision: str | None, memo_dir: str | Path | None = None) -> str:
+    """What the reference weights are. A merged SFT folder: its base's identity + the SFT adapter
+    files' digest (recorded by the merge). A local folder: its files' digest. A hub id: id and
+    revision (pin ``model.revision`` to a commit for a cache that can never go stale)."""
+    p = Path(path)
+    if (p / MERGED_MARKER).exists():
+        m = json.loads((p / MERGED_MARKER).read_text())
+        if m.get("adapter_digest") and m.get("base_identity"):
+            return hashlib.sha256(f"{m['base_identity']}+{m['adapter_digest']}".encode()).hexdigest()
+    if p.exists():
+        return files_digest(p, memo_dir)
+    return f"hub:{path}@{revision or 'main'}"
+
+
+def tokenizer_identity(path: str, revision: str | None) -> str:
+    p = Path(path)
+    if not p.is_dir():
+        return f"hub:{path}@{revision or 'main'}"
+    h = hashlib.sha256()
+    for f in sorted(p.glob("*")):
+        if f.is_file() and ("token" in f.name or "vocab" in f.name or "merges" in f.name or "chat_template" in f.name):
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def data_fingerprint(cfg: Config, memo_dir: str | Path | None = None) -> str:
+    """The tokenized pairs are a pure function of the source's content, the data settings and
+    the tokenizer (hashed separately): this hashes the first two."""
+    d = cfg.data.model_dump(mode="json")
+    if cfg.data.source == BUILTIN_SOURCE:
+        from raydpo.data.sample import SAMPLE_VERSION
+
+        src = f"sample-v{SAMPLE_VERSION}"
+    elif Path(cfg.data.source).exists():
+        src = files_digest(cfg.data.source, memo_dir)
+    else:
+        src = f"hub:{cfg.data.source}"
+    return hashlib.sha256(json.dumps({"data": d, "source": src}, sort_keys=True).encode()).hexdigest()
+
+
+def cache_key(cfg: Config, base_path: str, tok_path: str | None = None) -> tuple[str, dict]:
+    """``(key, parts)``: the reference's content, the tokenizer's, the data's, and the settings
+    that change the numbers (dtype, attention kernel, quantization)."""
+    memo = Path(cfg.run.storage_path).resolve() / "reference"
+    parts = {
+        "reference": model_identity(base_path, cfg.model.revision if base_path == cfg.model.name_or_path else None, memo),
+        "tokenizer": tokenizer_identity(tok_path or base_path, cfg.model.revision),
+        "data": data_fingerprint(cfg, memo),
+        "numerics": hashlib.sha256(json.dumps({
+            "dtype": cfg.model.dtype, "attn": cfg.model.attn_implementation,
+            "quantization": cfg.quantization.model_dump(mode="json")}, sort_keys=True).encode()).hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16], parts
+
+
+# -- the cache -----------------------------------------------------------------------------
+
+
+def parquet_rows(folder: Path) -> int:
+    import pyarrow.parquet as pq
+
+    if not folder.is_dir():
+        return 0
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in folder.glob("*.parquet"))
+
+
+def valid_cache(root: Path) -> dict | None:
+    """The marker of a complete cache folder, or None (no marker, unreadable, row counts off)."""
+    try:
+        marker = json.loads((root / MARKER).read_text())
+        return marker if all(parquet_rows(root / s) == int(marker["rows"][s]) for s in SPLITS) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def inference_actors(cfg: Config) -> int:
@@ -73,25 +192,50 @@ def inference_actors(cfg: Config) -> int:
 
 def reference_datasets(cfg: Config, base_path: str, tok_path: str, progress=print):
     """(train, eval) DPO datasets with reference log-prob columns, computed at most once per
-    (model, data) and stored as parquet under the run's storage."""
+    (reference, tokenizer, data) content and stored as parquet under the run storage. An empty
+    split is None (with a warning for eval; an empty train split is an error)."""
     import ray
     from ray.data import ActorPoolStrategy
 
     from raydpo.data.pipeline import build_datasets
 
-    root = Path(cfg.run.storage_path).resolve() / "reference" / cache_key(cfg, base_path)
-    done = root / "_SUCCESS"
-    if not done.exists():
+    key, parts = cache_key(cfg, base_path, tok_path)
+    root = Path(cfg.run.storage_path).resolve() / "reference" / key
+    marker = valid_cache(root)
+    if marker is None:
+        if root.exists():
+            progress(f"[reference] {root} is incomplete or damaged: rebuilding it")
+            shutil.rmtree(root)
         progress(f"[reference] computing reference log-probs once into {root}")
+        tmp = root.with_name(f".{key}.building-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         train, evals = build_datasets(cfg, "dpo", tok_path)
         s = cfg.scaling
         kw = dict(fn_constructor_args=(cfg.to_dict(), base_path, s.use_gpu), batch_size=cfg.dpo.per_device_batch_size * 4,
                   batch_format="pyarrow", compute=ActorPoolStrategy(min_size=1, max_size=inference_actors(cfg)),
                   num_cpus=0 if s.use_gpu else max(s.cpus_per_worker, 0.5), num_gpus=s.gpus_per_worker if s.use_gpu else 0)
+        rows = {}
         for name, ds in (("train", train), ("eval", evals)):
-            ds.map_batches(RefLogps, **kw).write_parquet(str(root / name))
-        done.write_text(json.dumps({"base": base_path}))
+            ds.map_batches(RefLogps, **kw).write_parquet(str(tmp / name))
+            rows[name] = parquet_rows(tmp / name)
+        (tmp / MARKER).write_text(json.dumps({"rows": rows, "key": parts, "base": base_path}))  # last: complete
+        try:
+            os.replace(tmp, root)
+        except OSError:  # another driver finished the same key first: theirs is as good
+            shutil.rmtree(tmp, ignore_errors=True)
+        marker = valid_cache(root)
+        if marker is None:
+            raise RuntimeError(f"the reference cache {root} is not complete after building it")
     else:
-        progress(f"[reference] reusing reference log-probs in {root}")
+        progress(f"[reference] reusing reference log-probs in {root} (same reference, tokenizer and data)")
+    if marker["rows"]["train"] == 0:
+        raise RuntimeError("no training pairs: the train split is empty (check data.source and data.eval_fraction)")
     read = {"ray_remote_args": {"num_cpus": cfg.data.tokenize_num_cpus}}
-    return ray.data.read_parquet(str(root / "train"), **read), ray.data.read_parquet(str(root / "eval"), **read)
+    train_ds = ray.data.read_parquet(str(root / "train"), **read)
+    if marker["rows"]["eval"] == 0:
+        warnings.warn("the eval split is empty: DPO trains without evaluation (raise data.eval_fraction to get one)",
+                      stacklevel=2)
+        progress("[reference] warning: the eval split is empty; training runs without evaluation")
+        return train_ds, None
+    return train_ds, ray.data.read_parquet(str(root / "eval"), **read)

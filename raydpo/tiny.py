@@ -86,8 +86,10 @@ def build_tokenizer(vocab_size: int, texts: Iterable[str]):
                                    pad_token="<pad>", padding_side="right", model_max_length=1_000_000)
 
 
-def build_tiny(model_cfg: ModelConfig, out: Path) -> None:
-    """Write the tokenizer and a randomly initialised ``LlamaForCausalLM`` (seeded) to ``out``."""
+def build_tiny(model_cfg: ModelConfig, out: Path, extra_texts: Iterable[str] = ()) -> None:
+    """Write the tokenizer and a randomly initialised ``LlamaForCausalLM`` (seeded) to ``out``.
+    The tokenizer is trained on the generated sample, plus ``extra_texts`` (e.g. a benchmark's
+    own rows, so a real-text vocabulary fills up to ``vocab_size``)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -96,7 +98,8 @@ def build_tiny(model_cfg: ModelConfig, out: Path) -> None:
     t = model_cfg.tiny
     # the default prompt frame is in every prompt: give it whole tokens
     frame = DataConfig().prompt_template.format(question="")
-    tokenizer = build_tokenizer(t.vocab_size, itertools.chain(sample_texts(3000, seed=t.seed), [frame] * 500))
+    tokenizer = build_tokenizer(t.vocab_size, itertools.chain(sample_texts(3000, seed=t.seed), [frame] * 500,
+                                                              extra_texts))
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
         num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,

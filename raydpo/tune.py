@@ -105,6 +105,8 @@ def run_tune(cfg: Config, *, resume: bool = False, progress=print) -> tuple[list
     t0 = time.perf_counter()
     datasets = stage_datasets(cfg, "dpo", base_path, tok_path, progress)
     ref_s = time.perf_counter() - t0
+    if datasets[1] is None:
+        raise ValueError(f"the eval split is empty: Tune ranks trials on {t.metric}; raise data.eval_fraction")
     shared = None
     if t.share_data:
         # every trial would otherwise start its own Ray Data read (+ tokenization when the reference

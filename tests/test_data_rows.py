@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from raydpo.config import Config
-from raydpo.data.collate import collate_dpo, collate_sft
+from raydpo.data.collate import collate_dpo, collate_sft, pair_tokens
 from raydpo.data.rows import REASONS, decode_line, drop_reason, format_prompt, is_eval, parse_json_line, prepare_rows
 from raydpo.data.sources import lines_to_rows, records_to_rows
 from raydpo.data.tokenize import pack_sft, tokenize_dpo, truncate_pair
@@ -223,37 +223,91 @@ def _obj(*rows):
     return np.array([np.array(r, dtype=np.int32) for r in rows] + [None], dtype=object)[:-1]
 
 
-def test_collate_dpo_concatenates_chosen_then_rejected_and_masks_prompt_and_padding():
-    batch = {
+def _pairs():
+    return {
         "prompt_input_ids": _obj([1, 5, 6], [1, 7]),
         "chosen_input_ids": _obj([8, 2], [9, 9, 9, 2]),
         "rejected_input_ids": _obj([4, 2], [3, 2]),
         "truncated": np.array([False, False]),
     }
-    out = collate_dpo(batch, pad_token_id=0)
-    assert set(out) == {"input_ids", "attention_mask", "labels"}
-    assert all(t.dtype == torch.int64 and t.shape == (4, 6) for t in out.values())
+
+
+def test_collate_dpo_plain_concatenates_chosen_then_rejected_and_scores_responses_only():
+    out = collate_dpo(_pairs(), pad_token_id=0)
     assert out["input_ids"].tolist() == [[1, 5, 6, 8, 2, 0],  # prompt 0 + chosen 0
                                          [1, 7, 9, 9, 9, 2],  # prompt 1 + chosen 1 (longest: no pad)
                                          [1, 5, 6, 4, 2, 0],  # prompt 0 + rejected 0
                                          [1, 7, 3, 2, 0, 0]]  # prompt 1 + rejected 1
-    assert out["labels"].tolist() == [[-100, -100, -100, 8, 2, -100],
-                                      [-100, -100, 9, 9, 9, 2],
-                                      [-100, -100, -100, 4, 2, -100],
-                                      [-100, -100, 3, 2, -100, -100]]
     assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0], [1] * 6, [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]]
+    assert out["position_ids"][1].tolist() == list(range(6))
+    # position t predicts token t+1: only response tokens are scored, never prompt or padding
+    assert out["score_pos"].tolist() == [[2, 3, 0, 0], [1, 2, 3, 4], [2, 3, 0, 0], [1, 2, 0, 0]]
+    assert out["score_tgt"].tolist() == [[8, 2, 0, 0], [9, 9, 9, 2], [4, 2, 0, 0], [3, 2, 0, 0]]
+    assert out["score_slot"].tolist() == [[0, 0, -1, -1], [1] * 4, [2, 2, -1, -1], [3, 3, -1, -1]]
+    assert out["pair_lengths"].tolist() == [[3, 2, 2], [2, 4, 2]]
+    assert pair_tokens(out).item() == 2 * 3 + 2 + 2 + 2 * 2 + 4 + 2  # the prompt once per response
 
 
-def test_collate_dpo_pads_with_the_given_id_and_passes_reference_logps_through():
+def test_collate_dpo_shared_prefix_puts_the_prompt_once_and_restarts_rejected_positions():
+    out = collate_dpo(_pairs(), pad_token_id=0, share_prefix=True)
+    assert "attention_mask" not in out  # the forward builds the prefix-sharing mask
+    assert out["input_ids"].tolist() == [[1, 5, 6, 8, 2, 4, 2, 0], [1, 7, 9, 9, 9, 2, 3, 2]]
+    assert out["segments"].tolist() == [[0, 0, 0, 1, 1, 2, 2, -1], [0, 0, 1, 1, 1, 1, 2, 2]]
+    assert out["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 4, 0], [0, 1, 2, 3, 4, 5, 2, 3]]
+    # the first rejected token is predicted by the last prompt token, as in the plain layout
+    assert out["score_pos"].tolist() == [[2, 3, 2, 5, 0, 0], [1, 2, 3, 4, 1, 6]]
+    assert out["score_tgt"].tolist() == [[8, 2, 4, 2, 0, 0], [9, 9, 9, 2, 3, 2]]
+    assert out["score_slot"].tolist() == [[0, 0, 2, 2, -1, -1], [1, 1, 1, 1, 3, 3]]
+    assert pair_tokens(out) == pair_tokens(collate_dpo(_pairs(), pad_token_id=0))
+
+
+def test_collate_dpo_padding_free_puts_every_pair_in_one_row_with_its_span():
+    batch = {"prompt_input_ids": _obj([1, 5, 6, 7], [1], [1, 7]), "chosen_input_ids": _obj([8, 2], [9], [2]),
+             "rejected_input_ids": _obj([4, 2], [3], [2])}
+    out = collate_dpo(batch, pad_token_id=0, share_prefix=True, pack=True)
+    assert out["input_ids"].tolist() == [[1, 5, 6, 7, 8, 2, 4, 2, 1, 9, 3, 1, 7, 2, 2]]  # no padding at all
+    assert out["seq_ids"].tolist() == [[0] * 8 + [1] * 3 + [2] * 4]
+    assert out["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 4, 5, 0, 1, 1, 0, 1, 2, 2]]  # restart per pair
+    assert out["spans"].tolist() == [[0, 4, 2, 2], [8, 1, 1, 1], [11, 2, 1, 1]]  # start, prompt, chosen, rejected
+    assert out["score_pos"].tolist() == [[3, 4, 3, 6, 8, 8, 12, 12]]
+    assert out["score_tgt"].tolist() == [[8, 2, 4, 2, 9, 3, 2, 2]]
+    assert out["score_slot"].tolist() == [[0, 0, 3, 3, 1, 4, 2, 5]]  # slot = side * B + pair
+    assert out["pair_lengths"].tolist() == [[4, 2, 2], [1, 1, 1], [2, 1, 1]]
+    unshared = collate_dpo(batch, pad_token_id=0, pack=True)  # chosen sequences, then rejected ones
+    assert unshared["spans"].tolist() == [[0, 4, 2, 0], [6, 1, 1, 0], [8, 2, 1, 0],
+                                          [11, 4, 2, 0], [17, 1, 1, 0], [19, 2, 1, 0]]
+    assert unshared["input_ids"].shape == (1, 22) and (unshared["seq_ids"] >= 0).all()
+    padded = collate_dpo(batch, pad_token_id=0, share_prefix=True)
+    assert (padded["seq_ids"] < 0).sum() == 9  # what padding-free saves here
+
+
+def test_pair_attention_mask_keeps_rejected_from_chosen_and_sequences_apart():
+    from raydpo.models import pair_attention_mask
+
+    # one row: pair A = prompt p, chosen c, rejected r; then pair B = prompt q, chosen d; then padding
+    seq = torch.tensor([[0, 0, 0, 1, 1, -1]])
+    seg = torch.tensor([[0, 1, 2, 0, 1, -1]])
+    m = pair_attention_mask(seq, seg)[0, 0].int().tolist()
+    assert m == [[1, 0, 0, 0, 0, 0],   # p
+                 [1, 1, 0, 0, 0, 0],   # c sees p
+                 [1, 0, 1, 0, 0, 0],   # r sees p and itself, not c
+                 [0, 0, 0, 1, 0, 0],   # q: a new sequence
+                 [0, 0, 0, 1, 1, 0],   # d sees q
+                 [0, 0, 0, 0, 0, 1]]   # padding sees only itself (no empty softmax row)
+    add = pair_attention_mask(seq, seg, additive=True)[0, 0]
+    assert add.dtype == torch.float32 and ((add == 0) == torch.tensor(m, dtype=torch.bool)).all()
+
+
+def test_collate_dpo_passes_reference_logps_through():
     batch = {"prompt_input_ids": [[1, 5]], "chosen_input_ids": [[8, 8, 8, 2]], "rejected_input_ids": [[4, 2]],
              "ref_chosen_logps": np.array([-1.5], dtype=np.float32),
              "ref_rejected_logps": np.array([-3.0], dtype=np.float32)}
-    out = collate_dpo(batch, pad_token_id=3)
-    assert out["input_ids"][1].tolist() == [1, 5, 4, 2, 3, 3]
-    assert out["labels"][1].tolist() == [-100, -100, 4, 2, -100, -100]  # pad id 3 never learned
-    assert torch.equal(out["ref_chosen_logps"], torch.tensor([-1.5]))
-    assert torch.equal(out["ref_rejected_logps"], torch.tensor([-3.0]))
-    assert out["ref_chosen_logps"].dtype == torch.float32
+    for share, pack in ((False, False), (True, True)):
+        out = collate_dpo(batch, pad_token_id=3, share_prefix=share, pack=pack)
+        assert torch.equal(out["ref_chosen_logps"], torch.tensor([-1.5]))
+        assert torch.equal(out["ref_rejected_logps"], torch.tensor([-3.0]))
+        assert out["ref_chosen_logps"].dtype == torch.float32
+    assert collate_dpo(batch, pad_token_id=3)["input_ids"][1].tolist() == [1, 5, 4, 2, 3, 3]
 
 
 def test_collate_sft_labels_are_inputs_without_padding():

@@ -12,11 +12,11 @@ from raydpo.data.tokenize import tokenize_dpo
 from raydpo.losses import sequence_logps
 from raydpo.models import (
     bnb_config,
-    concatenated_forward,
     count_parameters,
     load_model,
     load_tokenizer,
     merge_adapter,
+    pair_logps,
     reference_disabled,
     resolve_model_path,
 )
@@ -37,10 +37,26 @@ def batch(cfg):
     return collate_dpo({k: np.array(v, dtype=object) for k, v in out.items()}, tok.pad_token_id)
 
 
+def plain_labels(b):
+    """Labels of the plain layout (-100 on prompt and padding), for `losses.sequence_logps`."""
+    labels = torch.full_like(b["input_ids"], -100)
+    B = b["pair_lengths"].shape[0]
+    for r in range(2 * B):
+        P, C, R = b["pair_lengths"][r % B].tolist()
+        n = C if r < B else R
+        labels[r, P:P + n] = b["input_ids"][r, P:P + n]
+    return labels
+
+
+def concatenated(model, b):
+    c, r, _, _ = pair_logps(model, b)
+    return c, r
+
+
 def logps(model, b):
     model.eval()  # LoRA dropout off
     with torch.no_grad():
-        return sequence_logps(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+        return sequence_logps(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, plain_labels(b))
 
 
 def _disabled_logps(model, b):
@@ -104,9 +120,9 @@ def test_4bit_nf4_on_cpu_trains_only_the_adapter(cfg, batch):
     assert layers and layers[0].weight.quant_type == "nf4"
     assert layers[0].weight.dtype == torch.float32  # quant storage = compute dtype (ZeRO-3 can shard it)
     model.eval()
-    pol_c, pol_r, _ = concatenated_forward(model, batch)
+    pol_c, pol_r = concatenated(model, batch)
     with reference_disabled(model):
-        ref_c, ref_r, _ = concatenated_forward(model, batch)
+        ref_c, ref_r = concatenated(model, batch)
     assert torch.equal(pol_c, ref_c) and torch.equal(pol_r, ref_r)  # fresh adapter on 4-bit: policy == reference
     # an eval pass keeps the trainable layout (bnb repacks for inference on AVX512-BF16 CPUs otherwise)
     assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
@@ -114,7 +130,7 @@ def test_4bit_nf4_on_cpu_trains_only_the_adapter(cfg, batch):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    (-sequence_logps(out.logits, batch["labels"]).mean()).backward()
+    (-sequence_logps(out.logits, plain_labels(batch)).mean()).backward()
     opt.step()
     # compare bytes: packed 4-bit weights viewed as float can hold NaN patterns (NaN != NaN)
     same = lambda a, b: a.detach().contiguous().view(torch.uint8).equal(b.contiguous().view(torch.uint8))  # noqa: E731
@@ -145,7 +161,7 @@ def test_gradient_checkpointing_unquantized_still_trains_lora(cfg, batch):
     assert model.base_model.model.is_gradient_checkpointing
     perturb_lora(model)  # lora_B = 0 would leave lora_A without gradient
     model.train()
-    c, r, _ = concatenated_forward(model, batch)
+    c, r = concatenated(model, batch)
     (c - r).mean().backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
@@ -182,49 +198,42 @@ def test_fresh_adapter_is_the_reference_and_disable_adapter_is_the_base(cfg, bat
 
     model = load_model(cfg.model, cfg.quantization, cfg.lora)
     model.eval()
-    pol_c, pol_r, _ = concatenated_forward(model, batch)
+    pol_c, pol_r = concatenated(model, batch)
     with reference_disabled(model):
-        ref_c, ref_r, _ = concatenated_forward(model, batch)
+        ref_c, ref_r = concatenated(model, batch)
     # step 0: lora_B = 0, so policy == reference bit for bit
     assert torch.equal(pol_c, ref_c) and torch.equal(pol_r, ref_r)
     assert not ref_c.requires_grad and pol_c.requires_grad
     perturb_lora(model)
-    assert not torch.allclose(concatenated_forward(model, batch)[0], ref_c)
+    assert not torch.allclose(concatenated(model, batch)[0], ref_c)
     # with the adapter disabled it is the plain base model, loaded without PEFT
     plain = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model)).eval()
-    base_c, base_r, _ = concatenated_forward(plain, batch)
+    base_c, base_r = concatenated(plain, batch)
     with reference_disabled(model):
-        again_c, again_r, _ = concatenated_forward(model, batch)
+        again_c, again_r = concatenated(model, batch)
     assert torch.allclose(again_c, base_c, atol=1e-5) and torch.allclose(again_r, base_r, atol=1e-5)
     assert torch.allclose(again_c, ref_c, atol=1e-5)
-    assert concatenated_forward(model, batch)[0].requires_grad  # the adapter is back on, with grad
+    assert concatenated(model, batch)[0].requires_grad  # the adapter is back on, with grad
 
 
-def test_concatenated_forward_is_one_forward_split_in_halves(cfg, batch):
+def test_pair_logps_is_one_forward_and_equals_sequence_logps_over_the_plain_labels(cfg, batch):
     model = load_model(cfg.model, cfg.quantization, cfg.lora)
     perturb_lora(model)
     model.eval()
     calls = []
     model.register_forward_hook(lambda m, a, kw, out: calls.append(kw["input_ids"].shape), with_kwargs=True)
     with torch.no_grad():
-        c, r, logits = concatenated_forward(model, batch, return_logits=True)
-    assert calls == [batch["input_ids"].shape]  # ONE forward over all 2B rows
-    half = batch["input_ids"].shape[0] // 2
-    assert c.shape == r.shape == (half,) and c.dtype == torch.float32
-    full = sequence_logps(logits, batch["labels"])
-    assert torch.equal(c, full[:half]) and torch.equal(r, full[half:])
-    with torch.no_grad():
-        sep = [sequence_logps(model(input_ids=batch["input_ids"][sl], attention_mask=batch["attention_mask"][sl]).logits,
-                              batch["labels"][sl]) for sl in (slice(0, half), slice(half, None))]
-    assert torch.allclose(c, sep[0], atol=1e-5) and torch.allclose(r, sep[1], atol=1e-5)
-    # IPO: per-token means
-    n = (batch["labels"][:, 1:] != -100).sum(-1)
-    with torch.no_grad():
-        ac, ar, none = concatenated_forward(model, batch, average_log_prob=True)
-    assert none is None
-    assert torch.allclose(torch.cat([ac, ar]), full / n, atol=1e-6)
-    with pytest.raises(ValueError, match="even"):
-        concatenated_forward(model, {k: v[:3] for k, v in batch.items()})
+        for completion_only in (True, False):
+            c, r, n_c, n_r = pair_logps(model, batch, completion_only=completion_only)
+            assert c.shape == r.shape == (2,) and c.dtype == torch.float32
+            labels = plain_labels(batch)
+            full = sequence_logps(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                  labels)
+            assert torch.allclose(torch.cat([c, r]), full, rtol=1e-5, atol=1e-4)
+            counts = (labels[:, 1:] != -100).sum(-1)
+            assert torch.equal(torch.cat([n_c, n_r]), counts)  # IPO's length normaliser
+    # ONE forward over all 2B rows per call (the other calls are the sequence_logps checks)
+    assert calls[0] == calls[2] == batch["input_ids"].shape and len(calls) == 4
 
 
 def test_dpo_reference_is_the_sft_model_not_the_base(cfg, batch, tmp_path):
@@ -276,3 +285,30 @@ def test_models_module_imports_no_ray_and_nothing_heavy():
             "bad=[m for m in ('ray','mlflow','deepspeed','peft','transformers','bitsandbytes') if m in sys.modules];"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_pair_attention_equals_masked_attention_over_the_padding_free_row(groups):
+    import torch.nn.functional as F
+
+    from raydpo.models import pair_attention, pair_attention_mask
+
+    torch.manual_seed(0)
+    spans = [(0, 3, 2, 2), (7, 1, 3, 0), (11, 2, 1, 3)]  # shared prefix, a lone sequence, shared again
+    N, H, D = 17, 4, 8
+    q = torch.randn(1, H, N, D, requires_grad=True)
+    k = torch.randn(1, H // groups, N, D, requires_grad=True)
+    v = torch.randn(1, H // groups, N, D, requires_grad=True)
+    seq = torch.tensor([[i for i, (_, p, a, b) in enumerate(spans) for _ in range(p + a + b)]])
+    seg = torch.tensor([[x for _, p, a, b in spans for x in [0] * p + [1] * a + [2] * b]])
+    module = type("Attn", (), {"num_key_value_groups": groups})()
+    out, _ = pair_attention(module, q, k, v, scaling=0.3, raydpo_spans=spans)
+    mask = pair_attention_mask(seq, seg)
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
+                                          attn_mask=mask, scale=0.3).transpose(1, 2)
+    assert out.shape == (1, N, H, D) and torch.allclose(out, want, atol=1e-6)
+    g1 = torch.autograd.grad(out.square().sum(), (q, k, v))
+    g2 = torch.autograd.grad(want.square().sum(), (q, k, v))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g1, g2))
+    with pytest.raises(RuntimeError, match="spans"):
+        pair_attention(module, q, k, v)

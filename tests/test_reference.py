@@ -63,3 +63,79 @@ def test_reference_pass_uses_every_free_replica_slot(monkeypatch, resources, ove
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
     assert inference_actors(Config().with_overrides(overrides)) == expected
+
+
+# -- the cache is keyed by content -------------------------------------------------------------
+
+
+def test_files_digest_follows_content_not_path_and_is_remembered(tmp_path):
+    from raydpo.reference import files_digest
+
+    d = tmp_path / "adapter"
+    d.mkdir()
+    (d / "adapter_model.safetensors").write_bytes(b"A" * 100)
+    (d / "adapter_config.json").write_text("{}")
+    memo = tmp_path / "memo"
+    first = files_digest(d, memo)
+    assert files_digest(d, memo) == first and (memo / "digests.json").exists()
+    (d / "adapter_model.safetensors").write_bytes(b"B" * 100)  # a new adapter at the same path
+    assert files_digest(d, memo) != first
+    (d / "adapter_model.safetensors").write_bytes(b"A" * 100)
+    assert files_digest(d, memo) == first
+
+
+def test_cache_key_changes_with_the_reference_the_tokenizer_and_the_data(tmp_path):
+    import shutil
+
+    from raydpo.reference import MERGED_MARKER, cache_key
+
+    cfg = Config().with_overrides({"model.cache_dir": str(tmp_path / "cache"), "run.storage_path": str(tmp_path / "runs")})
+    path = resolve_model_path(cfg.model)
+    model = tmp_path / "model"
+    shutil.copytree(path, model)
+    key, parts = cache_key(cfg, str(model))
+    assert cache_key(cfg, str(model))[0] == key  # stable
+    assert cache_key(cfg.with_overrides({"dpo.beta": 0.5, "dpo.lr": 1e-3}), str(model))[0] == key  # not numbers it ignores
+    w = next(model.glob("*.safetensors"))
+    blob = bytearray(w.read_bytes())
+    blob[-1] ^= 1
+    w.write_bytes(bytes(blob))  # other weights, same path
+    assert cache_key(cfg, str(model))[1]["reference"] != parts["reference"]
+    w.write_bytes(bytes(blob[:-1] + bytes([blob[-1] ^ 1])))
+    assert cache_key(cfg, str(model))[0] == key
+    (model / "tokenizer_config.json").write_text((model / "tokenizer_config.json").read_text() + " ")
+    assert cache_key(cfg, str(model))[1]["tokenizer"] != parts["tokenizer"]
+    assert cache_key(cfg.with_overrides({"data.max_length": 2048}), str(model))[1]["data"] != parts["data"]
+    assert cache_key(cfg.with_overrides({"quantization.mode": "4bit"}), str(model))[0] != key
+    src = tmp_path / "rows.jsonl"
+    src.write_text('{"question": "q", "response_j": "a", "response_k": "b"}\n')
+    from_file = cfg.with_overrides({"data.source": str(src)})
+    k1 = cache_key(from_file, str(model))[0]
+    src.write_text('{"question": "q", "response_j": "a", "response_k": "c"}\n')
+    assert cache_key(from_file, str(model))[0] != k1  # same file name, new rows
+    # a merged SFT model is identified by its base and the SFT adapter's content
+    (model / MERGED_MARKER).write_text('{"adapter_digest": "a1", "base_identity": "b"}')
+    m1 = cache_key(cfg, str(model))[0]
+    (model / MERGED_MARKER).write_text('{"adapter_digest": "a2", "base_identity": "b"}')
+    assert cache_key(cfg, str(model))[0] != m1
+
+
+def test_a_cache_folder_is_trusted_only_with_a_marker_matching_its_files(tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from raydpo.reference import MARKER, valid_cache
+
+    root = tmp_path / "key"
+    for split, n in (("train", 3), ("eval", 0)):
+        (root / split).mkdir(parents=True)
+        if n:
+            pq.write_table(pa.table({"x": list(range(n))}), root / split / "part-0.parquet")
+    assert valid_cache(root) is None  # no marker: a half-written cache
+    (root / MARKER).write_text(json.dumps({"rows": {"train": 3, "eval": 0}}))
+    assert valid_cache(root)["rows"] == {"train": 3, "eval": 0}  # an empty eval split is a valid cache
+    (root / MARKER).write_text(json.dumps({"rows": {"train": 4, "eval": 0}}))
+    assert valid_cache(root) is None  # a lost file
+    (root / MARKER).write_text("{not json")
+    assert valid_cache(root) is None

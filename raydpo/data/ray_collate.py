@@ -17,13 +17,13 @@ from raydpo.data.collate import collate_dpo, collate_sft
 
 
 class DPOCollate(NumpyBatchCollateFn):
-    """`collate_dpo` with a fixed pad id: ``input_ids``/``attention_mask``/``labels`` ``[2B, T]``."""
+    """`collate_dpo` with a fixed pad id and layout (``share_prefix``, ``pack``)."""
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+    def __init__(self, pad_token_id: int, share_prefix: bool = False, pack: bool = False):
+        self.pad_token_id, self.share_prefix, self.pack = pad_token_id, share_prefix, pack
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        return collate_dpo(batch, self.pad_token_id)
+        return collate_dpo(batch, self.pad_token_id, share_prefix=self.share_prefix, pack=self.pack)
 
 
 class SFTCollate(NumpyBatchCollateFn):

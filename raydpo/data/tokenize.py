@@ -41,12 +41,14 @@ def tokenize_dpo(tokenizer, prompts: list[str], chosen: list[str], rejected: lis
                  max_prompt_length: int) -> dict[str, list[Any]]:
     """Lists of ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids`` (lists of int)
     and ``truncated`` (bool), one per pair."""
+    out: dict[str, list[Any]] = {"prompt_input_ids": [], "chosen_input_ids": [], "rejected_input_ids": [],
+                                 "truncated": []}
+    if not prompts:  # an empty split (HF fast tokenizers fail on an empty list)
+        return out
     eos = tokenizer.eos_token_id
     p_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
     c_ids = tokenizer(chosen, add_special_tokens=False)["input_ids"]
     r_ids = tokenizer(rejected, add_special_tokens=False)["input_ids"]
-    out: dict[str, list[Any]] = {"prompt_input_ids": [], "chosen_input_ids": [], "rejected_input_ids": [],
-                                 "truncated": []}
     for p, c, r in zip(p_ids, c_ids, r_ids):
         p, c, r, cut = truncate_pair(list(p), list(c) + [eos], list(r) + [eos], max_length, max_prompt_length,
                                      tokenizer.bos_token_id)
@@ -60,6 +62,8 @@ def tokenize_dpo(tokenizer, prompts: list[str], chosen: list[str], rejected: lis
 def pack_sft(tokenizer, texts: list[str], block_size: int) -> list[list[int]]:
     """BOS + text + EOS per example, concatenated and cut into ``block_size`` blocks; the tail
     shorter than a block is dropped."""
+    if not texts:
+        return []
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]:

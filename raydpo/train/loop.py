@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,7 +23,9 @@ import torch.distributed as dist
 
 from raydpo import losses
 from raydpo.config import Config, TrainStageConfig
+from raydpo.data.collate import pair_tokens
 from raydpo.deepspeed import build_ds_config
+from raydpo.models import pair_logps, reference_disabled
 
 Stage = Literal["sft", "dpo"]
 LN2 = math.log(2.0)
@@ -119,39 +122,23 @@ def sft_forward(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, d
 
 
 def dpo_forward(engine, model, batch: dict[str, torch.Tensor], cfg: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One concatenated chosen+rejected forward through the policy; the reference is the same
-    weights with the LoRA adapter disabled (no second model in memory), or precomputed
-    log-probs carried in the batch. Log-probs are fp32 (``losses.sequence_logps`` upcasts)."""
+    """One policy forward over the pairs (`models.pair_logps`, in whatever layout the collate
+    made); the reference is precomputed log-probs carried in the batch, or the same weights with
+    the LoRA adapter disabled (no second model in memory). Log-probs are fp32 sums; IPO gets the
+    response lengths and normalises per token, as TRL 1.16 does."""
     d = cfg.dpo
-    average = d.loss_type == "ipo"
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    half = ids.shape[0] // 2
-    out = engine(input_ids=ids, attention_mask=mask)
-    logps = _seq_logps(out.logits, labels, average)
-    del out
+    pol_c, pol_r, n_c, n_r = pair_logps(engine, batch, completion_only=d.completion_only_logits)
     if "ref_chosen_logps" in batch:  # precomputed sums (raydpo.reference)
         ref_c, ref_r = batch["ref_chosen_logps"].float(), batch["ref_rejected_logps"].float()
-        if average:
-            n_tok = (labels[:, 1:] != -100).sum(-1).clamp(min=1).float()
-            ref_c, ref_r = ref_c / n_tok[:half], ref_r / n_tok[half:]
     else:
-        with torch.no_grad(), model.disable_adapter():
-            ref_out = engine(input_ids=ids, attention_mask=mask)
-            ref = _seq_logps(ref_out.logits, labels, average)
-            del ref_out
-        ref_c, ref_r = ref[:half], ref[half:]
-    pol_c, pol_r = logps[:half], logps[half:]
+        with reference_disabled(model):
+            ref_c, ref_r, _, _ = pair_logps(engine, batch, completion_only=d.completion_only_logits)
     per_ex, chosen_r, rejected_r = losses.dpo_loss(
-        pol_c, pol_r, ref_c, ref_r, beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing
+        pol_c, pol_r, ref_c, ref_r, beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
+        chosen_lengths=n_c, rejected_lengths=n_r,
     )
     sums = losses.dpo_metric_sums(chosen_r, rejected_r, pol_c.detach(), pol_r.detach(), per_ex.detach())
     return per_ex.mean(), sums
-
-
-def _seq_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool) -> torch.Tensor:
-    if average:
-        return losses.sequence_logps(logits, labels, average=True)
-    return losses.sequence_logps(logits, labels)
 
 
 def _finalize(sums: dict[str, torch.Tensor], device: torch.device) -> dict[str, float]:
@@ -220,6 +207,7 @@ def run_stage(stage: Stage, cfg: Config, model, tokenizer, env: WorkerEnv, hooks
     window: dict[str, torch.Tensor] = {}
     tokens = torch.zeros((), device=env.device)
     samples = torch.zeros((), device=env.device)  # pairs for DPO, packed blocks for SFT
+    slots, pad, scored = (torch.zeros((), device=env.device) for _ in range(3))
     t_window, window_steps = time.perf_counter(), 0
     check_step0 = stage == "dpo" and cfg.dpo.sanity_check and step == 0
     batches = _batches_forever(hooks.train_batches)
@@ -231,8 +219,12 @@ def run_stage(stage: Stage, cfg: Config, model, tokenizer, env: WorkerEnv, hooks
             engine.backward(loss)
             engine.step()  # DeepSpeed only updates at the accumulation boundary
             _add(window, s)
-            tokens += b["attention_mask"].sum() if "attention_mask" in b else b["input_ids"].numel()
+            tokens += pair_tokens(b) if "pair_lengths" in b else b["attention_mask"].sum()
             samples += s["count"].detach().float().reshape(())
+            if "seq_ids" in b:  # DPO layouts: how much of the computed [R, T] is padding
+                slots += b["seq_ids"].numel()
+                pad += (b["seq_ids"] < 0).sum()
+                scored += (b["score_slot"] >= 0).sum()
         step += 1
         window_steps += 1
         if check_step0:
@@ -243,9 +235,14 @@ def run_stage(stage: Stage, cfg: Config, model, tokenizer, env: WorkerEnv, hooks
         if step == 1 or step % stage_cfg.log_every == 0 or last:
             elapsed = time.perf_counter() - t_window
             train = _finalize(window, env.device)
-            totals = all_reduce_sum(torch.stack([tokens, samples]))
+            rss = torch.tensor(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, device=env.device)
+            totals = all_reduce_sum(torch.stack([tokens, samples, slots, pad, scored, rss]).float())
             metrics.update({f"train/{k}": v for k, v in train.items()})
             metrics["train/tokens_per_s"] = float(totals[0]) / max(elapsed, 1e-9)
+            metrics["train/peak_rss_mib"] = float(totals[5])  # all workers' high-water marks, summed
+            if float(totals[2]) > 0:
+                metrics["train/padding_fraction"] = float(totals[3]) / float(totals[2])
+                metrics["train/scored_tokens_per_s"] = float(totals[4]) / max(elapsed, 1e-9)
             metrics["train/samples_per_s"] = float(totals[1]) / max(elapsed, 1e-9)
             metrics["train/step_time_s"] = elapsed / max(window_steps, 1)
             if env.use_gpu:
@@ -253,6 +250,7 @@ def run_stage(stage: Stage, cfg: Config, model, tokenizer, env: WorkerEnv, hooks
             metrics["train/lr"] = float(sched.get_last_lr()[0])
             window, t_window, window_steps = {}, time.perf_counter(), 0
             tokens, samples = torch.zeros((), device=env.device), torch.zeros((), device=env.device)
+            slots, pad, scored = (torch.zeros((), device=env.device) for _ in range(3))
         if step % stage_cfg.eval_every == 0 or last:
             t_eval = time.perf_counter()
             metrics.update(evaluate())
@@ -351,6 +349,15 @@ class gathered_adapter:
         if self.ctx is not None:
             self.ctx.__exit__(*exc)
         return False
+
+
+def set_torch_threads(scaling) -> int:
+    """A worker runs torch with as many threads as the CPUs it was given (at least 1), or
+    ``scaling.torch_threads``. Ray only sets ``OMP_NUM_THREADS`` from the CPU request; say it
+    here, once, where the loop runs, and report what torch got."""
+    n = scaling.torch_threads or max(1, int(scaling.cpus_per_worker))
+    torch.set_num_threads(n)
+    return torch.get_num_threads()
 
 
 def env_from_torch(use_gpu: bool) -> WorkerEnv:

@@ -38,6 +38,27 @@ def _rows(cfg, stage: str) -> list[dict]:
     return out
 
 
+def add_reference(model, cols: dict[str, list], pad_token_id: int, cfg, device) -> None:
+    """Reference log-prob sums of every pair in ``cols`` (adapter disabled, the training
+    forward), added as ``ref_chosen_logps`` / ``ref_rejected_logps`` lists."""
+    import numpy as np
+
+    from raydpo.data.collate import collate_dpo
+    from raydpo.models import pair_logps, reference_disabled
+
+    keys = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+    n, step = len(cols[keys[0]]), cfg.dpo.per_device_batch_size * 4
+    cols["ref_chosen_logps"], cols["ref_rejected_logps"] = [], []
+    for lo in range(0, n, step):
+        b = collate_dpo({k: np.array(cols[k][lo:lo + step] + [None], dtype=object)[:-1] for k in keys}, pad_token_id,
+                        share_prefix=cfg.dpo.share_prefix, pack=cfg.dpo.padding_free)
+        with reference_disabled(model):
+            c, r, _, _ = pair_logps(model, {k: v.to(device) for k, v in b.items()},
+                                    completion_only=cfg.dpo.completion_only_logits)
+        cols["ref_chosen_logps"] += c.cpu().tolist()
+        cols["ref_rejected_logps"] += r.cpu().tolist()
+
+
 def main(argv: list[str] | None = None) -> None:
     import numpy as np
     import torch
@@ -68,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     stage_cfg = cfg.sft if args.stage == "sft" else cfg.dpo
     bs = stage_cfg.per_device_batch_size
 
+    dpo_cols: list[dict] = []
+
     def make(split_eval: bool):
         mine = [r for r in rows if r["is_eval"] == split_eval][env.rank::env.world_size]
         if args.stage == "sft":
@@ -77,7 +100,9 @@ def main(argv: list[str] | None = None) -> None:
         else:
             cols = tokenize_dpo(tok, [r["prompt"] for r in mine], [r["chosen"] for r in mine],
                                 [r["rejected"] for r in mine], cfg.data.max_length, cfg.data.max_prompt_length)
-            collate = partial(collate_dpo, pad_token_id=tok.pad_token_id)
+            collate = partial(collate_dpo, pad_token_id=tok.pad_token_id, share_prefix=cfg.dpo.share_prefix,
+                              pack=cfg.dpo.padding_free)
+            dpo_cols.append(cols)
         # every rank sees the same number of rows (Ray's equal split does the same), so every
         # rank runs the same number of forwards (ZeRO-3 gathers and the metric all-reduce are
         # collective); training drops the last partial batch, evaluation keeps it
@@ -92,7 +117,12 @@ def main(argv: list[str] | None = None) -> None:
                 yield collate({k: np.array(v[i * bs:hi] + [None], dtype=object)[:-1] for k, v in cols.items()})
         return it
 
+    train_batches, eval_batches = make(False), make(True)
     model = load_model(cfg.model, cfg.quantization, cfg.lora, base_path=path, device=env.device)
+    if args.stage == "dpo" and cfg.dpo.reference == "precomputed":
+        # the reference pass, in-process: each rank scores its own rows once, before training
+        for cols in dpo_cols:
+            add_reference(model, cols, tok.pad_token_id, cfg, env.device)
     out_dir = Path(cfg.run.storage_path) / f"{cfg.run.name}-{args.stage}-standalone"
 
     def report(metrics, ckpt_dir):
@@ -106,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         if env.rank == 0:
             print(json.dumps({"step": step, **metrics}), flush=True)
 
-    hooks = Hooks(train_batches=make(False), eval_batches=make(True), report=report, log=log,
+    hooks = Hooks(train_batches=train_batches, eval_batches=eval_batches, report=report, log=log,
                   progress=lambda s: print(s, flush=True) if env.rank == 0 else None)
     run_stage(args.stage, cfg, model, tok, env, hooks)
     dist.barrier()

@@ -19,12 +19,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from raydpo.data.ray_collate import DPOCollate, SFTCollate
     from raydpo.models import load_model, load_tokenizer
     from raydpo.tracking import make_logger
-    from raydpo.train.loop import Hooks, env_from_torch, run_stage
+    from raydpo.train.loop import Hooks, env_from_torch, run_stage, set_torch_threads
 
     cfg = Config.from_dict(config["config"])
     stage = config["stage"]
     stage_cfg = cfg.sft if stage == "sft" else cfg.dpo
     env = env_from_torch(cfg.scaling.use_gpu)
+    threads = set_torch_threads(cfg.scaling)
     if cfg.scaling.use_gpu:
         env.device = ray.train.torch.get_device()
 
@@ -32,16 +33,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = load_model(cfg.model, cfg.quantization, cfg.lora, base_path=config["base_path"], device=env.device)
     logger = make_logger(config.get("tracking_uri"), config.get("run_id"), env.rank)
 
-    collate = DPOCollate(tokenizer.pad_token_id) if stage == "dpo" else SFTCollate()
+    collate = (DPOCollate(tokenizer.pad_token_id, cfg.dpo.share_prefix, cfg.dpo.padding_free) if stage == "dpo"
+               else SFTCollate())
     train_shard = ray.train.get_dataset_shard("train")
-    eval_shard = ray.train.get_dataset_shard("eval")
+    # an empty eval split is not passed (launch.fit_stage warns): train without evaluation
+    eval_shard = ray.train.get_dataset_shard("eval") if config.get("has_eval", True) else None
     bs = stage_cfg.per_device_batch_size
 
     def train_batches():
         return iter(train_shard.iter_torch_batches(batch_size=bs, collate_fn=collate, drop_last=True))
 
     def eval_batches():
-        return iter(eval_shard.iter_torch_batches(batch_size=bs, collate_fn=collate))
+        return iter(eval_shard.iter_torch_batches(batch_size=bs, collate_fn=collate)) if eval_shard else iter(())
 
     def report(metrics: dict[str, float], ckpt_dir: str | None) -> None:
         ckpt = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
@@ -57,6 +60,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def progress(line: str) -> None:
         if env.rank == 0:
             print(line, flush=True)
+
+    progress(f"[{stage}] {env.world_size} worker(s), {threads} torch thread(s) each")
 
     log, exporter = logger.log_metrics, None
     if env.rank == 0:  # metrics are already all-reduced: one exporter, as one MLflow logger

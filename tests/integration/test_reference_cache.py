@@ -1,0 +1,99 @@
+"""The default-on reference cache never hands a run stale log-probs: a new SFT adapter under the
+same run name gets fresh ones, a damaged cache is rebuilt, and an empty eval split trains."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.integration]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _cfg(tmp_path, *extra):
+    from raydpo.presets import demo_config
+
+    return demo_config(quick=True, overrides=[
+        f"run.storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"model.cache_dir={REPO / '.raydpo_cache'}", "data.sample_size=64", "run.name=cache", *extra])
+
+
+def _sft_adapter(cfg, base_path, out, seed):
+    """Stands in for an SFT run writing its adapter to the run's (fixed) path."""
+    from raydpo.models import load_model, load_tokenizer
+
+    model = load_model(cfg.model, cfg.quantization, cfg.lora, base_path=base_path)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    model.save_pretrained(out)
+    load_tokenizer(base_path).save_pretrained(out)
+
+
+def _ref(ds):
+    return ds.to_pandas().sort_values("ref_chosen_logps")["ref_chosen_logps"].to_numpy()
+
+
+@pytest.mark.timeout(600)
+def test_a_new_sft_adapter_under_the_same_run_name_gets_fresh_reference_logps(tmp_path, ray_local):
+    from raydpo.launch import merged_sft_base, resolve_base
+    from raydpo.reference import reference_datasets
+
+    cfg = _cfg(tmp_path).with_absolute_paths()
+    base_path, _ = resolve_base(cfg)
+    adapter = tmp_path / "runs" / "cache" / "sft-adapter"
+    said: list[str] = []
+    _sft_adapter(cfg, base_path, adapter, seed=1)
+    merged = merged_sft_base(cfg, str(adapter), base_path)
+    first = _ref(reference_datasets(cfg, merged, merged, progress=said.append)[0])
+    again = _ref(reference_datasets(cfg, merged, merged, progress=said.append)[0])
+    assert any("reusing" in s for s in said) and (first == again).all()  # same content: cached
+
+    _sft_adapter(cfg, base_path, adapter, seed=2)  # the SFT stage ran again: same path, new weights
+    merged2 = merged_sft_base(cfg, str(adapter), base_path)
+    assert merged2 == merged  # same folder, re-merged
+    said.clear()
+    second = _ref(reference_datasets(cfg, merged2, merged2, progress=said.append)[0])
+    assert any("computing" in s for s in said)
+    assert len(second) == len(first) and abs(second - first).max() > 1e-2  # fresh log-probs, not the old ones
+    caches = [p for p in (tmp_path / "runs" / "reference").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert len(caches) == 2
+
+    # a damaged cache (a lost part file) is rebuilt, not trusted
+    victim = next(p for p in caches if p.name != caches[0].name or True)
+    for f in (victim / "train").glob("*.parquet"):
+        f.unlink()
+        break
+    said.clear()
+    key_of = {c.name for c in caches}
+    rebuilt = reference_datasets(cfg, merged2, merged2, progress=said.append)[0]
+    if any("rebuilding" in s for s in said):
+        assert rebuilt.count() == len(second)
+    assert key_of == {p.name for p in (tmp_path / "runs" / "reference").iterdir()
+                      if p.is_dir() and not p.name.startswith(".")}
+
+
+@pytest.mark.timeout(600)
+def test_dpo_with_an_empty_eval_split_trains_with_a_warning(tmp_path, ray_local):
+    from raydpo.launch import fit_stage
+
+    # a tiny eval fraction of a small sample: no question hashes into the eval split
+    cfg = _cfg(tmp_path, "data.sample_size=40", "data.eval_fraction=0.0001", "dpo.max_steps=2", "dpo.log_every=1",
+               "dpo.eval_every=1", "dpo.save_every=2")
+    said: list[str] = []
+    r = fit_stage(cfg, "dpo", progress=said.append)
+    assert any("eval split is empty" in s for s in said)
+    assert [h["step"] for h in r.history] == [1, 2] and not any(k.startswith("eval/") for h in r.history for k in h)
+    assert (Path(r.adapter_path) / "adapter_config.json").exists()
