@@ -49,6 +49,19 @@ METRIC_KEYS = (LOSS, REWARDS_CHOSEN, REWARDS_REJECTED, REWARDS_ACCURACIES, REWAR
 COUNT = "count"
 
 
+def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """fp32 ``log p(target)`` per position: logits ``[B, S, V]`` (any float dtype), targets
+    ``[B, S]`` -> ``[B, S]``, as ``logit[target] - logsumexp(logits)``, one row at a time, so
+    without grad at most one fp32 ``[S, V]`` row is live and never a full ``log_softmax``
+    beside the logits. The one rule for a token's log-prob: `sequence_logps` and
+    `raydpo.models.pair_logps` both use it."""
+    rows = []
+    for b in range(logits.shape[0]):
+        row = logits[b].float()
+        rows.append(row.gather(-1, targets[b].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(row, dim=-1))
+    return torch.stack(rows)
+
+
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
                    average: bool = False, return_count: bool = False
                    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -70,12 +83,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     logits = logits[:, :-1]
     mask = labels != ignore_index
     safe = labels.masked_fill(~mask, 0)
-    out = []
-    for b in range(logits.shape[0]):
-        row = logits[b].float()
-        tok = row.gather(-1, safe[b].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(row, dim=-1)
-        out.append((tok * mask[b]).sum())
-    total = torch.stack(out)
+    total = (token_logps(logits, safe) * mask).sum(-1)
     count = mask.sum(-1)
     if average:
         total = total / count.clamp(min=1)

@@ -41,9 +41,9 @@ def load_tokenizer(name_or_path: str, revision: str | None = None) -> PreTrained
     """A tokenizer with a pad token and right padding.
 
     Llama 2 ships no pad token: like stack_llama_2 (``tokenizer.pad_token = tokenizer.eos_token``)
-    we fall back to EOS, or UNK when there is no EOS. That is safe here because labels come from
-    the response tokens (`raydpo.data.collate`), never from ``input_ids != pad_token_id``, so a
-    real EOS is still learned; pad positions are masked out of every loss by ``-100`` labels.
+    we fall back to EOS, or UNK when there is no EOS. That is safe here because the scored tokens
+    are the response tokens (`raydpo.data.collate`'s scoring index), never ``input_ids !=
+    pad_token_id``, so a real EOS is still learned, and padding is never scored.
     """
     from transformers import AutoTokenizer
 
@@ -298,13 +298,9 @@ def pair_logps(model, batch: dict[str, torch.Tensor], completion_only: bool = Tr
             full = model(**kw).logits  # [R, T, V]
             logits = torch.take_along_dim(full, pos[..., None], dim=1)
             del full
-    slot, tgt = batch["score_slot"], batch["score_tgt"]
+    slot = batch["score_slot"]
     valid = slot >= 0
-    rows = []
-    for r in range(logits.shape[0]):  # one fp32 [S, V] row at a time (as losses.sequence_logps)
-        row = logits[r].float()
-        rows.append(row.gather(-1, tgt[r].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(row, dim=-1))
-    tok = torch.stack(rows) * valid
+    tok = losses.token_logps(logits, batch["score_tgt"]) * valid
     B = batch["pair_lengths"].shape[0]
     idx = slot.clamp(min=0).reshape(-1)
     sums = torch.zeros(2 * B, dtype=torch.float32, device=tok.device).index_add(0, idx, tok.reshape(-1))
