@@ -112,3 +112,15 @@ def test_fast_default_training_follows_the_plain_loss_curve(cache):
     assert abs(curves["plain"][0] - np.log(2)) < 1e-5  # a fresh adapter: policy == reference
     assert curves["plain"][-1] < curves["plain"][0] - 1e-3  # it trained
     np.testing.assert_allclose(curves["default"], curves["plain"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cpus,override,want", [(0.5, None, 1), (2.0, None, 2), (1.5, None, 1), (0.5, 3, 3)])
+def test_a_worker_runs_as_many_torch_threads_as_cpus_it_was_given(cpus, override, want):
+    from raydpo.train.loop import set_torch_threads
+
+    before = torch.get_num_threads()
+    try:
+        scaling = Config().with_overrides({"scaling.cpus_per_worker": cpus, "scaling.torch_threads": override}).scaling
+        assert set_torch_threads(scaling) == want == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
