@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -197,11 +198,16 @@ def test_build_datasets_dpo_streams_valid_pairs_split_by_question(ray_local, cfg
         p, c, j = r["prompt_input_ids"], r["chosen_input_ids"], r["rejected_input_ids"]
         assert p[0] == tok.bos_token_id and len(p) + max(len(c), len(j)) <= 256 and not r["truncated"]
         assert c[-1] == tok.eos_token_id and j[-1] == tok.eos_token_id
-    # what a training worker sees: concatenated chosen+rejected batches
-    batch = next(iter(train.iter_torch_batches(batch_size=4, collate_fn=DPOCollate(tok.pad_token_id))))
-    assert batch["input_ids"].shape[0] == 8 and batch["input_ids"].shape == batch["labels"].shape
-    assert batch["input_ids"].shape[1] <= 256
-    assert not ((batch["labels"] != -100) & (batch["attention_mask"] == 0)).any()  # no loss on padding
+    # what a training worker sees: the plain layout (chosen rows then rejected rows), and the default
+    # padding-free layout (one row, the prompt once per pair); both score the same response tokens
+    plain = next(iter(train.iter_torch_batches(batch_size=4, collate_fn=DPOCollate(tok.pad_token_id))))
+    assert plain["input_ids"].shape[0] == 8 and plain["input_ids"].shape[1] <= 256
+    real = plain["attention_mask"].gather(1, plain["score_pos"].clamp(min=0))
+    assert ((plain["score_slot"] < 0) | (real == 1)).all()  # no position that is padding is scored
+    fast = next(iter(train.iter_torch_batches(batch_size=4, collate_fn=DPOCollate(tok.pad_token_id, True, True))))
+    assert fast["input_ids"].shape[0] == 1 and (fast["seq_ids"] >= 0).all() and fast["spans"].shape == (4, 4)
+    assert torch.equal(fast["pair_lengths"], plain["pair_lengths"])
+    assert (fast["score_slot"] >= 0).sum() == (plain["score_slot"] >= 0).sum() == plain["pair_lengths"][:, 1:].sum()
 
 
 def test_build_datasets_sft_packs_fixed_blocks(ray_local, cfg_tok):
