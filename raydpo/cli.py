@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from raydpo.config import Config, ConfigError, check_resources, load_config
@@ -86,17 +87,72 @@ def cmd_data_stats(args) -> int:
     return 0
 
 
+def guarded(fn, resume_hint: str | None = None) -> int:
+    """Run a training command; what went wrong is one line on stderr, not a traceback.
+
+    Setup problems (storage, tracking store, data too small, hub token, a changed config) exit 2
+    before any training; a preemption exits 0 once its checkpoint is written, saying how to
+    resume; a failed stage exits 1 with its worker's message."""
+    from raydpo import launch
+    from raydpo.config import ConfigError
+
+    try:
+        return fn()
+    except launch.SETUP_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    except ConfigError as e:
+        _print_errors(e.errors)
+        return EXIT_USAGE
+    except launch.Preempted as e:
+        print(f"raydpo: {e}" + (f": {resume_hint}" if resume_hint else ""), flush=True)
+        return 0
+    except launch.WorkerOOM as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume from the latest checkpoint", file=sys.stderr, flush=True)
+        return 130
+    except Exception as e:  # noqa: BLE001 - a stage failed: say why in one line
+        if os.environ.get("RAYDPO_TRACEBACK"):
+            raise
+        print(f"error: {launch.explain(e)} (RAYDPO_TRACEBACK=1 shows the traceback)", file=sys.stderr, flush=True)
+        return 1
+
+
+def _command_line() -> str:
+    import shlex
+
+    return " ".join(shlex.quote(a) for a in ["raydpo", *sys.argv[1:]] if a != "--restart")
+
+
 def _train(args, stage: str) -> int:
     from raydpo import launch, tracking
 
     cfg = _load_checked(args)
     if cfg is None:
         return EXIT_USAGE
-    if stage == "pipeline":
-        results = list(launch.run_pipeline(cfg))
-    else:
-        results = [launch.fit_stage(cfg, stage)]
-    print(summary(results, tracking.resolve_tracking_uri(cfg.tracking)))
+
+    def run() -> int:
+        if stage == "pipeline":
+            results = list(launch.run_pipeline(cfg, restart=args.restart))
+        else:
+            results = [launch.fit_stage(cfg, stage, restart=args.restart)]
+        print(summary(results, tracking.resolve_tracking_uri(cfg.tracking)))
+        return 0
+
+    return guarded(run, f"`{_command_line()}`")
+
+
+def cmd_tracking_replay(args) -> int:
+    from raydpo import tracking
+
+    try:
+        n = tracking.replay_buffer(args.path, args.tracking_uri)
+    except (OSError, RuntimeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"replayed {n} buffered metric points from {args.path} into MLflow")
     return 0
 
 
@@ -191,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                         ("pipeline", "SFT, then DPO with the SFT model as reference")):
         t = sub.add_parser(name, help=help_)
         _config_args(t, required=True)
+        t.add_argument("--restart", action="store_true",
+                       help="start over even if run.name has checkpoints (the old run folder is kept aside)")
         t.set_defaults(fn=lambda a, n=name: _train(a, n))
 
     tu = sub.add_parser("tune", help="Ray Tune search over DPO beta and lr (set dpo.sft_adapter to start from SFT)")
@@ -211,6 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
     from raydpo.report import add_parser as add_report_parser
 
     add_report_parser(sub)
+
+    tr = sub.add_parser("tracking", help="MLflow store tools")
+    trsub = tr.add_subparsers(dest="tracking_command", required=True)
+    rp = trsub.add_parser("replay", help="send metrics buffered during a tracking outage into their MLflow run")
+    rp.add_argument("path", help="the mlflow_buffer_<stage>.jsonl file a run wrote beside its checkpoints")
+    rp.add_argument("--tracking-uri", default=None, help="default: the store recorded in the file")
+    rp.set_defaults(fn=cmd_tracking_replay)
 
     ex = sub.add_parser("export", help="copy an adapter, or --merge it into its base model")
     ex.add_argument("--adapter", required=True)

@@ -156,7 +156,9 @@ class TrainStageConfig(_Section):
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(50, ge=1)
     eval_max_batches: int | None = Field(None, ge=1, description="None: the whole eval split")
-    save_every: int = Field(100, ge=1)
+    save_every: int = Field(100, ge=1, description="checkpoint every N optimizer steps (and at the end)")
+    max_nonfinite_steps: int = Field(
+        5, ge=1, description="stop after this many steps in a row with a non-finite loss (each is skipped: no update)")
     seed: int = 0
 
 
@@ -232,8 +234,10 @@ class TrackingConfig(_Section):
 class RunConfig(_Section):
     name: str = Field("raydpo", min_length=1, pattern=r"^[\w.\-]+$")
     storage_path: str = Field("raydpo_runs", description="Ray Train storage; shared storage on a cluster")
-    max_failures: int = Field(0, ge=-1)
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the latest checkpoint; -1: forever")
     timeout_s: float | None = Field(None, gt=0)
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept per stage: the latest ones, and the best "
+                                  "by the eval metric always")
 
 
 class Config(_Section):
@@ -326,6 +330,33 @@ class Config(_Section):
             except KeyError as e:
                 raise ConfigError([(k, str(e.args[0]))]) from None
         return Config.from_dict(d)
+
+
+# Keys a resumed run may change: they steer logging, saving, retries and speed, not the maths of
+# the steps already taken (max_steps may grow: "train longer"). Everything else must match the
+# checkpoint's config, or the resumed run would silently be a different experiment.
+RESUME_FREE = ("tracking.", "run.max_failures", "run.timeout_s", "run.keep_checkpoints", "scaling.torch_threads",
+               "scaling.data_cpus", "data.tokenize_", "sft.log_every", "sft.eval_every", "sft.eval_max_batches",
+               "sft.save_every", "sft.max_steps", "sft.max_nonfinite_steps", "sft.enabled", "dpo.log_every",
+               "dpo.eval_every", "dpo.eval_max_batches", "dpo.save_every", "dpo.max_steps", "dpo.max_nonfinite_steps",
+               "dpo.enabled", "tune.")
+
+
+def resume_fingerprint(cfg: Config) -> dict[str, Any]:
+    """The flattened config minus `RESUME_FREE` keys, as stored in every checkpoint."""
+    return {k: v for k, v in cfg.flat().items() if not k.startswith(RESUME_FREE)}
+
+
+def fingerprint_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Keys whose values differ between a checkpoint's fingerprint and the current config's."""
+    return sorted(k for k in set(saved) | set(current) if saved.get(k, "<unset>") != current.get(k, "<unset>"))
+
+
+def fingerprint_hash(fp: dict[str, Any]) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

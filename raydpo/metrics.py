@@ -46,6 +46,7 @@ TRAIN_GAUGES: dict[str, tuple[str, str, float]] = {
     "train/padding_fraction": ("raydpo_padding_fraction", "share of the DPO batch positions that are padding", 1.0),
     "train/peak_rss_mib": ("raydpo_workers_peak_rss_bytes", "peak resident memory of all training workers, summed",
                            2**20),
+    "train/nonfinite_steps": ("raydpo_nonfinite_steps", "optimizer steps skipped for a non-finite loss, so far", 1.0),
 }
 STEP_GAUGE = ("raydpo_step", "optimizer step of the latest logged metrics")
 RSS_GAUGE = ("raydpo_process_rss_bytes", "resident memory of the rank-0 training process")

@@ -144,11 +144,15 @@ def data_fingerprint(cfg: Config, memo_dir: str | Path | None = None) -> str:
     return hashlib.sha256(json.dumps({"data": d, "source": src}, sort_keys=True).encode()).hexdigest()
 
 
+CACHE_LAYOUT = 2  # 2: rows carry their stable row_id (the training order's key)
+
+
 def cache_key(cfg: Config, base_path: str, tok_path: str | None = None) -> tuple[str, dict]:
     """``(key, parts)``: the reference's content, the tokenizer's, the data's, and the settings
     that change the numbers (dtype, attention kernel, quantization)."""
     memo = Path(cfg.run.storage_path).resolve() / "reference"
     parts = {
+        "layout": CACHE_LAYOUT,
         "reference": model_identity(base_path, cfg.model.revision if base_path == cfg.model.name_or_path else None, memo),
         "tokenizer": tokenizer_identity(tok_path or base_path, cfg.model.revision),
         "data": data_fingerprint(cfg, memo),

@@ -187,6 +187,22 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     _client(uri).set_terminated(run_id, status=status)
 
 
+def run_exists(uri: str, run_id: str) -> bool:
+    """Whether the store holds a (not deleted) run with this id."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _client(uri).get_run(run_id).info.lifecycle_stage != "deleted"
+    except MlflowException:
+        return False
+
+
+def reopen_run(uri: str, run_id: str) -> None:
+    """Mark a run RUNNING again: a resumed stage continues the run it started (MLflow keeps its
+    params and metrics; the driver ends it again when the stage finishes)."""
+    _client(uri).update_run(run_id, status="RUNNING")
+
+
 def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
     from mlflow.entities import RunTag
 
@@ -266,9 +282,14 @@ class NullLogger:
         pass
 
 
-def make_logger(uri: str | None, run_id: str | None, rank: int) -> RunLogger | NullLogger:
-    """A `RunLogger` for rank 0 when a store and run are given, else a `NullLogger`."""
+def make_logger(uri: str | None, run_id: str | None, rank: int, *, buffered: bool = False,
+                skip_through_step: int | None = None):
+    """For rank 0 when a store and run are given: a `RunLogger`, or with ``buffered`` a
+    `BufferedLogger` (training never waits on the store; an outage is buffered and flushed, steps
+    ``<= skip_through_step`` are not logged again). Otherwise a `NullLogger`."""
     if rank == 0 and uri and run_id:
+        if buffered:
+            return BufferedLogger(uri, run_id, skip_through_step)
         return RunLogger(uri, run_id)
     return NullLogger()
 
@@ -384,3 +405,535 @@ def find_runs(uri: str, experiment_name: str):
 
 
 _FLUENT_URI_LOCK = threading.Lock()
+
+
+# -- outages: preflight check, buffered worker logging, spill and replay -------------------
+#
+# A tracking store that goes away (server restarted, network partition, sqlite folder on a
+# flaky mount) must neither stop nor kill training. `check_store` is the cheap preflight (bounded
+# in time: MLflow's own client retries for minutes); `BufferedLogger` is the rank-0 logger that
+# queues metric points with their original timestamps and sends them from a daemon thread,
+# buffering through an outage; what is still unsent at `close` is spilled to JSONL, which
+# `replay_buffer` sends later without duplicating points already in the run.
+
+HTTP_MAX_RETRIES_ENV = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"  # read by mlflow per request (3.17)
+HTTP_TIMEOUT_ENV = "MLFLOW_HTTP_REQUEST_TIMEOUT"  # idem, seconds (int)
+FAIL_FAST_MAX_RETRIES = 0
+FAIL_FAST_TIMEOUT_S = 5
+REPLAY_COMMAND = "raydpo tracking replay"
+
+
+def _warn(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr, flush=True)
+
+
+def _short(e: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _cause(e: BaseException) -> str:
+    """A short cause for a failed store call: MLflow wraps requests' errors in long messages."""
+    text = " ".join(str(e).split())
+    low = text.lower()
+    for needle, short in (("connection refused", "connection refused"), ("timed out", "timed out"),
+                          ("name or service not known", "cannot resolve host"),
+                          ("connection reset", "connection reset"), ("remotedisconnected", "connection closed")):
+        if needle in low:
+            return short
+    return _short(e, 160)
+
+
+def _is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def _unreachable(uri: str, why: str) -> str:
+    return f"MLflow tracking store {uri} is unreachable ({why}); start it or set tracking.tracking_uri"
+
+
+def _unusable(uri: str, why: str) -> str:
+    return f"MLflow tracking store {uri} is not usable ({why}); fix it or set tracking.tracking_uri"
+
+
+def _url_error_reason(e: BaseException) -> str:
+    import socket
+    import ssl
+    import urllib.error
+
+    inner = e.reason if isinstance(e, urllib.error.URLError) and isinstance(e.reason, BaseException) else e
+    if isinstance(inner, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(inner, (socket.timeout, TimeoutError)):
+        return "timed out"
+    if isinstance(inner, socket.gaierror):
+        return f"cannot resolve host: {_short(inner)}"
+    if isinstance(inner, ssl.SSLError):
+        return f"TLS error: {_short(inner)}"
+    if isinstance(inner, ConnectionResetError):
+        return "connection reset"
+    return _short(inner)
+
+
+def _check_http(uri: str, deadline: float) -> str | None:
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    ctx = None
+    if uri.startswith("https://"):
+        if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() in ("1", "true", "yes"):
+            ctx = ssl._create_unverified_context()
+        elif os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH"):
+            ctx = ssl.create_default_context(cafile=os.environ["MLFLOW_TRACKING_SERVER_CERT_PATH"])
+    base = uri.rstrip("/")
+    status = None
+    for suffix in ("/health", "/api/2.0/mlflow/experiments/search?max_results=1"):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return _unreachable(uri, "timed out")
+        try:
+            with urllib.request.urlopen(urllib.request.Request(base + suffix), timeout=left, context=ctx) as r:
+                r.read(64)
+            return None
+        except urllib.error.HTTPError as e:
+            status = e.code
+            if e.code in (401, 403):
+                return None  # it answered; credentials are MLflow's business (not sent here)
+            if e.code == 404:
+                continue  # no /health (an old or proxied server): try the REST API
+            return _unreachable(uri, f"HTTP {e.code} from {suffix.split('?')[0]}")
+        except Exception as e:  # URLError, timeouts, resets
+            return _unreachable(uri, _url_error_reason(e))
+    return _unusable(uri, f"HTTP {status}: does not look like an MLflow tracking server")
+
+
+def _nearest_existing(p: Path) -> Path:
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _check_folder(uri: str, folder: Path) -> str | None:
+    if folder.exists():
+        if not folder.is_dir():
+            return _unusable(uri, f"{folder} is not a folder")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            return _unusable(uri, f"folder {folder} is not writable")
+        return None
+    base = _nearest_existing(folder)
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        return _unusable(uri, f"folder {folder} does not exist and cannot be created under {base}")
+    return None
+
+
+def _check_sqlite(uri: str, db: Path, deadline: float) -> str | None:
+    import sqlite3
+
+    reason = _check_folder(uri, db.parent)
+    if reason is not None or not db.exists():
+        return reason
+    if not db.is_file():
+        return _unusable(uri, f"{db} is not a file")
+    if not os.access(db, os.R_OK | os.W_OK):
+        return _unusable(uri, f"database {db} is not readable and writable")
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=rw", uri=True, timeout=max(0.1, deadline - time.monotonic()))
+        try:
+            con.execute("SELECT count(*) FROM sqlite_master").fetchone()  # reads the header
+        finally:
+            con.close()
+    except sqlite3.Error as e:
+        return _unusable(uri, f"sqlite: {_short(e)}")
+    return None
+
+
+def _file_store_path(uri: str) -> Path | None:
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    if uri.startswith("file:"):
+        return Path(url2pathname(urlparse(uri).path)).expanduser().resolve()
+    if "://" in uri or re.match(r"^[A-Za-z][\w+.-]*:", uri):
+        return None  # another scheme (databricks, postgresql, ...)
+    return Path(uri).expanduser().resolve()
+
+
+def check_store(uri: str, timeout_s: float = 5.0) -> str | None:
+    """None when the MLflow store at ``uri`` looks usable, else a one-line reason naming it.
+
+    Finishes within ``timeout_s`` even for a blackholed host: an http(s) store gets a plain GET of
+    ``<uri>/health`` (``/api/2.0/mlflow/experiments/search`` where that 404s) in a daemon thread,
+    not ``MlflowClient`` (whose requests retry for minutes). A sqlite store needs a writable (or
+    creatable) folder and, when the database exists, a readable/writable sqlite file; a file store
+    a writable folder. Other schemes (databricks, SQL servers, ...) are not checked (None)."""
+    deadline = time.monotonic() + timeout_s
+    if _is_http(uri):
+        out: list[str | None] = []
+
+        def probe() -> None:
+            try:
+                out.append(_check_http(uri, deadline))
+            except Exception as e:  # noqa: BLE001 -- a check must not raise
+                out.append(_unreachable(uri, _short(e)))
+
+        t = threading.Thread(target=probe, name="raydpo-check-store", daemon=True)
+        t.start()
+        t.join(max(0.0, deadline - time.monotonic()) + 0.05)  # DNS is not bound by urlopen's timeout
+        return out[0] if out else _unreachable(uri, f"no answer within {timeout_s:g} s")
+    try:
+        if uri.startswith("sqlite:"):
+            db = _sqlite_path(uri)
+            return None if db is None else _check_sqlite(uri, db, deadline)
+        folder = _file_store_path(uri)
+        return None if folder is None else _check_folder(uri, folder)
+    except OSError as e:
+        return _unusable(uri, _short(e))
+
+
+def _fail_fast_http_env() -> None:
+    """Make this process's MLflow http requests fail fast (no retries, 5 s timeout): mlflow
+    3.17 reads both variables on every request. Values already stricter are kept."""
+    for name, cap in ((HTTP_MAX_RETRIES_ENV, FAIL_FAST_MAX_RETRIES), (HTTP_TIMEOUT_ENV, FAIL_FAST_TIMEOUT_S)):
+        try:
+            cur = int(os.environ[name])
+            keep = cur <= cap and (cur > 0 or name != HTTP_TIMEOUT_ENV)
+        except (KeyError, ValueError):
+            keep = False
+        if not keep:
+            os.environ[name] = str(cap)
+
+
+def _spill_record(uri: str, run_id: str, point: tuple[str, float, int, int]) -> dict[str, Any]:
+    key, value, ts, step = point
+    return {"run_id": run_id, "key": key, "value": value, "timestamp": ts, "step": step, "tracking_uri": uri}
+
+
+class BufferedLogger:
+    """A `RunLogger` that never blocks training on, nor dies from, a tracking-store outage.
+
+    ``log_metrics`` stamps the points (ms, as MLflow does) and queues them; a daemon thread sends
+    them with ``log_batch``. When that fails the points stay queued (one warning line), the thread
+    retries every ``retry_s`` .. ``max_retry_s`` seconds and says once when it has flushed the
+    backlog. Resending a point keeps its timestamp, so a batch that reached the store before its
+    answer was lost is not stored twice (MLflow's SQL store skips identical points).
+
+    ``skip_through_step``: points with ``step <= skip_through_step`` are dropped -- on resume,
+    pass `max_logged_step` of the run so steps it already holds are not logged twice.
+
+    For an http store this sets ``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0`` and
+    ``MLFLOW_HTTP_REQUEST_TIMEOUT=5`` in ``os.environ`` (process-wide; meant for the rank-0 worker
+    process) so that each attempt fails in seconds instead of minutes.
+
+    Call `close` at the end: it flushes within a timeout and spills what is left to JSONL
+    (`replay_buffer`). Tags are queued the same way; artifacts are uploaded at once, and an
+    upload that fails only warns (the files stay where they are).
+    """
+
+    def __init__(self, uri: str, run_id: str, skip_through_step: int | None = None, *,
+                 retry_s: float = 2.0, max_retry_s: float = 5.0, max_buffered: int = 1_000_000,
+                 spill_path: str | None = None):
+        import atexit
+        import collections
+
+        self.uri, self.run_id = uri, run_id
+        self.skip_through_step = None if skip_through_step is None else int(skip_through_step)
+        self.retry_s, self.max_retry_s = float(retry_s), max(float(retry_s), float(max_retry_s))
+        self.max_buffered = int(max_buffered)
+        self.spill_path = spill_path
+        self.sent = self.skipped = self.dropped = 0
+        self.last_error: str | None = None
+        self._pending: collections.deque[tuple[str, float, int, int]] = collections.deque()
+        self._inflight: list[tuple[str, float, int, int]] = []
+        self._tags: dict[str, str] = {}
+        self._inflight_tags: dict[str, str] = {}
+        self._cond = threading.Condition()
+        self._wake = threading.Event()  # new data (ignored while the store is down)
+        self._kick = threading.Event()  # flush/close: retry now
+        self._stopping = self._abandoned = self._closed = False
+        self._down = False
+        self._outage_points = 0
+        self._warned_overflow = self._warned_closed = False
+        self._client = None
+        if _is_http(uri):
+            _fail_fast_http_env()
+        self._thread = threading.Thread(target=self._loop, name="raydpo-mlflow-logger", daemon=True)
+        self._thread.start()
+        atexit.register(self._at_exit)
+
+    # -- caller side (training loop): no I/O, no MLflow import ---------------------------
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        step = int(step)
+        if self.skip_through_step is not None and step <= self.skip_through_step:
+            self.skipped += len(metrics)
+            return
+        ts = int(time.time() * 1000)
+        points = [(str(k), float(v), ts, step) for k, v in metrics.items()]
+        with self._cond:
+            if self._closed:
+                if not self._warned_closed:
+                    self._warned_closed = True
+                    _warn(f"warning: MLflow logger for run {self.run_id} is closed; "
+                          "dropping metrics logged after close")
+                return
+            self._pending.extend(points)
+            over = len(self._pending) - self.max_buffered
+            if over > 0:
+                for _ in range(over):
+                    self._pending.popleft()
+                self.dropped += over
+                if not self._warned_overflow:
+                    self._warned_overflow = True
+                    _warn(f"warning: MLflow store {self.uri} unreachable for too long; more than "
+                          f"{self.max_buffered} metric points buffered, dropping the oldest")
+        self._wake.set()
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._tags.update({str(k): str(v) for k, v in tags.items()})
+        self._wake.set()
+
+    def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
+        try:
+            self._get_client().log_artifacts(self.run_id, str(local_dir), artifact_path)
+        except Exception as e:  # noqa: BLE001 -- an outage must not kill training
+            _warn(f"warning: could not log artifacts {local_dir} to MLflow store {self.uri} ({_short(e)}); "
+                  "they stay where they are")
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        try:
+            self._get_client().log_artifact(self.run_id, str(path), artifact_path)
+        except Exception as e:  # noqa: BLE001
+            _warn(f"warning: could not log artifact {path} to MLflow store {self.uri} ({_short(e)}); "
+                  "it stays where it is")
+
+    @property
+    def pending(self) -> int:
+        """Metric points not yet acknowledged by the store (queued or being sent)."""
+        with self._cond:
+            return len(self._pending) + len(self._inflight)
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait up to ``timeout_s`` for everything queued so far to reach the store; True if it
+        did. Never raises."""
+        deadline = time.monotonic() + timeout_s
+        self._kick.set()
+        self._wake.set()
+        with self._cond:
+            while self._pending or self._inflight or self._tags or self._inflight_tags:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._thread.is_alive():
+                    return False
+                self._cond.wait(min(left, 0.5))
+            return True
+
+    def close(self, timeout_s: float = 10, spill_path: str | None = None) -> int:
+        """Flush within ``timeout_s``, stop the sender, and write whatever was not sent to
+        ``spill_path`` (default: the constructor's) as JSONL, one metric point per line
+        (``run_id, key, value, timestamp, step, tracking_uri``; unsent tags as ``{"tag": ...}``
+        lines). Returns how many records were not sent (0: everything reached the store).
+        Idempotent."""
+        import atexit
+        import json
+
+        with self._cond:
+            if self._closed:
+                return 0
+            self._stopping = True
+        self._kick.set()
+        self._wake.set()
+        self._thread.join(max(0.0, timeout_s))
+        with self._cond:
+            self._closed = self._abandoned = True
+            points = list(self._inflight) + list(self._pending)  # in flight: maybe sent, replay dedupes
+            tags = {**self._inflight_tags, **self._tags}
+            self._pending.clear()
+            self._tags.clear()
+        try:
+            atexit.unregister(self._at_exit)
+        except Exception:  # noqa: BLE001
+            pass
+        left = len(points) + len(tags)
+        if not left:
+            return 0
+        path = spill_path or self.spill_path
+        why = f" ({self.last_error})" if self.last_error else ""
+        if not path:
+            _warn(f"warning: MLflow store {self.uri} unreachable{why}; {len(points)} metric points and "
+                  f"{len(tags)} tags of run {self.run_id} were not sent and are lost (no spill path)")
+            return left
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as f:
+                for p in points:
+                    f.write(json.dumps(_spill_record(self.uri, self.run_id, p)) + "\n")
+                for k, v in tags.items():
+                    f.write(json.dumps({"run_id": self.run_id, "tag": k, "value": v, "tracking_uri": self.uri}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            _warn(f"warning: MLflow store {self.uri} unreachable{why}; {left} unsent records of run "
+                  f"{self.run_id} could not be written to {path} either ({_short(e)}); they are lost")
+            return left
+        _warn(f"warning: MLflow store {self.uri} unreachable{why}; wrote {len(points)} unsent metric points "
+              f"(and {len(tags)} tags) of run {self.run_id} to {path}; replay them with: "
+              f"{REPLAY_COMMAND} {shlex.quote(str(path))}")
+        return left
+
+    def _at_exit(self) -> None:
+        self.close(timeout_s=5)
+
+    # -- sender thread ---------------------------------------------------------------------
+
+    def _get_client(self):
+        if self._client is None:
+            self._client = _client(self.uri)
+        return self._client
+
+    def _take_batch(self) -> tuple[list, dict] | None:
+        """Move the next batch to in-flight (under the lock); None when there is nothing."""
+        with self._cond:
+            if self._abandoned or (not self._pending and not self._tags):
+                return None
+            tags = dict(list(self._tags.items())[:MAX_PARAMS_PER_BATCH])
+            for k in tags:
+                del self._tags[k]
+            n = min(len(self._pending), MAX_METRICS_PER_BATCH - len(tags))
+            self._inflight = [self._pending.popleft() for _ in range(n)]
+            self._inflight_tags = tags
+            return self._inflight, tags
+
+    def _send(self, points: list, tags: dict) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        self._get_client().log_batch(self.run_id, metrics=[Metric(k, v, ts, s) for k, v, ts, s in points],
+                                     tags=[RunTag(k, v) for k, v in tags.items()])
+
+    def _loop(self) -> None:
+        delay = self.retry_s
+        while True:
+            if self._down:
+                if self._stopping:
+                    delay = min(delay, 0.5)  # closing: keep trying until close's deadline
+                self._kick.wait(delay)
+                self._kick.clear()
+            else:
+                self._wake.wait(1.0)
+            self._wake.clear()
+            while True:
+                batch = self._take_batch()
+                if batch is None:
+                    break
+                points, tags = batch
+                try:
+                    self._send(points, tags)
+                except Exception as e:  # noqa: BLE001 -- keep everything, retry later
+                    self.last_error = _cause(e)
+                    with self._cond:
+                        if not self._abandoned:  # put the batch back in front, newer tags win
+                            self._pending.extendleft(reversed(points))
+                            for k, v in tags.items():
+                                self._tags.setdefault(k, v)
+                        self._inflight, self._inflight_tags = [], {}
+                        n = len(self._pending)
+                        self._cond.notify_all()
+                    if not self._down:
+                        self._down, self._outage_points = True, 0
+                        delay = self.retry_s
+                        _warn(f"warning: MLflow store {self.uri} unreachable; buffering {n} metric points "
+                              f"(will retry): {self.last_error}")
+                    else:
+                        delay = min(delay * 2, self.max_retry_s)
+                    break
+                with self._cond:
+                    self._inflight, self._inflight_tags = [], {}
+                    self.sent += len(points)
+                    if self._down:
+                        self._outage_points += len(points)
+                    drained = not self._pending and not self._tags
+                    self._cond.notify_all()
+                if self._down and drained:
+                    self._down = False
+                    self.last_error = None
+                    _warn(f"MLflow store {self.uri} reachable again; flushed {self._outage_points} "
+                          f"buffered metric points of run {self.run_id}")
+            with self._cond:
+                if self._abandoned or (self._stopping and not self._pending and not self._tags):
+                    self._cond.notify_all()
+                    return
+
+
+def _read_spill(path: str) -> list[dict[str, Any]]:
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if n == len(lines):  # a torn last line (process killed mid-write): the rest is good
+                _warn(f"warning: {path}:{n}: skipping a truncated last line")
+                break
+            raise ValueError(f"{path}:{n}: not a JSON object") from None
+    return records
+
+
+def replay_buffer(path: str, uri: str | None = None) -> int:
+    """Send a `BufferedLogger` spill file (JSONL) into its run(s) -- the store is ``uri``, else
+    each record's ``tracking_uri`` -- keeping original timestamps and steps, in batches of
+    ``MAX_METRICS_PER_BATCH``. Points whose (key, step) the run already holds are skipped, so
+    replaying twice adds nothing. Returns how many points were sent and renames the file to
+    ``<path>.replayed``. Raises (file left as is) when a store is unreachable."""
+    from mlflow.entities import Metric, RunTag
+
+    records = _read_spill(path)
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in records:
+        target = uri or r.get("tracking_uri")
+        if not target or not r.get("run_id"):
+            raise ValueError(f"{path}: record without run_id/tracking_uri (pass uri): {r}")
+        groups.setdefault((target, r["run_id"]), []).append(r)
+    sent = 0
+    for (target, run_id), recs in groups.items():
+        reason = check_store(target)
+        if reason is not None:
+            raise RuntimeError(reason)
+        client = _client(target)
+        tags = [RunTag(r["tag"], str(r["value"])) for r in recs if "tag" in r]
+        points = [r for r in recs if "key" in r]
+        seen: set[tuple[str, int]] = set()
+        for key in {r["key"] for r in points}:
+            seen.update((key, int(m.step)) for m in client.get_metric_history(run_id, key))
+        todo = []
+        for r in points:
+            ks = (r["key"], int(r["step"]))
+            if ks not in seen:
+                seen.add(ks)
+                todo.append(Metric(r["key"], float(r["value"]), int(r["timestamp"]), int(r["step"])))
+        for i in range(0, len(todo), MAX_METRICS_PER_BATCH):
+            client.log_batch(run_id, metrics=todo[i:i + MAX_METRICS_PER_BATCH])
+            sent += len(todo[i:i + MAX_METRICS_PER_BATCH])
+        if tags:
+            _log_tags(client, run_id, list({t.key: t for t in tags}.values()))
+    os.replace(path, f"{path}.replayed")
+    return sent
+
+
+def max_logged_step(uri: str, run_id: str) -> int:
+    """The largest step of any metric the run holds (0 if none): what to pass as
+    ``BufferedLogger(skip_through_step=...)`` when a resumed job logs into the same run."""
+    client = _client(uri)
+    best = 0
+    for key in client.get_run(run_id).data.metrics:
+        for m in client.get_metric_history(run_id, key):
+            best = max(best, int(m.step))
+    return best

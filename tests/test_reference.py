@@ -24,7 +24,7 @@ def test_precomputed_reference_matches_on_the_fly(tmp_path, quant, loss_type):
     rows = generate_rows(12, seed=5)
     ids = tokenize_dpo(tok, [format_prompt(r["question"], cfg.data.prompt_template) for r in rows],
                        [r["response_j"] for r in rows], [r["response_k"] for r in rows], 128, 64)
-    table = pa.table({k: pa.array(v, type=pa.list_(pa.int32())) for k, v in ids.items() if k != "truncated"})
+    table = pa.table({k: pa.array(v, type=pa.list_(pa.int32())) for k, v in ids.items() if k.endswith("_input_ids")})
     with_ref = RefLogps(cfg.to_dict(), path)(table)  # one big inference batch of 12
 
     torch.manual_seed(0)

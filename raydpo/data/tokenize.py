@@ -40,9 +40,11 @@ def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], max
 def tokenize_dpo(tokenizer, prompts: list[str], chosen: list[str], rejected: list[str], max_length: int,
                  max_prompt_length: int) -> dict[str, list[Any]]:
     """Lists of ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids`` (lists of int)
-    and ``truncated`` (bool), one per pair."""
+    and ``truncated`` (bool), one per pair, and its stable ``row_id`` (`raydpo.data.order`)."""
+    from raydpo.data.order import row_id
+
     out: dict[str, list[Any]] = {"prompt_input_ids": [], "chosen_input_ids": [], "rejected_input_ids": [],
-                                 "truncated": []}
+                                 "truncated": [], "row_id": []}
     if not prompts:  # an empty split (HF fast tokenizers fail on an empty list)
         return out
     eos = tokenizer.eos_token_id
@@ -56,6 +58,7 @@ def tokenize_dpo(tokenizer, prompts: list[str], chosen: list[str], rejected: lis
         out["chosen_input_ids"].append(c)
         out["rejected_input_ids"].append(r)
         out["truncated"].append(cut)
+    out["row_id"] = [row_id(*t) for t in zip(prompts, chosen, rejected)]
     return out
 
 
@@ -98,6 +101,7 @@ class DPOTokenize(_Tokenizing):
             "chosen_input_ids": pa.array(out["chosen_input_ids"], type=ids),
             "rejected_input_ids": pa.array(out["rejected_input_ids"], type=ids),
             "truncated": pa.array(out["truncated"], type=pa.bool_()),
+            "row_id": pa.array(out["row_id"], type=pa.int64()),
         })
 
 
@@ -113,4 +117,12 @@ class SFTPack(_Tokenizing):
 
         texts = [p + c for p, c in zip(batch["prompt"].to_pylist(), batch["chosen"].to_pylist())]
         blocks = pack_sft(self.tokenizer, texts, self.block_size)
-        return pa.table({"input_ids": pa.array(blocks, type=pa.list_(pa.int32()))})
+        return pa.table({"input_ids": pa.array(blocks, type=pa.list_(pa.int32())),
+                         "row_id": pa.array(block_row_ids(blocks), type=pa.int64())})
+
+
+def block_row_ids(blocks: list[list[int]]) -> list[int]:
+    """Stable ids of packed SFT blocks: their token content (`raydpo.data.order.row_id`)."""
+    from raydpo.data.order import row_id
+
+    return [row_id(b) for b in blocks]

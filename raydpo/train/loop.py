@@ -8,9 +8,11 @@ bottom: build engine → (resume) → step-0 sanity → train / log / eval / sav
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import random
 import resource
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +28,7 @@ from raydpo.config import Config, TrainStageConfig
 from raydpo.data.collate import pair_tokens
 from raydpo.deepspeed import build_ds_config
 from raydpo.models import pair_logps, reference_disabled
+from raydpo.train.faults import Faults
 
 Stage = Literal["sft", "dpo"]
 LN2 = math.log(2.0)
@@ -33,6 +36,14 @@ LN2 = math.log(2.0)
 
 class SanityCheckError(RuntimeError):
     """The DPO step-0 loss was not what an untrained adapter must give."""
+
+
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder is incomplete or damaged."""
 
 
 @dataclass
@@ -49,12 +60,16 @@ class WorkerEnv:
 class Hooks:
     """Side effects the loop asks for, supplied by the launcher (Ray or torchrun).
 
-    ``train_batches()`` and ``eval_batches()`` each return a fresh iterator of collated batches
-    (dicts of CPU tensors) over this rank's shard. ``report(metrics, ckpt_dir)`` is called on
+    ``train_batches(skip)`` returns this rank's micro-batches of the whole run, in the stream
+    order of `raydpo.data.order`, from micro-batch ``skip`` on (a resumed run skips what it
+    already trained on); ``eval_batches()`` a fresh iterator over this rank's eval shard; both
+    yield collated batches (dicts of CPU tensors). ``report(metrics, ckpt_dir)`` is called on
     every rank the same number of times; ``log(metrics, step)`` only matters on rank 0.
+    ``stop_requested()`` is this rank's view of a preemption (SIGTERM, or the driver's flag);
+    the ranks agree on it through an all-reduce, so they checkpoint and stop at the same step.
     """
 
-    train_batches: Callable[[], Iterator[dict[str, torch.Tensor]]]
+    train_batches: Callable[[int], Iterator[dict[str, torch.Tensor]]]
     eval_batches: Callable[[], Iterator[dict[str, torch.Tensor]]]
     report: Callable[[dict[str, float], str | None], None]
     log: Callable[[dict[str, float], int], None]
@@ -62,12 +77,19 @@ class Hooks:
     progress: Callable[[str], None] = print
     # Tune: report only results that carry eval metrics (what the scheduler ranks trials on)
     report_eval_only: bool = False
+    stop_requested: Callable[[], bool] = lambda: False
+    # saved in the checkpoint: a resumed run checks it was made by the same config
+    config_fingerprint: dict[str, Any] = field(default_factory=dict)
+    # injected faults (raydpo.train.faults): None reads $RAYDPO_FAULTS; where fired ones are marked
+    faults: str | None = None
+    faults_dir: str | None = None
 
 
 @dataclass
 class LoopResult:
     step: int
     history: list[dict[str, float]] = field(default_factory=list)
+    preempted: bool = False
 
 
 def lr_lambda(stage: TrainStageConfig) -> Callable[[int], float]:
@@ -85,18 +107,6 @@ def lr_lambda(stage: TrainStageConfig) -> Callable[[int], float]:
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return f
-
-
-def _batches_forever(make: Callable[[], Iterator[dict[str, torch.Tensor]]]) -> Iterator[dict[str, torch.Tensor]]:
-    epoch = 0
-    while True:
-        n = 0
-        for b in make():
-            n += 1
-            yield b
-        if n == 0:
-            raise RuntimeError(f"the training shard yielded no batches (epoch {epoch}): too few rows for this batch size?")
-        epoch += 1
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -172,16 +182,49 @@ def build_engine(model, cfg: Config, stage_cfg: TrainStageConfig, env: WorkerEnv
     return engine, opt, sched
 
 
+def checkpoint_score(stage: Stage, last_eval: dict[str, float]) -> float:
+    """The number Ray keeps the best checkpoint by (higher is better): the latest eval reward
+    accuracy for DPO, minus the latest eval loss for SFT. A checkpoint taken between evaluations
+    carries the latest one; before the first, a floor (never missing, never NaN)."""
+    key = "eval/rewards/accuracies" if stage == "dpo" else "eval/loss"
+    if key not in last_eval or not math.isfinite(last_eval[key]):
+        return SCORE_FLOOR
+    return last_eval[key] if stage == "dpo" else -last_eval[key]
+
+
+SCORE_FLOOR = -1e30
+SCORE_KEY = "checkpoint_score"
+
+
+def _all_agree(flag: bool, device: torch.device) -> bool:
+    """True on every rank if it is true on any."""
+    t = all_reduce_sum(torch.tensor([1.0 if flag else 0.0], device=device))
+    return bool(t.item() > 0)
+
+
+def _discard_accumulated(engine, micro_done: int) -> None:
+    """Drop the gradients a step accumulated before one of its micro-batches went non-finite,
+    and rewind DeepSpeed's micro-step counter so the next step's accumulation boundary is where
+    it was: the skipped step leaves weights, optimizer and scheduler untouched."""
+    if micro_done == 0:
+        return
+    engine.optimizer.zero_grad(set_to_none=True)
+    engine.zero_grad()
+    engine.micro_steps -= micro_done
+
+
 def run_stage(stage: Stage, cfg: Config, model, tokenizer, env: WorkerEnv, hooks: Hooks) -> LoopResult:
     """Train one stage to ``max_steps`` optimizer steps. ``model`` is the PEFT model."""
     stage_cfg: TrainStageConfig = cfg.sft if stage == "sft" else cfg.dpo
     torch.manual_seed(stage_cfg.seed + env.rank)
     engine, _opt, sched = build_engine(model, cfg, stage_cfg, env)
     accum = stage_cfg.gradient_accumulation_steps
+    faults = Faults(env.rank, hooks.faults, hooks.faults_dir)
 
-    step = 0
+    step, state = 0, {}
     if hooks.resume_dir:
-        step = load_state(engine, hooks.resume_dir)
+        state = load_state(engine, hooks.resume_dir, env.rank)
+        step = int(state["step"])
         hooks.progress(f"[{stage}] resumed from {hooks.resume_dir} at step {step}")
 
     def forward(batch):
@@ -204,20 +247,42 @@ def run_stage(stage: Stage, cfg: Config, model, tokenizer, env: WorkerEnv, hooks
         return {f"eval/{k}": v for k, v in _finalize(sums, env.device).items()}
 
     history: list[dict[str, float]] = []
+    last_eval: dict[str, float] = dict(state.get("last_eval", {}))
+    nonfinite_total = int(state.get("nonfinite_steps", 0))
+    nonfinite_run = int(state.get("nonfinite_run", 0))
+    last_good = state.get("last_good_checkpoint_step")
     window: dict[str, torch.Tensor] = {}
     tokens = torch.zeros((), device=env.device)
     samples = torch.zeros((), device=env.device)  # pairs for DPO, packed blocks for SFT
     slots, pad, scored = (torch.zeros((), device=env.device) for _ in range(3))
     t_window, window_steps = time.perf_counter(), 0
     check_step0 = stage == "dpo" and cfg.dpo.sanity_check and step == 0
-    batches = _batches_forever(hooks.train_batches)
+    batches = iter(hooks.train_batches(step * accum))
+    preempted = False
     engine.train()
     while step < stage_cfg.max_steps:
-        for _ in range(accum):
-            b = _to(next(batches), env.device)
+        faults.before_step(step + 1)
+        skipped, done = False, 0
+        for micro in range(accum):
+            try:
+                raw = next(batches)
+            except StopIteration:
+                raise RuntimeError(f"the training stream ended at step {step}: fewer micro-batches than "
+                                   f"max_steps x gradient_accumulation_steps") from None
+            if skipped:  # the rest of a skipped step's batches are consumed unseen
+                continue
+            b = _to(raw, env.device)
             loss, s = forward(b)
+            if faults.nan_loss(step + 1, last_micro=micro == accum - 1):
+                loss = loss * float("nan")
+            # every rank must take the same branch: backward and step are collective
+            if _all_agree(not bool(torch.isfinite(loss.detach()).all()), env.device):
+                _discard_accumulated(engine, done)
+                skipped = True
+                continue
             engine.backward(loss)
             engine.step()  # DeepSpeed only updates at the accumulation boundary
+            done += 1
             _add(window, s)
             tokens += pair_tokens(b) if "pair_lengths" in b else b["attention_mask"].sum()
             samples += s["count"].detach().float().reshape(())
@@ -227,14 +292,29 @@ def run_stage(stage: Stage, cfg: Config, model, tokenizer, env: WorkerEnv, hooks
                 scored += (b["score_slot"] >= 0).sum()
         step += 1
         window_steps += 1
-        if check_step0:
+        if skipped:
+            nonfinite_total += 1
+            nonfinite_run += 1
+            hooks.progress(f"[{stage}] step {step}: non-finite loss; batch consumed, no update "
+                           f"({nonfinite_run} in a row)")
+            if nonfinite_run >= stage_cfg.max_nonfinite_steps:
+                good = f"the last good checkpoint is step {last_good}" if last_good else "no checkpoint was saved yet"
+                raise NonFiniteError(
+                    f"{stage}: {nonfinite_run} steps in a row had a non-finite loss (last at step {step}); {good}. "
+                    f"Usual causes: a learning rate too high ({stage}.lr={stage_cfg.lr:g}), fp16 overflow "
+                    "(use bf16), or bad rows in the data")
+        else:
+            nonfinite_run = 0
+        if check_step0 and not skipped:
             sanity_check(_finalize(dict(window), env.device), cfg)
             check_step0 = False
+        faults.after_step(step)
+        stop = _all_agree(hooks.stop_requested(), env.device)
         last = step == stage_cfg.max_steps
         metrics: dict[str, float] = {}
-        if step == 1 or step % stage_cfg.log_every == 0 or last:
+        if step == 1 or step % stage_cfg.log_every == 0 or last or stop:
             elapsed = time.perf_counter() - t_window
-            train = _finalize(window, env.device)
+            train = _finalize(window, env.device) if window else {}
             rss = torch.tensor(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, device=env.device)
             totals = all_reduce_sum(torch.stack([tokens, samples, slots, pad, scored, rss]).float())
             metrics.update({f"train/{k}": v for k, v in train.items()})
@@ -245,6 +325,7 @@ def run_stage(stage: Stage, cfg: Config, model, tokenizer, env: WorkerEnv, hooks
                 metrics["train/scored_tokens_per_s"] = float(totals[4]) / max(elapsed, 1e-9)
             metrics["train/samples_per_s"] = float(totals[1]) / max(elapsed, 1e-9)
             metrics["train/step_time_s"] = elapsed / max(window_steps, 1)
+            metrics["train/nonfinite_steps"] = float(nonfinite_total)
             if env.use_gpu:
                 metrics["train/peak_memory_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30
             metrics["train/lr"] = float(sched.get_last_lr()[0])
@@ -253,19 +334,36 @@ def run_stage(stage: Stage, cfg: Config, model, tokenizer, env: WorkerEnv, hooks
             slots, pad, scored = (torch.zeros((), device=env.device) for _ in range(3))
         if step % stage_cfg.eval_every == 0 or last:
             t_eval = time.perf_counter()
-            metrics.update(evaluate())
+            ev = evaluate()
+            last_eval.update(ev)
+            metrics.update(ev)
             t_window += time.perf_counter() - t_eval  # eval time is not training throughput
+        save = step % stage_cfg.save_every == 0 or last or stop
         if metrics:
             metrics["step"] = float(step)
             history.append(metrics)
             hooks.log({k: v for k, v in metrics.items() if k != "step"}, step)
             hooks.progress(_progress_line(stage, step, stage_cfg.max_steps, metrics))
+        if save or metrics:
             ckpt = None
-            if step % stage_cfg.save_every == 0 or last:
-                ckpt = save_state(engine, model, tokenizer, step, stage, env)
+            if save:
+                ckpt = save_state(engine, model, tokenizer, step, stage, env, {
+                    "micro_batches": step * accum, "last_eval": last_eval, "nonfinite_steps": nonfinite_total,
+                    "nonfinite_run": nonfinite_run, "last_good_checkpoint_step": step,
+                    "config": hooks.config_fingerprint, "preempted": stop and not last,
+                })
+                last_good = step
+            report = {**metrics, "step": float(step), SCORE_KEY: checkpoint_score(stage, last_eval)}
+            if stop and not last:
+                report["preempted"] = 1.0
             if ckpt or not hooks.report_eval_only or any(k.startswith("eval/") for k in metrics):
-                hooks.report(metrics, ckpt)
-    return LoopResult(step=step, history=history)
+                hooks.report(report, ckpt)
+        if stop and not last:
+            hooks.progress(f"[{stage}] stop requested (preemption): checkpointed at step {step} of "
+                           f"{stage_cfg.max_steps}")
+            preempted = True
+            break
+    return LoopResult(step=step, history=history, preempted=preempted)
 
 
 def sanity_check(m: dict[str, float], cfg: Config) -> None:
@@ -297,36 +395,107 @@ def _progress_line(stage: str, step: int, total: int, m: dict[str, float]) -> st
 ADAPTER_DIR = "adapter"
 DS_DIR = "deepspeed"
 STATE_FILE = "trainer_state.json"
+RNG_FILE = "rng_r{rank}.pt"
+MANIFEST = "manifest_r{rank}.json"
 
 
-def save_state(engine, model, tokenizer, step: int, stage: str, env: WorkerEnv) -> str:
+def _rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict[str, Any]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_manifest(folder: Path, rank: int) -> None:
+    """Last file a rank writes: the size and digest of every file it wrote. A checkpoint is
+    complete only when every rank's manifest is there and matches (`verify_checkpoint`)."""
+    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file()}
+    tmp = folder / f".{MANIFEST.format(rank=rank)}.tmp"
+    tmp.write_text(json.dumps(files))
+    os.replace(tmp, folder / MANIFEST.format(rank=rank))
+
+
+def verify_checkpoint(ckpt_dir: str | Path) -> dict[str, Any]:
+    """The checkpoint's state (``trainer_state.json``) if every rank's files are present and
+    intact, else `CheckpointError` naming what is wrong."""
+    d = Path(ckpt_dir)
+    try:
+        state = json.loads((d / STATE_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{d}: no readable {STATE_FILE} ({e.__class__.__name__})") from None
+    for r in range(int(state.get("world_size", 1))):
+        m = d / MANIFEST.format(rank=r)
+        try:
+            files = json.loads(m.read_text())
+        except (OSError, ValueError):
+            raise CheckpointError(f"{d}: rank {r}'s manifest is missing or unreadable (a half-written checkpoint)") from None
+        for name, want in files.items():
+            p = d / name
+            if not p.is_file() or p.stat().st_size != want["size"] or _sha256(p) != want["sha256"]:
+                raise CheckpointError(f"{d}: {name} is missing or damaged")
+    return state
+
+
+def save_state(engine, model, tokenizer, step: int, stage: str, env: WorkerEnv, extra: dict[str, Any] | None = None) -> str:
     """Write this rank's part of a checkpoint into a fresh local folder and return it.
 
     Rank 0 writes the PEFT adapter + tokenizer (Hugging Face format, loadable as is) and the
-    step; every rank writes its DeepSpeed optimizer/scheduler shard. Ray Train merges the
-    ranks' folders into one checkpoint directory in storage.
+    trainer state (step, data position, last eval, config fingerprint); every rank writes its
+    DeepSpeed optimizer/scheduler shard, its RNG state and, last, a manifest of its files. Ray
+    Train merges the ranks' folders into one checkpoint directory in storage; a checkpoint is
+    only used when all the manifests are there and match (`verify_checkpoint`).
     """
     import tempfile
 
     out = Path(tempfile.mkdtemp(prefix=f"raydpo-{stage}-ckpt-{step}-r{env.rank}-"))
     engine.save_checkpoint(str(out / DS_DIR), tag="state", exclude_frozen_parameters=True,
                            client_state={"step": step})
+    torch.save(_rng_state(), out / RNG_FILE.format(rank=env.rank))
     with gathered_adapter(model):
         if env.rank == 0:
             model.save_pretrained(str(out / ADAPTER_DIR))
             tokenizer.save_pretrained(str(out / ADAPTER_DIR))
-            (out / STATE_FILE).write_text(json.dumps({"step": step, "stage": stage}))
+            state = {"step": step, "stage": stage, "world_size": env.world_size, **(extra or {})}
+            (out / STATE_FILE).write_text(json.dumps(state))
+    _write_manifest(out, env.rank)
     return str(out)
 
 
-def load_state(engine, ckpt_dir: str) -> int:
+def load_state(engine, ckpt_dir: str, rank: int = 0) -> dict[str, Any]:
+    """Restore the DeepSpeed engine (LoRA weights, optimizer, scheduler) and this rank's RNG from
+    a verified checkpoint; returns the trainer state."""
+    state = verify_checkpoint(ckpt_dir)
     _, client = engine.load_checkpoint(
         str(Path(ckpt_dir) / DS_DIR), tag="state", load_module_strict=False,
         load_optimizer_states=True, load_lr_scheduler_states=True,
     )
     if client is None:
-        raise RuntimeError(f"could not load the DeepSpeed state from {ckpt_dir}")
-    return int(client["step"])
+        raise CheckpointError(f"could not load the DeepSpeed state from {ckpt_dir}")
+    rng = Path(ckpt_dir) / RNG_FILE.format(rank=rank)
+    if rng.exists():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    return state
 
 
 class gathered_adapter:

@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from raydpo.config import load_config
     from raydpo.data.collate import collate_dpo, collate_sft
-    from raydpo.data.tokenize import pack_sft, tokenize_dpo
+    from raydpo.data.order import epoch_order, epochs_needed, usable_rows
+    from raydpo.data.tokenize import block_row_ids, pack_sft, tokenize_dpo
+    from raydpo.train.ingest import rank_batches
     from raydpo.models import load_model, load_tokenizer, resolve_model_path
     from raydpo.train.loop import Hooks, env_from_torch, run_stage
 
@@ -91,33 +93,46 @@ def main(argv: list[str] | None = None) -> None:
 
     dpo_cols: list[dict] = []
 
-    def make(split_eval: bool):
-        mine = [r for r in rows if r["is_eval"] == split_eval][env.rank::env.world_size]
+    def columns(mine: list[dict]):
         if args.stage == "sft":
             blocks = pack_sft(tok, [r["prompt"] + r["chosen"] for r in mine], cfg.data.sft_block_size)
-            cols = {"input_ids": blocks}
-            collate = collate_sft
-        else:
-            cols = tokenize_dpo(tok, [r["prompt"] for r in mine], [r["chosen"] for r in mine],
-                                [r["rejected"] for r in mine], cfg.data.max_length, cfg.data.max_prompt_length)
-            collate = partial(collate_dpo, pad_token_id=tok.pad_token_id, share_prefix=cfg.dpo.share_prefix,
-                              pack=cfg.dpo.padding_free)
-            dpo_cols.append(cols)
-        # every rank sees the same number of rows (Ray's equal split does the same), so every
-        # rank runs the same number of forwards (ZeRO-3 gathers and the metric all-reduce are
-        # collective); training drops the last partial batch, evaluation keeps it
-        n = torch.tensor([len(next(iter(cols.values())))], device=env.device)
-        dist.all_reduce(n, op=dist.ReduceOp.MIN)
-        n_rows = int(n.item())
-        n_batches = -(-n_rows // bs) if split_eval else n_rows // bs
+            return {"input_ids": blocks, "row_id": block_row_ids(blocks)}, collate_sft
+        cols = tokenize_dpo(tok, [r["prompt"] for r in mine], [r["chosen"] for r in mine],
+                            [r["rejected"] for r in mine], cfg.data.max_length, cfg.data.max_prompt_length)
+        dpo_cols.append(cols)
+        return cols, partial(collate_dpo, pad_token_id=tok.pad_token_id, share_prefix=cfg.dpo.share_prefix,
+                             pack=cfg.dpo.padding_free)
 
-        def it():
-            for i in range(n_batches):
-                hi = min((i + 1) * bs, n_rows)
-                yield collate({k: np.array(v[i * bs:hi] + [None], dtype=object)[:-1] for k, v in cols.items()})
-        return it
+    def pick(cols, idx):
+        return {k: np.array([v[i] for i in idx] + [None], dtype=object)[:-1] for k, v in cols.items()}
 
-    train_batches, eval_batches = make(False), make(True)
+    # training: every rank holds all train rows and walks the same stream (raydpo.data.order),
+    # keeping its slice of each global micro-batch, as the Ray workers do
+    train_cols, collate = columns([r for r in rows if not r["is_eval"]])
+    n_train = len(train_cols["row_id"])
+
+    def train_batches(skip: int):
+        g = bs * env.world_size
+        micro = stage_cfg.max_steps * stage_cfg.gradient_accumulation_steps
+        stream = np.concatenate([epoch_order(train_cols["row_id"], cfg.data.seed, e)[:usable_rows(n_train, g)]
+                                 for e in range(epochs_needed(n_train, g, micro))])
+
+        def numpy_batches(n):
+            for lo in range(0, len(stream) - n + 1, n):
+                yield pick(train_cols, stream[lo:lo + n])
+        return rank_batches(numpy_batches, bs, env.world_size, env.rank, collate, skip)
+
+    # evaluation: each rank its share, the same number of rows on every rank (the metric
+    # all-reduce is collective), the last partial batch kept
+    eval_cols, _ = columns([r for r in rows if r["is_eval"]][env.rank::env.world_size])
+    n = torch.tensor([len(eval_cols["row_id"])], device=env.device)
+    dist.all_reduce(n, op=dist.ReduceOp.MIN)
+    n_eval = int(n.item())
+
+    def eval_batches():
+        for lo in range(0, n_eval, bs):
+            yield collate(pick(eval_cols, range(lo, min(lo + bs, n_eval))))
+
     model = load_model(cfg.model, cfg.quantization, cfg.lora, base_path=path, device=env.device)
     if args.stage == "dpo" and cfg.dpo.reference == "precomputed":
         # the reference pass, in-process: each rank scores its own rows once, before training

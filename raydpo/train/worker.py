@@ -2,24 +2,91 @@
 
 ``train_loop_per_worker`` receives everything as plain data (the config dict, paths, the MLflow
 run id), rebuilds the typed config first thing, and hands the stage to `raydpo.train.loop`.
+
+Where it resumes from: Ray's restored checkpoint (after a worker failure, or a rerun under the
+same ``run.name``), verified file by file; if that one is damaged, the newest intact checkpoint
+of the stage's storage folder; never a half-written one.
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
+from pathlib import Path
 from typing import Any
+
+OOM_MARKER = "raydpo_oom.json"
+
+
+def oom_message(stage: str, cfg) -> str:
+    st = cfg.sft if stage == "sft" else cfg.dpo
+    return (f"{stage}: out of memory on a worker (not retried: a restart would run out again). Make a step smaller: "
+            f"{stage}.per_device_batch_size={st.per_device_batch_size} (raise gradient_accumulation_steps="
+            f"{st.gradient_accumulation_steps} to keep the batch), data.max_length={cfg.data.max_length}, "
+            f"model.gradient_checkpointing={cfg.model.gradient_checkpointing}, deepspeed.stage={cfg.deepspeed.stage} "
+            f"(3 shards the weights), deepspeed.offload_optimizer={cfg.deepspeed.offload_optimizer}, "
+            f"quantization.mode={cfg.quantization.mode}")
+
+
+def find_resume_dir(restored, storage_dir: str | None, progress) -> tuple[str | None, bool]:
+    """(verified checkpoint folder to resume from or None, whether it is a temporary copy).
+
+    Ray's restored checkpoint is the one it registered last; the stage folder may hold a newer
+    intact one (a preemption checkpoint whose report never reached Ray) or, when Ray's is
+    damaged, an older intact one. The newest intact checkpoint wins."""
+    from raydpo.train.loop import CheckpointError, verify_checkpoint
+
+    best: tuple[int, str, bool] | None = None
+    if restored is not None:
+        local = restored.to_directory(tempfile.mkdtemp(prefix="raydpo-resume-"))
+        try:
+            best = (int(verify_checkpoint(local)["step"]), local, True)
+        except CheckpointError as e:
+            progress(f"warning: the latest checkpoint is unusable ({e}); looking for an older intact one")
+            shutil.rmtree(local, ignore_errors=True)
+    for cand in intact_checkpoints(storage_dir)[:1]:
+        step = int(verify_checkpoint(cand)["step"])
+        if best is None or step > best[0]:
+            if best is not None and best[2]:
+                shutil.rmtree(best[1], ignore_errors=True)
+            best = (step, str(cand), False)
+    if best is None:
+        if restored is not None:
+            progress("warning: no intact checkpoint left: starting from step 0")
+        return None, False
+    return best[1], best[2]
+
+
+def intact_checkpoints(storage_dir: str | None) -> list[Path]:
+    """The stage's checkpoint folders that pass `verify_checkpoint`, newest step first."""
+    from raydpo.train.loop import CheckpointError, verify_checkpoint
+
+    if not storage_dir or not Path(storage_dir).is_dir():
+        return []
+    found = []
+    for d in Path(storage_dir).glob("checkpoint_*"):
+        try:
+            found.append((int(verify_checkpoint(d)["step"]), d))
+        except CheckpointError:
+            continue
+    return [d for _, d in sorted(found, key=lambda t: -t[0])]
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import json
+    import os
+
     import ray.train
     import ray.train.torch
+    import torch
 
     from raydpo.config import Config
     from raydpo.data.ray_collate import DPOCollate, SFTCollate
     from raydpo.models import load_model, load_tokenizer
     from raydpo.tracking import make_logger
+    from raydpo.train.ingest import rank_batches
     from raydpo.train.loop import Hooks, env_from_torch, run_stage, set_torch_threads
+    from raydpo.train.preempt import StopWatch
 
     cfg = Config.from_dict(config["config"])
     stage = config["stage"]
@@ -28,20 +95,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     threads = set_torch_threads(cfg.scaling)
     if cfg.scaling.use_gpu:
         env.device = ray.train.torch.get_device()
+    storage_dir = config.get("storage_dir")
+
+    def progress(line: str) -> None:
+        if env.rank == 0:
+            print(line, flush=True)
+
+    oom = Path(storage_dir) / OOM_MARKER if storage_dir else None
+    if oom is not None and oom.exists():  # a restart after an OOM would only run out again
+        raise RuntimeError(json.loads(oom.read_text())["message"])
 
     tokenizer = load_tokenizer(config["tokenizer_path"], revision=cfg.model.revision)
     model = load_model(cfg.model, cfg.quantization, cfg.lora, base_path=config["base_path"], device=env.device)
-    logger = make_logger(config.get("tracking_uri"), config.get("run_id"), env.rank)
 
     collate = (DPOCollate(tokenizer.pad_token_id, cfg.dpo.share_prefix, cfg.dpo.padding_free) if stage == "dpo"
                else SFTCollate())
-    train_shard = ray.train.get_dataset_shard("train")
+    train_shard = ray.train.get_dataset_shard("train")  # the whole ordered stream (raydpo.train.ingest)
     # an empty eval split is not passed (launch.fit_stage warns): train without evaluation
     eval_shard = ray.train.get_dataset_shard("eval") if config.get("has_eval", True) else None
     bs = stage_cfg.per_device_batch_size
 
-    def train_batches():
-        return iter(train_shard.iter_torch_batches(batch_size=bs, collate_fn=collate, drop_last=True))
+    def train_batches(skip: int):
+        return rank_batches(lambda n: train_shard.iter_batches(batch_size=n, batch_format="numpy", drop_last=True),
+                            bs, env.world_size, env.rank, collate, skip)
 
     def eval_batches():
         return iter(eval_shard.iter_torch_batches(batch_size=bs, collate_fn=collate)) if eval_shard else iter(())
@@ -52,17 +128,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if ckpt_dir:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
 
-    resume_dir = None
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        resume_dir = restored.to_directory(tempfile.mkdtemp(prefix="raydpo-resume-"))
-
-    def progress(line: str) -> None:
-        if env.rank == 0:
-            print(line, flush=True)
-
+    resume_dir, resume_copy = find_resume_dir(ray.train.get_checkpoint(), storage_dir, progress)
     progress(f"[{stage}] {env.world_size} worker(s), {threads} torch thread(s) each")
 
+    # steps an earlier attempt already logged are not logged again: ask the store (a worker
+    # restart within this fit logged past what the driver saw); if it is down, what the driver saw
+    skip_through = config.get("logged_through_step") or 0
+    if env.rank == 0 and config.get("run_id") and (resume_dir or skip_through):
+        from raydpo.tracking import check_store, max_logged_step
+
+        if check_store(config["tracking_uri"], timeout_s=5) is None:
+            skip_through = max(skip_through, max_logged_step(config["tracking_uri"], config["run_id"]))
+    logger = make_logger(config.get("tracking_uri"), config.get("run_id"), env.rank, buffered=True,
+                         skip_through_step=skip_through or None)
     log, exporter = logger.log_metrics, None
     if env.rank == 0:  # metrics are already all-reduced: one exporter, as one MLflow logger
         from raydpo.metrics import TrainMetricsExporter
@@ -70,13 +148,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         exporter = TrainMetricsExporter(stage, cfg.tracking.experiment_name, cfg.tracking.run_name or cfg.run.name)
         log = exporter.wrap(log)
 
+    watch = StopWatch(config.get("stop_file"))
     hooks = Hooks(train_batches=train_batches, eval_batches=eval_batches, report=report,
                   log=log, resume_dir=resume_dir, progress=progress,
-                  report_eval_only=bool(config.get("report_eval_only", False)))
+                  report_eval_only=bool(config.get("report_eval_only", False)),
+                  stop_requested=watch.requested, config_fingerprint=config.get("fingerprint", {}),
+                  faults=config.get("faults") or "", faults_dir=str(Path(storage_dir) / "faults_fired") if storage_dir else None)
     try:
         run_stage(stage, cfg, model, tokenizer, env, hooks)
+    except torch.OutOfMemoryError:
+        msg = oom_message(stage, cfg)
+        if oom is not None:
+            oom.parent.mkdir(parents=True, exist_ok=True)
+            oom.write_text(json.dumps({"message": msg, "rank": env.rank, "pid": os.getpid()}))
+        raise RuntimeError(msg) from None
     finally:
+        watch.close()
+        spill = str(Path(storage_dir) / f"mlflow_buffer_{stage}.jsonl") if storage_dir else None
+        if hasattr(logger, "close"):
+            logger.close(timeout_s=10, spill_path=spill)
         if exporter is not None:
             exporter.close()
-        if resume_dir:
+        if resume_dir and resume_copy:
             shutil.rmtree(resume_dir, ignore_errors=True)

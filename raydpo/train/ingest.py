@@ -1,0 +1,60 @@
+"""Training data as one ordered stream that every restart can rebuild (Ray Data side).
+
+The driver turns the tokenized train split into the stream of the whole run
+(`ordered_stream`): per epoch, rows sorted by `raydpo.data.order.order_key`, cut to whole
+global micro-batches, epochs concatenated in order. Every worker reads that stream unsplit, in
+order (`data_config`), and keeps its own slice of each global micro-batch (`rank_batches`), so
+the rows a step trains on depend on the seed, the step and the worker's rank only — not on
+block layout, caching, or which worker asked Ray Data first. A resumed worker skips the
+micro-batches before its checkpoint's position.
+
+Evaluation is order-free (metric sums are all-reduced): eval stays a streaming split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from raydpo.data.order import ORDER_KEY, ROW_ID, epochs_needed, order_key, usable_rows
+
+
+def _with_order_key(batch, seed: int, epoch: int):
+    import pyarrow as pa
+
+    keys = order_key(batch[ROW_ID].to_numpy(), seed, epoch)
+    return batch.append_column(ORDER_KEY, pa.array(keys, type=pa.int64()))
+
+
+def ordered_stream(ds, n_rows: int, *, seed: int, global_batch: int, micro_batches: int, num_cpus: float):
+    """The run's training stream: ``micro_batches`` global micro-batches of ``global_batch``
+    rows, epoch after epoch. ``ds`` holds ``n_rows`` rows with a ``row_id`` column."""
+    keep = usable_rows(n_rows, global_batch)
+    parts = []
+    for epoch in range(epochs_needed(n_rows, global_batch, micro_batches)):
+        keyed = ds.map_batches(_with_order_key, fn_kwargs={"seed": seed, "epoch": epoch}, batch_format="pyarrow",
+                               num_cpus=num_cpus)
+        parts.append(keyed.sort([ORDER_KEY, ROW_ID]).limit(keep).drop_columns([ORDER_KEY]))
+    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+
+
+def data_config():
+    """Ray Train's DataConfig: ``train`` reaches every worker whole and in order; ``eval`` is split."""
+    import ray.train
+
+    opts = ray.train.DataConfig.default_ingest_options()
+    opts.preserve_order = True
+    return ray.train.DataConfig(datasets_to_split=["eval"], execution_options={"train": opts})
+
+
+def rank_batches(iter_numpy: Callable[[int], Iterator[dict[str, Any]]], per_device: int, world: int, rank: int,
+                 collate: Callable[[dict[str, Any]], Any], skip: int = 0) -> Iterator[Any]:
+    """This rank's collated micro-batches of the stream from micro-batch ``skip`` on.
+    ``iter_numpy(batch_size)`` yields the stream's consecutive rows as dicts of numpy arrays."""
+    lo, hi = rank * per_device, (rank + 1) * per_device
+    for i, b in enumerate(iter_numpy(per_device * world)):
+        if i < skip:
+            continue
+        if len(b[ROW_ID]) < per_device * world:
+            return  # the stream holds whole global micro-batches; a short tail is not trained on
+        yield collate({k: v[lo:hi] for k, v in b.items()})

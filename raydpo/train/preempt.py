@@ -1,0 +1,69 @@
+"""Preemption: a SIGTERM anywhere ends the run at the next step with a checkpoint, not a loss.
+
+* On the driver (`install_driver_handler`), SIGTERM writes the stage's stop file; the workers
+  look for it after every step.
+* On a Ray worker, the training loop runs in a thread that cannot install signal handlers, and
+  Ray's own handler on the main thread exits the process within ~10 ms. So
+  `raydpo.train.ray_callbacks.SigtermToStop` (a Ray Train worker callback, run on the worker's
+  main thread) replaces it with one that only raises `TERM`. Under torchrun the loop owns the
+  main thread and `StopWatch` installs the same handler itself.
+
+Every rank agrees on the flag through an all-reduce (`raydpo.train.loop`), so they all save
+the same step and return; the driver then exits 0 saying how to resume.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+STOP_FILE = "raydpo_stop_requested"
+
+# Set by the SIGTERM handler of this process. A signal is process-wide by nature: this flag is
+# the one piece of worker state that cannot travel through the loop's arguments.
+TERM = threading.Event()
+
+
+def _on_term(signum, frame) -> None:
+    TERM.set()
+
+
+def install_worker_handler():
+    """Replace this process's SIGTERM handler (main thread only); returns the previous one."""
+    return signal.signal(signal.SIGTERM, _on_term)
+
+
+class StopWatch:
+    """``requested()`` turns true once this process got SIGTERM or the driver's stop file exists."""
+
+    def __init__(self, stop_file: str | None):
+        self.stop_file = stop_file
+        self._prev = None
+        if threading.current_thread() is threading.main_thread():  # torchrun
+            self._prev = install_worker_handler()
+
+    def requested(self) -> bool:
+        return TERM.is_set() or bool(self.stop_file and os.path.exists(self.stop_file))
+
+    def close(self) -> None:
+        if self._prev is not None:
+            signal.signal(signal.SIGTERM, self._prev)
+
+
+def install_driver_handler(stop_file: str):
+    """SIGTERM on the driver → the stop file (workers checkpoint and stop). Returns a function
+    restoring the previous handler, and an event set when it fired. Only from the main thread
+    (elsewhere Python forbids handlers: a no-op)."""
+    fired = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        return (lambda: None), fired
+
+    def on_term(signum, frame):
+        fired.set()
+        os.makedirs(os.path.dirname(stop_file), exist_ok=True)
+        with open(stop_file, "w") as f:
+            f.write("SIGTERM\n")
+
+    prev = signal.signal(signal.SIGTERM, on_term)
+    return (lambda: signal.signal(signal.SIGTERM, prev)), fired

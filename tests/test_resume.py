@@ -1,0 +1,165 @@
+"""Exact resume, in-process (one gloo rank, DeepSpeed ZeRO-2, fp32 CPU, LoRA dropout on): a run
+stopped by a preemption at step 3 and resumed from its checkpoint ends with the same adapter and
+the same metrics as one that never stopped; a non-finite loss is skipped without touching the
+weights, optimizer or scheduler; too many in a row stop with a message naming the step."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from raydpo.config import Config
+from raydpo.data.collate import collate_dpo
+from raydpo.data.order import epoch_order, epochs_needed, usable_rows
+from raydpo.data.rows import format_prompt
+from raydpo.data.sample import generate_rows
+from raydpo.data.tokenize import tokenize_dpo
+from raydpo.models import load_model, load_tokenizer, resolve_model_path
+from raydpo.train.ingest import rank_batches
+from raydpo.train.loop import (CheckpointError, Hooks, NonFiniteError, WorkerEnv, run_stage,
+                               verify_checkpoint)
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def gloo():
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, gloo):
+    cfg = Config().with_overrides({
+        "model.cache_dir": str(tmp_path_factory.mktemp("cache")), "dpo.max_steps": STEPS, "dpo.per_device_batch_size": 2,
+        "dpo.gradient_accumulation_steps": 2, "dpo.log_every": 1, "dpo.eval_every": 3, "dpo.save_every": 2,
+        "dpo.lr": 5e-3, "dpo.reference": "adapter_disabled", "lora.dropout": 0.1, "scaling.num_workers": 1,
+        "dpo.max_nonfinite_steps": 3,
+    })
+    path = resolve_model_path(cfg.model)
+    tok = load_tokenizer(path)
+    rows = generate_rows(24, seed=5)
+    cols = tokenize_dpo(tok, [format_prompt(r["question"][:200], cfg.data.prompt_template) for r in rows],
+                        [r["response_j"][:200] for r in rows], [r["response_k"][:200] for r in rows], 128, 64)
+    return cfg, path, tok, {k: np.array(v + [None], dtype=object)[:-1] for k, v in cols.items()}
+
+
+def _run(setup, tmp: Path, *, resume_dir=None, stop_after=None, faults="", overrides=None):
+    cfg, path, tok, cols = setup
+    cfg = cfg.with_overrides(overrides or {})
+    d = cfg.dpo
+    torch.manual_seed(0)  # the fresh adapter's init
+    model = load_model(cfg.model, cfg.quantization, cfg.lora, base_path=path)
+    n, g = len(cols["row_id"]), d.per_device_batch_size
+    stream = np.concatenate([epoch_order(cols["row_id"].astype(np.int64), cfg.data.seed, e)[:usable_rows(n, g)]
+                             for e in range(epochs_needed(n, g, d.max_steps * d.gradient_accumulation_steps))])
+
+    def collate(b):
+        return collate_dpo(b, tok.pad_token_id, share_prefix=d.share_prefix, pack=d.padding_free)
+
+    def numpy_batches(size):
+        for lo in range(0, len(stream) - size + 1, size):
+            yield {k: v[stream[lo:lo + size]] for k, v in cols.items()}
+
+    saved, logged, calls = {}, [], [0]
+
+    def report(metrics, ckpt):
+        if ckpt:
+            dest = tmp / f"checkpoint_step{int(metrics['step'])}"
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.move(ckpt, dest)
+            saved[int(metrics["step"])] = dest
+
+    def stop():
+        calls[0] += 1
+        return stop_after is not None and calls[0] >= stop_after
+
+    hooks = Hooks(train_batches=lambda skip: rank_batches(numpy_batches, g, 1, 0, collate, skip),
+                  eval_batches=lambda: iter([collate({k: v[:4] for k, v in cols.items()})]),
+                  report=report, log=lambda m, s: logged.append((s, m)), resume_dir=resume_dir,
+                  progress=lambda s: None, stop_requested=stop, config_fingerprint={"x": 1}, faults=faults,
+                  faults_dir=str(tmp / "fired"))
+    result = run_stage("dpo", cfg, model, tok, WorkerEnv(0, 1, torch.device("cpu"), False), hooks)
+    lora = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    return result, lora, saved, dict(logged)
+
+
+def test_a_preempted_run_resumed_from_its_checkpoint_equals_an_uninterrupted_one(setup, tmp_path):
+    full, full_lora, full_saved, full_log = _run(setup, tmp_path / "full")
+    assert sorted(full_saved) == [2, 4, 6]  # every save_every step, logged or not, and the end
+
+    cut, _, cut_saved, cut_log = _run(setup, tmp_path / "cut", stop_after=3)
+    assert cut.preempted and cut.step == 3 and sorted(cut_saved) == [2, 3]  # checkpointed at once on the stop
+    state = verify_checkpoint(cut_saved[3])
+    assert state["preempted"] and state["micro_batches"] == 6 and state["config"] == {"x": 1}
+
+    resumed, res_lora, _, res_log = _run(setup, tmp_path / "res", resume_dir=str(cut_saved[3]))
+    assert resumed.step == STEPS and sorted(res_log) == [4, 5, 6]  # it went on from step 4, not from 1
+    for k in full_lora:
+        torch.testing.assert_close(res_lora[k], full_lora[k], rtol=1e-4, atol=1e-4)
+    for step in (4, 5, 6):
+        for key in ("train/loss", "train/rewards/margins", "train/lr"):
+            assert res_log[step][key] == pytest.approx(full_log[step][key], rel=1e-4, abs=1e-4), (step, key)
+    for key in ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins"):
+        assert res_log[6][key] == pytest.approx(full_log[6][key], rel=1e-4, abs=1e-4)
+    assert cut_log[3]["train/loss"] == pytest.approx(full_log[3]["train/loss"], rel=1e-6)
+
+
+def test_a_damaged_or_half_written_checkpoint_is_refused(setup, tmp_path):
+    _, _, saved, _ = _run(setup, tmp_path, overrides={"dpo.max_steps": 2})
+    ck = saved[2]
+    verify_checkpoint(ck)
+    blob = next(p for p in (ck / "deepspeed").rglob("*optim_states.pt"))
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
+    blob.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="damaged"):
+        verify_checkpoint(ck)
+    (ck / "manifest_r0.json").unlink()  # as if the rank died before its last write
+    with pytest.raises(CheckpointError, match="half-written"):
+        verify_checkpoint(ck)
+
+
+def test_a_non_finite_step_consumes_its_batch_without_any_update(setup, tmp_path):
+    # NaN on the last micro-batch of step 2: step 2's first micro-batch was already backpropagated
+    _, nan_lora, _, nan_log = _run(setup, tmp_path / "nan", faults="nan@2", overrides={"dpo.max_steps": 2})
+    _, one_lora, _, one_log = _run(setup, tmp_path / "one", overrides={"dpo.max_steps": 1})
+    for k in one_lora:  # weights after the skipped step 2 are those after step 1
+        torch.testing.assert_close(nan_lora[k], one_lora[k], rtol=0, atol=0)
+    assert nan_log[2]["train/nonfinite_steps"] == 1 and one_log[1]["train/nonfinite_steps"] == 0
+    assert nan_log[2]["train/lr"] == nan_log[1]["train/lr"]  # the scheduler did not step either
+    # and the skipped step's batch was consumed: step 3 trains on the pairs step 3 always gets. The
+    # reference (adapter off) log-probs, logps - rewards / beta, identify the pairs of a step
+    beta = setup[0].dpo.beta
+    _, _, _, skip3 = _run(setup, tmp_path / "nan3", faults="nan@2", overrides={"dpo.max_steps": 3})
+    _, _, _, plain3 = _run(setup, tmp_path / "plain3", overrides={"dpo.max_steps": 3})
+
+    def ref(log, step):
+        return log[step]["train/logps/chosen"] - log[step]["train/rewards/chosen"] / beta
+
+    assert ref(skip3, 3) == pytest.approx(ref(plain3, 3), rel=1e-4, abs=1e-4)
+    assert ref(skip3, 3) != pytest.approx(ref(plain3, 2), rel=1e-4, abs=1e-4)
+
+
+def test_too_many_non_finite_steps_in_a_row_stop_naming_the_step_and_the_last_checkpoint(setup, tmp_path):
+    with pytest.raises(NonFiniteError) as e:
+        _run(setup, tmp_path, faults="nanrun@3")
+    msg = str(e.value)
+    # steps 3-5 were skipped; the step-4 checkpoint still holds step 2's weights (skips change nothing)
+    assert "3 steps in a row" in msg and "at step 5" in msg and "checkpoint is step 4" in msg
+    assert "lr" in msg and "fp16" in msg and "data" in msg
+    assert json.loads((tmp_path / "checkpoint_step4" / "trainer_state.json").read_text())["nonfinite_run"] == 2
