@@ -190,7 +190,7 @@ def cmd_tune(args) -> int:
     cfg = _load_checked(args)
     if cfg is None:
         return EXIT_USAGE
-    return _tune(cfg, args.resume)
+    return guarded(lambda: _tune(cfg, args.resume), "`raydpo tune ... --resume`")
 
 
 def cmd_demo(args) -> int:
@@ -204,15 +204,18 @@ def cmd_demo(args) -> int:
         return EXIT_USAGE
     print(f"raydpo demo: tiny Llama + generated sample, SFT then DPO with {cfg.scaling.num_workers} workers, "
           f"DeepSpeed ZeRO-{cfg.deepspeed.stage}, quantization={cfg.quantization.mode}, LoRA r={cfg.lora.r}", flush=True)
-    if args.tune:
-        print(f"then a Tune search of {cfg.tune.num_samples} trials over beta and lr (ASHA, shared reference log-probs)",
-              flush=True)
-        sft = launch.fit_stage(cfg, "sft")
-        print(summary([sft], tracking.resolve_tracking_uri(cfg.tracking)))
-        return _tune(cfg.with_overrides({"dpo.sft_adapter": sft.adapter_path}), resume=False)
-    results = list(launch.run_pipeline(cfg))
-    print(summary(results, tracking.resolve_tracking_uri(cfg.tracking)))
-    return 0
+    def run() -> int:
+        if args.tune:
+            print(f"then a Tune search of {cfg.tune.num_samples} trials over beta and lr (ASHA, shared reference "
+                  "log-probs)", flush=True)
+            sft = launch.fit_stage(cfg, "sft")
+            print(summary([sft], tracking.resolve_tracking_uri(cfg.tracking)))
+            return _tune(cfg.with_overrides({"dpo.sft_adapter": sft.adapter_path}), resume=False)
+        results = list(launch.run_pipeline(cfg))
+        print(summary(results, tracking.resolve_tracking_uri(cfg.tracking)))
+        return 0
+
+    return guarded(run)
 
 
 def cmd_export(args) -> int:

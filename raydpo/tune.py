@@ -88,6 +88,9 @@ def run_tune(cfg: Config, *, resume: bool = False, progress=print) -> tuple[list
     from raydpo.launch import check_cpu_budget, merged_sft_base, resolve_base, stage_datasets
     from raydpo.raycluster import ensure_ray
 
+    from raydpo.launch import preflight
+
+    preflight(cfg)
     ensure_ray()
     check_cpu_budget(cfg)
     t = cfg.tune
@@ -112,6 +115,13 @@ def run_tune(cfg: Config, *, resume: bool = False, progress=print) -> tuple[list
         # every trial would otherwise start its own Ray Data read (+ tokenization when the reference
         # is not shared) of the same pairs: ~25 s of a trial's start-up on 2 cores
         shared = tuple(ds.materialize() for ds in datasets)
+        need = cfg.dpo.per_device_batch_size * cfg.scaling.num_workers
+        if shared[0].count() < need:
+            from raydpo.launch import DataError
+
+            raise DataError(f"tune: {shared[0].count()} training pairs remain after filtering and the eval split, fewer "
+                            f"than one batch per worker ({cfg.scaling.num_workers} workers x "
+                            f"{cfg.dpo.per_device_batch_size} = {need}); add data or lower the batch size")
         progress(f"[tune] {shared[0].count()} train / {shared[1].count()} eval pairs materialized once for every "
                  f"trial in {time.perf_counter() - t0 - ref_s:.0f}s")
 

@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         for lo in range(0, n_eval, bs):
             yield collate(pick(eval_cols, range(lo, min(lo + bs, n_eval))))
 
+    torch.manual_seed(stage_cfg.seed)  # the fresh adapter's init: the same on every rank and every run
     model = load_model(cfg.model, cfg.quantization, cfg.lora, base_path=path, device=env.device)
     if args.stage == "dpo" and cfg.dpo.reference == "precomputed":
         # the reference pass, in-process: each rank scores its own rows once, before training

@@ -106,6 +106,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         raise RuntimeError(json.loads(oom.read_text())["message"])
 
     tokenizer = load_tokenizer(config["tokenizer_path"], revision=cfg.model.revision)
+    torch.manual_seed(stage_cfg.seed)  # the fresh adapter's init: the same on every rank and every run
     model = load_model(cfg.model, cfg.quantization, cfg.lora, base_path=config["base_path"], device=env.device)
 
     collate = (DPOCollate(tokenizer.pad_token_id, cfg.dpo.share_prefix, cfg.dpo.padding_free) if stage == "dpo"

@@ -74,7 +74,11 @@ def _assert_checkpoint(path, step, stage):
     assert (p / "adapter" / "adapter_model.safetensors").exists()
     assert (p / "adapter" / "tokenizer_config.json").exists()
     assert any((p / "deepspeed" / "state").glob("*optim_states.pt"))  # optimizer shards of every rank
-    assert json.loads((p / "trainer_state.json").read_text()) == {"step": step, "stage": stage}
+    state = json.loads((p / "trainer_state.json").read_text())
+    assert (state["step"], state["stage"]) == (step, stage)
+    from raydpo.train.loop import verify_checkpoint
+
+    assert verify_checkpoint(p)["world_size"] == 2  # every rank's manifest present and matching
 
 
 @pytest.mark.timeout(900)
@@ -111,8 +115,24 @@ def test_rerun_resumes_from_latest_checkpoint(tmp_path, ray_local):
                    "sft.eval_every=2")
     r1 = fit_stage(first, "sft", progress=lambda s: None)
     assert [h["step"] for h in r1.history] == [1, 2]
-    second = first.with_overrides({"sft.max_steps": 4})
-    r2 = fit_stage(second, "sft", progress=lambda s: None)
-    # steps 1-2 were not repeated: training picked up the step-2 checkpoint's optimizer state
-    assert [h["step"] for h in r2.history] == [3, 4]
+    again = fit_stage(first, "sft", progress=lambda s: None)  # the same command again: already finished
+    assert again.run_id == r1.run_id and again.checkpoint_path == r1.checkpoint_path
+    second = first.with_overrides({"sft.max_steps": 4})  # train longer: allowed on a resume
+    said: list[str] = []
+    r2 = fit_stage(second, "sft", progress=said.append)
+    # steps 1-2 were not repeated: training picked up the step-2 checkpoint, in the same MLflow run,
+    # which now holds each step once
+    assert any("resuming run 'resume' from step 2" in s for s in said), said
+    assert r2.run_id == r1.run_id
+    assert [h["step"] for h in r2.history] == [1, 2, 3, 4]
     _assert_checkpoint(r2.checkpoint_path, 4, "sft")
+    import mlflow.tracking
+
+    client = mlflow.tracking.MlflowClient(first.tracking.tracking_uri)
+    assert client.get_run(r1.run_id).info.status == "FINISHED"  # nothing left RUNNING
+    assert sorted(m.step for m in client.get_metric_history(r1.run_id, "train/loss")) == [1, 2, 3, 4]
+    # a changed config is refused, naming the keys; --restart starts over and keeps the old folder
+    from raydpo.launch import ResumeConfigError
+
+    with pytest.raises(ResumeConfigError, match=r"sft\.lr .*--restart"):
+        fit_stage(second.with_overrides({"sft.lr": 1e-3}), "sft", progress=lambda s: None)
