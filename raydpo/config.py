@@ -334,9 +334,10 @@ class Config(_Section):
 
 # Keys a resumed run may change: they steer logging, saving, retries and speed, not the maths of
 # the steps already taken (max_steps may grow: "train longer"). Everything else must match the
-# checkpoint's config, or the resumed run would silently be a different experiment.
+# checkpoint's config, or the resumed run would silently be a different experiment. (max_steps
+# growing also stretches the LR schedule from the resumed step on: the new run's schedule.)
 RESUME_FREE = ("tracking.", "run.max_failures", "run.timeout_s", "run.keep_checkpoints", "scaling.torch_threads",
-               "scaling.data_cpus", "data.tokenize_", "sft.log_every", "sft.eval_every", "sft.eval_max_batches",
+               "scaling.data_cpus", "data.tokenize_concurrency", "data.tokenize_num_cpus", "sft.log_every", "sft.eval_every", "sft.eval_max_batches",
                "sft.save_every", "sft.max_steps", "sft.max_nonfinite_steps", "sft.enabled", "dpo.log_every",
                "dpo.eval_every", "dpo.eval_max_batches", "dpo.save_every", "dpo.max_steps", "dpo.max_nonfinite_steps",
                "dpo.enabled", "tune.")

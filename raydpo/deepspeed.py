@@ -51,7 +51,8 @@ def build_ds_config(cfg: Config, stage: TrainStageConfig, *, use_gpu: bool, worl
         "train_batch_size": stage.per_device_batch_size * stage.gradient_accumulation_steps * world_size,
         "gradient_clipping": stage.max_grad_norm,
         "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
+        # a non-finite gradient norm drops the step (no update) in bf16 too, as fp16/fp32 ZeRO already do
+        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
         # a torch AdamW is passed in; allow it under ZeRO and with CPU offload
         "zero_allow_untested_optimizer": True,

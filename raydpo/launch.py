@@ -246,7 +246,7 @@ def fit_stage(
     from raydpo import tracking
     from raydpo.config import fingerprint_hash, resume_fingerprint
     from raydpo.raycluster import ensure_ray
-    from raydpo.train.ingest import data_config, ordered_stream
+    from raydpo.train.ingest import data_config, ordered_execution, ordered_stream
     from raydpo.train.loop import SCORE_KEY
     from raydpo.train.preempt import STOP_FILE, install_driver_handler
     from raydpo.train.ray_callbacks import SigtermToStop, fatal_trainer
@@ -268,6 +268,12 @@ def fit_stage(
         run_id = record.get("run_id")
         hist = tracking.fetch_history(uri, run_id, None) if run_id and tracking.run_exists(uri, run_id) else []
         if run_id and tracking.run_exists(uri, run_id):
+            adapter = adapter_of(prior["path"])
+            if tracking.ADAPTER_TAG not in tracking.run_tags(uri, run_id):  # it died before its wrap-up
+                if cfg.tracking.log_artifacts:
+                    tracking.log_final_artifacts(uri, run_id, adapter_dir=adapter, config_yaml=cfg.to_yaml(),
+                                                 history=hist)
+                tracking.set_tags(uri, run_id, {tracking.ADAPTER_TAG: str(Path(adapter).resolve())})
             tracking.end_run(uri, run_id, "FINISHED")  # an earlier driver may have died before ending it
         return StageResult(stage=stage, run_id=run_id, adapter_path=adapter_of(prior["path"]),
                            checkpoint_path=prior["path"], metrics=hist[-1] if hist else {},
@@ -311,7 +317,8 @@ def fit_stage(
                 progress(f"[{stage}] warning: the eval split is empty; training runs without evaluation")
                 eval_ds = None
         s = cfg.scaling
-        train_ds = train_ds.materialize()  # tokenized once; each epoch of the stream sorts it
+        with ordered_execution():  # tokenized once, the same blocks on every rerun; each epoch sorts them
+            train_ds = train_ds.materialize()
         n_train = train_ds.count()
         global_batch = stage_cfg.per_device_batch_size * s.num_workers
         if n_train < global_batch:
@@ -320,7 +327,7 @@ def fit_stage(
                             f"{stage_cfg.per_device_batch_size} = {global_batch}); add data or lower the batch size")
         stream = ordered_stream(train_ds, n_train, seed=cfg.data.seed, global_batch=global_batch,
                                 micro_batches=stage_cfg.max_steps * stage_cfg.gradient_accumulation_steps,
-                                num_cpus=cfg.data.tokenize_num_cpus).materialize()  # sorted once, read by every worker
+                                num_cpus=cfg.data.tokenize_num_cpus)  # sorted once, read whole by every worker
         resources = {"CPU": s.cpus_per_worker}
         if s.use_gpu:
             resources["GPU"] = s.gpus_per_worker
@@ -354,14 +361,21 @@ def fit_stage(
             error = result.error
         except Exception as e:  # noqa: BLE001 - Train V2 raises TrainingFailedError from fit()
             result, error = None, e
-        latest, _ = _prior_state(cfg, stage, folder)
-        stopped = (folder / STOP_FILE).exists() or sigterm.is_set() or bool((latest or {}).get("preempted"))
+        oom = folder / OOM_MARKER
+        if oom.exists():
+            raise WorkerOOM(json.loads(oom.read_text())["message"]) from None
+        try:
+            latest, _ = _prior_state(cfg, stage, folder)
+        except Exception:  # noqa: BLE001 - never hide the stage's own error behind this one
+            if error is not None:
+                raise error from None
+            raise
+        new_ckpt = latest is not None and (prior is None or latest["path"] != prior["path"])
+        stopped = ((folder / STOP_FILE).exists() or sigterm.is_set()
+                   or bool(new_ckpt and latest.get("preempted")))  # this fit's preemption, not an earlier one
         if stopped and latest is not None and int(latest["step"]) < stage_cfg.max_steps:
             raise Preempted(stage, int(latest["step"]), str(folder))
         if error is not None:
-            oom = folder / OOM_MARKER
-            if oom.exists():
-                raise WorkerOOM(json.loads(oom.read_text())["message"]) from None
             raise error
         if latest is None or int(latest["step"]) < stage_cfg.max_steps:
             raise RuntimeError(f"{stage} finished without a final checkpoint in {folder}")

@@ -197,6 +197,10 @@ def run_exists(uri: str, run_id: str) -> bool:
         return False
 
 
+def run_tags(uri: str, run_id: str) -> dict[str, str]:
+    return dict(_client(uri).get_run(run_id).data.tags)
+
+
 def reopen_run(uri: str, run_id: str) -> None:
     """Mark a run RUNNING again: a resumed stage continues the run it started (MLflow keeps its
     params and metrics; the driver ends it again when the stage finishes)."""

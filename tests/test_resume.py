@@ -134,10 +134,12 @@ def test_a_damaged_or_half_written_checkpoint_is_refused(setup, tmp_path):
         verify_checkpoint(ck)
 
 
-def test_a_non_finite_step_consumes_its_batch_without_any_update(setup, tmp_path):
+@pytest.mark.parametrize("zero", [0, 2])  # ZeRO's own overflow skip, and the loop's without ZeRO
+def test_a_non_finite_step_consumes_its_batch_without_any_update(setup, tmp_path, zero):
     # NaN on the last micro-batch of step 2: step 2's first micro-batch was already backpropagated
-    _, nan_lora, _, nan_log = _run(setup, tmp_path / "nan", faults="nan@2", overrides={"dpo.max_steps": 2})
-    _, one_lora, _, one_log = _run(setup, tmp_path / "one", overrides={"dpo.max_steps": 1})
+    z = {"deepspeed.stage": zero}
+    _, nan_lora, _, nan_log = _run(setup, tmp_path / "nan", faults="nan@2", overrides={"dpo.max_steps": 2, **z})
+    _, one_lora, _, one_log = _run(setup, tmp_path / "one", overrides={"dpo.max_steps": 1, **z})
     for k in one_lora:  # weights after the skipped step 2 are those after step 1
         torch.testing.assert_close(nan_lora[k], one_lora[k], rtol=0, atol=0)
     assert nan_log[2]["train/nonfinite_steps"] == 1 and one_log[1]["train/nonfinite_steps"] == 0
@@ -145,8 +147,8 @@ def test_a_non_finite_step_consumes_its_batch_without_any_update(setup, tmp_path
     # and the skipped step's batch was consumed: step 3 trains on the pairs step 3 always gets. The
     # reference (adapter off) log-probs, logps - rewards / beta, identify the pairs of a step
     beta = setup[0].dpo.beta
-    _, _, _, skip3 = _run(setup, tmp_path / "nan3", faults="nan@2", overrides={"dpo.max_steps": 3})
-    _, _, _, plain3 = _run(setup, tmp_path / "plain3", overrides={"dpo.max_steps": 3})
+    _, _, _, skip3 = _run(setup, tmp_path / "nan3", faults="nan@2", overrides={"dpo.max_steps": 3, **z})
+    _, _, _, plain3 = _run(setup, tmp_path / "plain3", overrides={"dpo.max_steps": 3, **z})
 
     def ref(log, step):
         return log[step]["train/logps/chosen"] - log[step]["train/rewards/chosen"] / beta

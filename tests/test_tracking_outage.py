@@ -334,7 +334,11 @@ def test_close_spills_while_down_and_replay_is_idempotent(store, tmp_path, capsy
         assert r["run_id"] == run_id and r["tracking_uri"] == store.uri
         assert r["value"] == _metrics(r["step"])[r["key"]]
 
-    assert tracking.replay_buffer(str(spill)) == n
+    from raydpo.cli import main
+
+    capsys.readouterr()
+    assert main(["tracking", "replay", str(spill)]) == 0  # the command the warning names
+    assert f"replayed {n} buffered metric points" in capsys.readouterr().out
     assert not spill.exists() and Path(f"{spill}.replayed").exists()
     hist = _history(store.uri, run_id)
     for k in KEYS:

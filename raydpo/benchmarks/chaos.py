@@ -139,7 +139,7 @@ class Suite:
         row.finished = rc == 0 and "== raydpo summary ==" in out
         at = self.resumed_at(out)
         if fault_step is not None:
-            row.steps_lost = fault_step - at[-1] if at else fault_step
+            row.steps_lost = max(0, fault_step - at[-1]) if at else fault_step
         self.inspect(row, name, compare)
         row.survived = (row.finished and row.mlflow_runs == 1 and row.duplicate_points == 0
                         and (row.steps_lost is None or row.steps_lost <= SAVE_EVERY)
@@ -209,7 +209,7 @@ class Suite:
         name = "corrupt"
         rc, out, s1 = self.cli(name, env={"RAYDPO_FAULTS": "sigterm@5:rank=0"})
         folder = self.work / "runs" / f"{name}-dpo"
-        ckpts = sorted(folder.glob("checkpoint_*"))
+        ckpts = sorted(d for d in folder.glob("checkpoint_*") if d.is_dir())
         if ckpts:
             blob = next(ckpts[-1].rglob("*optim_states.pt"))
             data = bytearray(blob.read_bytes())
@@ -331,6 +331,13 @@ class Suite:
             row.notes.append("root without setpriv: permissions not enforced")
         return row
 
+    def too_few_pairs(self) -> Row:
+        row = Row("too few training pairs for one batch per worker")
+        rc, out, row.seconds = self.cli("few", "--set", "data.sample_size=8")
+        self.fatal(row, rc, out)
+        row.survived = row.survived and "fewer than one batch per worker" in row.error
+        return row
+
     def config_changed(self) -> Row:
         row = Row("rerun with a changed config (then --restart)")
         rc, out, row.seconds = self.cli("base", "--set", "dpo.beta=0.3")
@@ -357,7 +364,7 @@ class Suite:
 
         def finished_trial(d: Path) -> bool:
             return any(json.loads((c / "trainer_state.json").read_text())["step"] >= 6
-                       for c in d.glob("checkpoint_*") if (c / "trainer_state.json").exists())
+                       for c in d.glob("checkpoint_*") if c.is_dir() and (c / "trainer_state.json").exists())
 
         done_before = [d.name for d in trials.glob("tune-trial-*-dpo") if finished_trial(d)]
         rc2, out2, s2 = self.cli("tune", "--resume", *args, command="tune", timeout=1200)
@@ -373,7 +380,7 @@ class Suite:
         per_trial = {}
         for k in kids:
             per_trial.setdefault(k.data.tags.get("raydpo.trial_id"), []).append(k)
-        rerun = [n for n in done_before if any(c.stat().st_mtime > killed_at for c in (trials / n).glob("checkpoint_*"))]
+        rerun = [n for n in done_before if any(c.is_dir() and c.stat().st_mtime > killed_at for c in (trials / n).glob("checkpoint_*"))]
         row.mlflow_runs = len(kids)
         row.notes.append(f"killed with {len(done_before)} trial(s) finished; "
                          f"{len(per_trial)} trials, child runs per trial {sorted(len(v) for v in per_trial.values())}")
@@ -409,6 +416,7 @@ FAULTS = {
     "oom": Suite.oom,
     "read_only_storage": Suite.read_only_storage,
     "config_changed": Suite.config_changed,
+    "too_few_pairs": Suite.too_few_pairs,
     "tune_driver_killed": Suite.tune_driver_killed,
 }
 

@@ -13,6 +13,7 @@ Evaluation is order-free (metric sums are all-reduced): eval stays a streaming s
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -26,16 +27,38 @@ def _with_order_key(batch, seed: int, epoch: int):
     return batch.append_column(ORDER_KEY, pa.array(keys, type=pa.int64()))
 
 
+@contextlib.contextmanager
+def ordered_execution():
+    """Ray Data runs under this keep block order (tokenizing SFT packs rows batch by batch, so
+    the blocks it makes depend on the order rows arrive in)."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    saved = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True
+    try:
+        yield
+    finally:
+        ctx.execution_options.preserve_order = saved
+
+
 def ordered_stream(ds, n_rows: int, *, seed: int, global_batch: int, micro_batches: int, num_cpus: float):
-    """The run's training stream: ``micro_batches`` global micro-batches of ``global_batch``
-    rows, epoch after epoch. ``ds`` holds ``n_rows`` rows with a ``row_id`` column."""
+    """The run's training stream, materialized: ``micro_batches`` global micro-batches of
+    ``global_batch`` rows, epoch after epoch. ``ds`` holds ``n_rows`` rows with a ``row_id`` column.
+
+    Each epoch is sorted and cut with ``preserve_order`` on (a map after a sort otherwise hands
+    blocks on as they finish), and the epochs are concatenated block list after block list (a
+    ``union`` interleaves its inputs' blocks)."""
+    import ray.data
+
     keep = usable_rows(n_rows, global_batch)
-    parts = []
-    for epoch in range(epochs_needed(n_rows, global_batch, micro_batches)):
-        keyed = ds.map_batches(_with_order_key, fn_kwargs={"seed": seed, "epoch": epoch}, batch_format="pyarrow",
-                               num_cpus=num_cpus)
-        parts.append(keyed.sort([ORDER_KEY, ROW_ID]).limit(keep).drop_columns([ORDER_KEY]))
-    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+    with ordered_execution():
+        refs = []
+        for epoch in range(epochs_needed(n_rows, global_batch, micro_batches)):
+            keyed = ds.map_batches(_with_order_key, fn_kwargs={"seed": seed, "epoch": epoch}, batch_format="pyarrow",
+                                   num_cpus=num_cpus)
+            refs += keyed.sort([ORDER_KEY, ROW_ID]).limit(keep).materialize().to_arrow_refs()
+        return ray.data.from_arrow_refs(refs)
 
 
 def data_config():

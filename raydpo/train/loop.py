@@ -202,10 +202,18 @@ def _all_agree(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def _engine_skips_nonfinite(engine) -> bool:
+    """ZeRO 1-3 drop a step whose gradient norm is not finite (the overflow path of fp16 loss
+    scaling, also taken in fp32 and, with ``bf16.check_grad_overflow``, bf16): no optimizer or
+    scheduler step, gradients cleared. Without ZeRO the loop must do it (`_discard_accumulated`)."""
+    stage = getattr(engine, "zero_optimization_stage", lambda: 0)()
+    return stage >= 1
+
+
 def _discard_accumulated(engine, micro_done: int) -> None:
-    """Drop the gradients a step accumulated before one of its micro-batches went non-finite,
-    and rewind DeepSpeed's micro-step counter so the next step's accumulation boundary is where
-    it was: the skipped step leaves weights, optimizer and scheduler untouched."""
+    """Without ZeRO: drop the gradients (plain ``p.grad``) a step accumulated before one of its
+    micro-batches went non-finite, and rewind DeepSpeed's micro-step counter so the next step's
+    accumulation boundary is where it was: weights, optimizer and scheduler stay untouched."""
     if micro_done == 0:
         return
     engine.optimizer.zero_grad(set_to_none=True)
@@ -262,40 +270,56 @@ def run_stage(stage: Stage, cfg: Config, model, tokenizer, env: WorkerEnv, hooks
     engine.train()
     while step < stage_cfg.max_steps:
         faults.before_step(step + 1)
-        skipped, done = False, 0
+        bad, discarded, done = False, False, 0
+        skips_before = getattr(engine, "skipped_steps", 0)
+        step_sums: dict[str, torch.Tensor] = {}
+        step_counts = torch.zeros(5, device=env.device)  # tokens, samples, slots, pad, scored
         for micro in range(accum):
             try:
                 raw = next(batches)
             except StopIteration:
                 raise RuntimeError(f"the training stream ended at step {step}: fewer micro-batches than "
                                    f"max_steps x gradient_accumulation_steps") from None
-            if skipped:  # the rest of a skipped step's batches are consumed unseen
+            if discarded:  # the rest of a skipped step's batches are consumed unseen
                 continue
             b = _to(raw, env.device)
             loss, s = forward(b)
             if faults.nan_loss(step + 1, last_micro=micro == accum - 1):
                 loss = loss * float("nan")
-            # every rank must take the same branch: backward and step are collective
+            # every rank takes the same branch: backward and step are collective
             if _all_agree(not bool(torch.isfinite(loss.detach()).all()), env.device):
-                _discard_accumulated(engine, done)
-                skipped = True
-                continue
+                bad = True
+                if not _engine_skips_nonfinite(engine):
+                    _discard_accumulated(engine, done)
+                    discarded = True
+                    continue
+                # ZeRO: the non-finite gradients reach DeepSpeed's overflow check, which drops the
+                # whole step (every micro-batch's gradients, no optimizer or scheduler step)
             engine.backward(loss)
             engine.step()  # DeepSpeed only updates at the accumulation boundary
             done += 1
-            _add(window, s)
-            tokens += pair_tokens(b) if "pair_lengths" in b else b["attention_mask"].sum()
-            samples += s["count"].detach().float().reshape(())
-            if "seq_ids" in b:  # DPO layouts: how much of the computed [R, T] is padding
-                slots += b["seq_ids"].numel()
-                pad += (b["seq_ids"] < 0).sum()
-                scored += (b["score_slot"] >= 0).sum()
+            _add(step_sums, s)
+            step_counts += torch.stack([
+                (pair_tokens(b) if "pair_lengths" in b else b["attention_mask"].sum()).float(),
+                s["count"].detach().float().reshape(()),
+                *((torch.tensor(float(b["seq_ids"].numel()), device=env.device), (b["seq_ids"] < 0).sum().float(),
+                   (b["score_slot"] >= 0).sum().float()) if "seq_ids" in b
+                  else (torch.zeros((), device=env.device),) * 3)]).to(env.device)
         step += 1
         window_steps += 1
+        # DeepSpeed also drops a step whose loss was finite but whose gradients were not
+        skipped = bad or getattr(engine, "skipped_steps", 0) > skips_before
+        if bad and not discarded and getattr(engine, "skipped_steps", 0) == skips_before:
+            raise RuntimeError(f"{stage} step {step}: DeepSpeed applied an update although the loss was non-finite")
+        if not skipped:  # a skipped step's batches count as consumed, not as trained on
+            for k, v in step_sums.items():
+                window[k] = window[k] + v if k in window else v
+            tokens, samples = tokens + step_counts[0], samples + step_counts[1]
+            slots, pad, scored = slots + step_counts[2], pad + step_counts[3], scored + step_counts[4]
         if skipped:
             nonfinite_total += 1
             nonfinite_run += 1
-            hooks.progress(f"[{stage}] step {step}: non-finite loss; batch consumed, no update "
+            hooks.progress(f"[{stage}] step {step}: non-finite loss or gradients; batch consumed, no update "
                            f"({nonfinite_run} in a row)")
             if nonfinite_run >= stage_cfg.max_nonfinite_steps:
                 good = f"the last good checkpoint is step {last_good}" if last_good else "no checkpoint was saved yet"

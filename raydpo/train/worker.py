@@ -28,33 +28,49 @@ def oom_message(stage: str, cfg) -> str:
             f"quantization.mode={cfg.quantization.mode}")
 
 
-def find_resume_dir(restored, storage_dir: str | None, progress) -> tuple[str | None, bool]:
-    """(verified checkpoint folder to resume from or None, whether it is a temporary copy).
-
-    Ray's restored checkpoint is the one it registered last; the stage folder may hold a newer
-    intact one (a preemption checkpoint whose report never reached Ray) or, when Ray's is
-    damaged, an older intact one. The newest intact checkpoint wins."""
+def resume_candidates(restored, storage_dir: str | None, progress) -> list[tuple[int, str, bool]]:
+    """This rank's intact checkpoints as (step, folder, is a temporary copy), newest first: Ray's
+    restored one (the checkpoint it registered last, verified file by file) and those of the
+    stage folder (a preemption checkpoint whose report never reached Ray, or older intact ones
+    when Ray's is damaged)."""
     from raydpo.train.loop import CheckpointError, verify_checkpoint
 
-    best: tuple[int, str, bool] | None = None
+    found: list[tuple[int, str, bool]] = []
     if restored is not None:
         local = restored.to_directory(tempfile.mkdtemp(prefix="raydpo-resume-"))
         try:
-            best = (int(verify_checkpoint(local)["step"]), local, True)
+            found.append((int(verify_checkpoint(local)["step"]), local, True))
         except CheckpointError as e:
             progress(f"warning: the latest checkpoint is unusable ({e}); looking for an older intact one")
             shutil.rmtree(local, ignore_errors=True)
-    for cand in intact_checkpoints(storage_dir)[:1]:
-        step = int(verify_checkpoint(cand)["step"])
-        if best is None or step > best[0]:
-            if best is not None and best[2]:
-                shutil.rmtree(best[1], ignore_errors=True)
-            best = (step, str(cand), False)
-    if best is None:
-        if restored is not None:
-            progress("warning: no intact checkpoint left: starting from step 0")
-        return None, False
-    return best[1], best[2]
+    for cand in intact_checkpoints(storage_dir):
+        found.append((int(verify_checkpoint(cand)["step"]), str(cand), False))
+    return sorted(found, key=lambda t: (-t[0], t[2]))
+
+
+def agree_on_resume(found: list[tuple[int, str, bool]], device, rank: int) -> tuple[str | None, bool]:
+    """Every rank resumes from the same step: rank 0's newest; each rank then loads its own
+    intact copy of that step (or fails, naming it, rather than train from another step)."""
+    import torch
+    import torch.distributed as dist
+
+    from raydpo.train.loop import CheckpointError
+
+    want = torch.tensor([found[0][0] if found else -1], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(want, src=0)
+    step = int(want.item())
+    for s, path, is_copy in found:
+        if s == step:
+            break
+    else:
+        path, is_copy = None, False
+        if step >= 0:
+            raise CheckpointError(f"rank {rank} has no intact copy of the step-{step} checkpoint rank 0 resumes from")
+    for s, other, copy in found:  # the temporary copies this rank does not use
+        if copy and other != path:
+            shutil.rmtree(other, ignore_errors=True)
+    return path, is_copy
 
 
 def intact_checkpoints(storage_dir: str | None) -> list[Path]:
@@ -129,7 +145,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if ckpt_dir:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
 
-    resume_dir, resume_copy = find_resume_dir(ray.train.get_checkpoint(), storage_dir, progress)
+    found = resume_candidates(ray.train.get_checkpoint(), storage_dir, progress)
+    resume_dir, resume_copy = agree_on_resume(found, env.device, env.rank)
     progress(f"[{stage}] {env.world_size} worker(s), {threads} torch thread(s) each")
 
     # steps an earlier attempt already logged are not logged again: ask the store (a worker
