@@ -189,7 +189,7 @@ def test_build_datasets_dpo_streams_valid_pairs_split_by_question(ray_local, cfg
     rows = generate_rows(300, cfg.data.seed)
     want_eval = sum(is_eval(r["question"], 0.2) for r in rows)
     assert (n_train, n_eval) == (300 - want_eval, want_eval) and 30 < n_eval < 90
-    assert set(train.columns()) == {"prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "truncated"}
+    assert set(train.columns()) == {"prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "truncated", "row_id"}
     # eval holds exactly the eval questions' prompts
     eval_prompts = {tok.decode(r["prompt_input_ids"][1:]) for r in evals.take_all()}
     assert eval_prompts == {format_prompt(r["question"], cfg.data.prompt_template) for r in rows
@@ -217,7 +217,7 @@ def test_build_datasets_sft_packs_fixed_blocks(ray_local, cfg_tok):
     cfg, tok_path = cfg_tok
     cfg = _with(cfg, sample_size=300, sft_block_size=64, max_chars=200_000)
     train, evals = build_datasets(cfg, "sft", tok_path)
-    assert train.columns() == ["input_ids"]
+    assert train.columns() == ["input_ids", "row_id"]  # row_id: the key of the training order
     lengths = train.map_batches(lambda b: {"n": np.array([len(x) for x in b["input_ids"]])}).unique("n")
     assert lengths == [64] and train.count() > 100
     batch = next(iter(train.iter_torch_batches(batch_size=8, collate_fn=SFTCollate())))

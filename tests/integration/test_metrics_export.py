@@ -37,7 +37,7 @@ SAMPLE = {
     "train/rewards/accuracies": 0.75, "train/rewards/margins": 0.5, "train/logps/chosen": -40.0,
     "train/logps/rejected": -55.0, "train/tokens_per_s": 1234.5, "train/samples_per_s": 6.5,
     "train/step_time_s": 0.8, "train/peak_memory_gb": 1.5, "train/lr": 5e-6, "train/padding_fraction": 0.0,
-    "train/scored_tokens_per_s": 456.0, "train/peak_rss_mib": 2048.0,
+    "train/scored_tokens_per_s": 456.0, "train/peak_rss_mib": 2048.0, "train/nonfinite_steps": 1.0,
     "eval/loss": 0.65, "eval/rewards/chosen": 0.2, "eval/rewards/rejected": -0.1,
     "eval/rewards/accuracies": 0.625, "eval/rewards/margins": 0.3, "eval/logps/chosen": -41.0,
     "eval/logps/rejected": -54.0,
@@ -136,6 +136,7 @@ def test_dashboard_metrics_reach_prometheus(monkeypatch):
     assert value("ray_raydpo_padding_fraction") == 0.0
     assert value("ray_raydpo_scored_tokens_per_second") == pytest.approx(456.0)
     assert value("ray_raydpo_workers_peak_rss_bytes") == pytest.approx(2048.0 * 2**20)
+    assert value("ray_raydpo_nonfinite_steps") == pytest.approx(1.0)
     assert value("ray_raydpo_step") == STEP
     assert 10 * 2**20 < value("ray_raydpo_process_rss_bytes") < 64 * 2**30  # a real Python process
     assert node and all("SessionName" in s.labels for s in node)  # the dashboard's session filter
