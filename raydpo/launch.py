@@ -361,6 +361,7 @@ def fit_stage(
             error = result.error
         except Exception as e:  # noqa: BLE001 - Train V2 raises TrainingFailedError from fit()
             result, error = None, e
+        replay_spill(uri, folder, stage, progress)
         oom = folder / OOM_MARKER
         if oom.exists():
             raise WorkerOOM(json.loads(oom.read_text())["message"]) from None
@@ -397,6 +398,26 @@ def fit_stage(
     return StageResult(stage=stage, run_id=run_id, adapter_path=adapter, checkpoint_path=ckpt,
                        metrics=dict(result.metrics or {}), base_path=base_path,
                        elapsed_s=time.perf_counter() - t0, history=history)
+
+
+def replay_spill(uri: str, folder: Path, stage: str, progress=print) -> int:
+    """Metrics the workers could not send (the store was down when they closed) wait in
+    ``mlflow_buffer_<stage>.jsonl``; when the store is back by the time the driver gets here, send
+    them now, so the user needs no replay command. Never raises: the file stays for
+    ``raydpo tracking replay`` when this fails."""
+    from raydpo import tracking
+
+    spill = folder / f"mlflow_buffer_{stage}.jsonl"
+    if not spill.exists() or tracking.check_store(uri) is not None:
+        return 0
+    try:
+        n = tracking.replay_buffer(str(spill), uri)
+    except Exception as e:  # noqa: BLE001 - the stage's own outcome matters more
+        print(f"warning: could not replay {spill} ({e.__class__.__name__}); later: "
+              f"{tracking.REPLAY_COMMAND} {spill}", flush=True)
+        return 0
+    progress(f"[{stage}] MLflow store reachable again: sent the {n} metric points buffered during the outage")
+    return n
 
 
 def _end_quietly(uri: str, run_id: str, status: str) -> None:

@@ -364,3 +364,28 @@ def test_replay_refuses_an_unreachable_store_and_keeps_the_file(tmp_path):
     with pytest.raises(RuntimeError, match="unreachable"):
         tracking.replay_buffer(str(spill))
     assert spill.exists()
+
+
+def test_driver_sends_the_workers_spill_when_the_store_is_back(store, tmp_path, capsys):
+    """The store came back after the workers closed: the driver (`launch.replay_spill`, called by
+    fit_stage after the fit) sends their spilled points, so the run is whole without the replay
+    command; while the store is still down the file stays for that command."""
+    from raydpo.launch import replay_spill
+
+    run_id = tracking.start_run(store.uri, store.exp_id, "driver-replay")
+    folder = tmp_path / "run-dpo"
+    folder.mkdir()
+    spill = folder / "mlflow_buffer_dpo.jsonl"
+    spill.write_text("".join(json.dumps({"run_id": run_id, "key": k, "value": v, "timestamp": 1000 + s, "step": s,
+                                         "tracking_uri": store.uri}) + "\n"
+                             for s in range(1, 4) for k, v in _metrics(s).items()))
+    down = f"http://127.0.0.1:{_free_port()}"
+    assert replay_spill(down, folder, "dpo") == 0
+    assert spill.exists()
+    lines = []
+    assert replay_spill(store.uri, folder, "dpo", progress=lines.append) == 3 * len(KEYS)
+    assert not spill.exists() and (folder / "mlflow_buffer_dpo.jsonl.replayed").exists()
+    assert lines == [f"[dpo] MLflow store reachable again: sent the {3 * len(KEYS)} metric points buffered "
+                     "during the outage"]
+    assert {k: [m.step for m in ms] for k, ms in _history(store.uri, run_id).items()} == \
+        {k: [1, 2, 3] for k in KEYS}

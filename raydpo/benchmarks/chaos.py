@@ -295,6 +295,21 @@ class Suite:
                 if _http_ok(uri):
                     break
                 time.sleep(1)
+            spill = self.work / "runs" / "midrun-dpo" / "mlflow_buffer_dpo.jsonl"
+            if spill.exists():
+                # the store was not back before the workers closed (a restart can take longer than the
+                # rest of the run on a loaded machine): the points wait on disk; replay them as the
+                # warning line tells the user to
+                n = sum(1 for _ in spill.open())
+                r = subprocess.run([sys.executable, "-m", "raydpo.cli", "tracking", "replay", str(spill)],
+                                   cwd=self.work, capture_output=True, text=True, timeout=300)
+                row.notes.append(f"store back after the run: {n} points spilled, replay exit {r.returncode}")
+                if r.returncode != 0:
+                    row.error = (r.stdout + r.stderr).strip().splitlines()[-1][:300]
+            elif spill.with_name(spill.name + ".replayed").exists():
+                row.notes.append("store back after the workers closed: the driver sent their spilled points")
+            elif events:
+                row.notes.append("flushed live when the store returned")
             saved, self.uri = self.uri, uri
             try:
                 self.recoverable(row, rc, out, "midrun", None, compare=False)
