@@ -429,8 +429,15 @@ def resume_fingerprint(cfg: Config) -> dict[str, Any]:
 
 
 def fingerprint_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Keys whose values differ between a checkpoint's fingerprint and the current config's."""
-    return sorted(k for k in set(saved) | set(current) if saved.get(k, "<unset>") != current.get(k, "<unset>"))
+    """Keys whose values differ between a checkpoint's fingerprint and the current config's. A key
+    the checkpoint lacks (added to the config since it was written) counts as its default, so a
+    run checkpointed before a new setting existed resumes while that setting keeps its default."""
+    defaults = flatten(Config().to_dict())
+
+    def was(k: str) -> Any:
+        return saved[k] if k in saved else defaults.get(k, "<unset>")
+
+    return sorted(k for k in set(saved) | set(current) if was(k) != current.get(k, "<unset>"))
 
 
 def fingerprint_hash(fp: dict[str, Any]) -> str:

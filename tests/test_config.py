@@ -209,3 +209,10 @@ def test_needs_reference_for_each_loss(loss_type, needs):
     exo = load_config(None, ["dpo.loss_type=exo_pair", "dpo.label_smoothing=0.001"]).dpo
     assert exo.needs_reference
 
+
+def test_a_checkpoint_made_before_a_new_setting_resumes_while_it_keeps_its_default():
+    from raydpo.config import fingerprint_diff, resume_fingerprint
+
+    old = {k: v for k, v in resume_fingerprint(Config()).items() if k != "dpo.simpo_gamma"}  # written by an older raydpo
+    assert fingerprint_diff(old, resume_fingerprint(Config())) == []
+    assert fingerprint_diff(old, resume_fingerprint(load_config(None, ["dpo.simpo_gamma=1.0"]))) == ["dpo.simpo_gamma"]
