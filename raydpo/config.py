@@ -12,14 +12,21 @@ there with ``Config.from_dict`` — workers hold no globals.
 from __future__ import annotations
 
 import copy
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 DTYPES = Literal["float32", "bfloat16", "float16"]
+# the names of raydpo.losses.LOSS_FNS (a test keeps them equal; this module must not import torch)
+LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "bco_pair", "exo_pair", "nca_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft", "simpo", "orpo")
+REFERENCE_FREE_LOSSES = frozenset({"simpo", "orpo", "sft"})  # raydpo.losses.REFERENCE_FREE
+NLL_ONLY_LOSSES = frozenset({"sft"})  # not a preference loss: no step-0 value of its own
+LABEL_SMOOTHING_LOSSES = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "simpo")
 BUILTIN_MODEL = "tiny"
 BUILTIN_SOURCE = "sample"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -169,8 +176,16 @@ class SFTConfig(TrainStageConfig):
 class DPOConfig(TrainStageConfig):
     lr: float = Field(5e-4, gt=0.0, le=1.0)
     beta: float = Field(0.1, gt=0.0)
-    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "bco_pair"] = "sigmoid"
-    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    loss_type: str | list[str] = Field(
+        "sigmoid", description="a loss name or a list of them (summed with loss_weights), as TRL 1.16's DPOConfig; "
+        "also simpo (TRL's CPO) and orpo. See raydpo.losses.dpo_loss for each formula")
+    loss_weights: list[float] | None = Field(None, description="one weight per loss_type entry; None: 1 each")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, validate_default=True, description="ε of sigmoid (cDPO), robust, exo_pair (> 0 "
+                                   "needed), aot, aot_unpaired and simpo")
+    simpo_gamma: float = Field(0.5, description="simpo's target reward margin γ (TRL CPOConfig.simpo_gamma)")
+    cpo_alpha: float = Field(0.0, ge=0.0, description="simpo: weight of the NLL on the chosen responses (TRL "
+                             "CPOConfig.cpo_alpha)")
+    discopop_tau: float = Field(0.05, gt=0.0, description="discopop's temperature τ (TRL DPOConfig.discopop_tau)")
     reference: Literal["adapter_disabled", "precomputed"] = Field(
         "precomputed", description="precomputed: the frozen reference's log-probs computed once by Ray Data and "
         "cached by content (reference weights, tokenizer, data); adapter_disabled: a reference forward every step"
@@ -179,10 +194,75 @@ class DPOConfig(TrainStageConfig):
     completion_only_logits: bool = Field(True, description="LM head + log-softmax on scored positions only")
     share_prefix: bool = Field(True, description="prompt once, chosen and rejected after it in one sequence")
     padding_free: bool = Field(True, description="pack each micro-batch's sequences into as few rows as fit")
-    sanity_check: bool = Field(True, description="stop if the step-0 loss is not ln 2 with rewards ~ 0")
+    sanity_check: bool = Field(True, description="stop if the step-0 loss (its preference terms) is not the "
+                               "zero-margin value (ln 2 for sigmoid) with rewards ~ 0; skipped for simpo and orpo")
     sft_adapter: str | None = Field(
         None, description="SFT adapter to start from (set by `raydpo pipeline`); None: start from the base model"
     )
+
+    @field_validator("loss_type", mode="before")
+    @classmethod
+    def _loss_type(cls, v: Any) -> Any:
+        names = [v] if isinstance(v, str) else v
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"must be a loss name or a non-empty list of names; valid: {', '.join(LOSS_TYPES)}")
+        unknown = [n for n in names if n not in LOSS_TYPES]
+        if unknown:
+            raise ValueError(f"unknown loss type {', '.join(map(repr, unknown))}; valid: {', '.join(LOSS_TYPES)}")
+        if all(n in NLL_ONLY_LOSSES for n in names):
+            raise ValueError("needs at least one preference loss besides 'sft' (train SFT alone with the sft stage)")
+        return v
+
+    @field_validator("loss_weights")
+    @classmethod
+    def _loss_weights(cls, v: list[float] | None, info: ValidationInfo) -> list[float] | None:
+        lt = info.data.get("loss_type")
+        if v is None or lt is None:  # an invalid loss_type is reported on its own
+            return v
+        n = 1 if isinstance(lt, str) else len(lt)
+        if len(v) != n:
+            raise ValueError(f"{len(v)} weight(s) for {n} loss type(s) {lt!r}: give one weight per loss_type entry")
+        if not all(math.isfinite(w) for w in v):
+            raise ValueError("weights must be finite")
+        return v
+
+    @field_validator("label_smoothing")
+    @classmethod
+    def _label_smoothing(cls, v: float, info: ValidationInfo) -> float:
+        lt = info.data.get("loss_type")
+        if lt is None:
+            return v
+        types = {lt} if isinstance(lt, str) else set(lt)
+        if "exo_pair" in types and v == 0.0:
+            raise ValueError("exo_pair needs label_smoothing > 0 (its loss has log ε; the EXO paper uses 1e-3)")
+        if v > 0.0 and not types & set(LABEL_SMOOTHING_LOSSES):
+            raise ValueError(f"{v} would be ignored: only {', '.join(LABEL_SMOOTHING_LOSSES)} read it")
+        return v
+
+    @field_validator("cpo_alpha")
+    @classmethod
+    def _cpo_alpha(cls, v: float, info: ValidationInfo) -> float:
+        lt = info.data.get("loss_type")
+        if v > 0.0 and lt is not None and "simpo" not in ([lt] if isinstance(lt, str) else lt):
+            raise ValueError(f"{v} would be ignored: cpo_alpha weights simpo's NLL term; for another loss add 'sft' "
+                             "to loss_type with a weight in loss_weights")
+        return v
+
+    @property
+    def loss_types(self) -> tuple[str, ...]:
+        """``loss_type`` as a tuple of names, one name or a list alike."""
+        return (self.loss_type,) if isinstance(self.loss_type, str) else tuple(self.loss_type)
+
+    @property
+    def needs_reference(self) -> bool:
+        """False when every loss term is reference-free (simpo, orpo, sft): then there is no
+        reference forward, no reference pass and no reference cache. The one place this is decided."""
+        return not set(self.loss_types) <= REFERENCE_FREE_LOSSES
+
+    @property
+    def precomputed_reference(self) -> bool:
+        """Whether the reference log-probs are computed once before training (the reference pass)."""
+        return self.reference == "precomputed" and self.needs_reference
 
 
 class SearchSpace(_Section):
@@ -349,8 +429,15 @@ def resume_fingerprint(cfg: Config) -> dict[str, Any]:
 
 
 def fingerprint_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Keys whose values differ between a checkpoint's fingerprint and the current config's."""
-    return sorted(k for k in set(saved) | set(current) if saved.get(k, "<unset>") != current.get(k, "<unset>"))
+    """Keys whose values differ between a checkpoint's fingerprint and the current config's. A key
+    the checkpoint lacks (added to the config since it was written) counts as its default, so a
+    run checkpointed before a new setting existed resumes while that setting keeps its default."""
+    defaults = flatten(Config().to_dict())
+
+    def was(k: str) -> Any:
+        return saved[k] if k in saved else defaults.get(k, "<unset>")
+
+    return sorted(k for k in set(saved) | set(current) if was(k) != current.get(k, "<unset>"))
 
 
 def fingerprint_hash(fp: dict[str, Any]) -> str:

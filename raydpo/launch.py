@@ -97,8 +97,9 @@ def merged_sft_base(cfg: Config, sft_adapter: str, base_path: str) -> str:
 
 def stage_datasets(cfg: Config, stage: Stage, base_path: str, tok_path: str, progress=print):
     """(train, eval) lazy Ray datasets of a stage: tokenized pairs, with the reference log-prob
-    columns (computed once, `raydpo.reference`) when DPO uses ``dpo.reference=precomputed``."""
-    if stage == "dpo" and cfg.dpo.reference == "precomputed":
+    columns (computed once, `raydpo.reference`) when DPO uses ``dpo.reference=precomputed`` and a
+    loss that reads a reference (`DPOConfig.precomputed_reference`: none for simpo, orpo, sft)."""
+    if stage == "dpo" and cfg.dpo.precomputed_reference:
         from raydpo.reference import reference_datasets
 
         return reference_datasets(cfg, base_path, tok_path, progress=progress)

@@ -3,7 +3,8 @@
 Ray 2.60 is Train V2: each trial is a function that builds and fits its own `TorchTrainer`
 (through `raydpo.launch.fit_stage`) with `TuneReportCallback`, so every ``ray.train.report``
 — one per evaluation — reaches Tune and the ASHA scheduler. The reference log-probs are
-computed once before the search (`raydpo.reference`) and every trial reads them.
+computed once before the search (`raydpo.reference`) and every trial reads them; a
+reference-free loss (simpo, orpo, sft: `DPOConfig.needs_reference`) has no reference pass at all.
 MLflow: a parent run for the search, one child run per trial, the best trial tagged and its
 adapter registered in the Model Registry with lineage tags.
 """
@@ -134,7 +135,10 @@ def run_tune(cfg: Config, *, resume: bool = False, progress=print) -> tuple[list
         parent = tracking.start_run(uri, exp_id, name, tags={"raydpo.stage": "tune", tracking.SFT_RUN_TAG: sft_run or "",
                                                              "raydpo.sft_adapter": cfg.dpo.sft_adapter or ""})
         tracking.log_params(uri, parent, cfg.flat())
-    progress(f"[tune] MLflow parent run {parent}; reference log-probs ready in {ref_s:.0f}s")
+    ready = (f"reference log-probs ready in {ref_s:.0f}s" if cfg.dpo.precomputed_reference
+             else f"no reference pass ({'/'.join(cfg.dpo.loss_types)} reads no reference)" if not cfg.dpo.needs_reference
+             else "a reference forward in every trial step (dpo.reference=adapter_disabled)")
+    progress(f"[tune] MLflow parent run {parent}; {ready}")
 
     n_evals = math.ceil(cfg.dpo.max_steps / cfg.dpo.eval_every)
     scheduler = None if t.scheduler == "fifo" else ASHAScheduler(metric=t.metric, mode="max", time_attr="training_iteration",

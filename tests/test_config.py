@@ -161,3 +161,58 @@ def test_validate_cli_lists_errors_and_exits_2_without_ray(tmp_path):
     r = subprocess.run([sys.executable, "-m", "raydpo.cli", "validate", "--config", str(good),
                         "--set", "data.source=./nope.parquet"], capture_output=True, text=True)
     assert r.returncode == 2 and "data.source" in r.stderr
+
+
+def test_loss_type_is_one_name_or_a_weighted_list():
+    one = load_config(None, ["dpo.loss_type=ipo"])
+    assert one.dpo.loss_type == "ipo" and one.dpo.loss_types == ("ipo",) and one.dpo.loss_weights is None
+    many = load_config(None, ["dpo.loss_type=[sigmoid, sft]", "dpo.loss_weights=[1.0, 0.2]"])
+    assert many.dpo.loss_types == ("sigmoid", "sft") and many.dpo.loss_weights == [1.0, 0.2]
+    assert Config.from_dict(yaml.safe_load(many.to_yaml())) == many  # a list stays a list (no silent rewrite)
+    simpo = load_config(None, ["dpo.loss_type=[simpo, sft]", "dpo.cpo_alpha=0.1", "dpo.simpo_gamma=1.0"]).dpo
+    assert (simpo.cpo_alpha, simpo.simpo_gamma) == (0.1, 1.0)
+    assert load_config(None, ["dpo.loss_type=exo_pair", "dpo.label_smoothing=0.001"]).dpo.label_smoothing == 0.001
+    assert load_config(None, ["dpo.loss_type=discopop", "dpo.discopop_tau=0.1"]).dpo.discopop_tau == 0.1
+
+
+@pytest.mark.parametrize(("overrides", "path", "needle"), [
+    (["dpo.loss_type=kto_typo"], "dpo.loss_type", "'kto_typo'; valid: sigmoid, robust"),
+    (["dpo.loss_type=[sigmoid, nope]"], "dpo.loss_type", "unknown loss type 'nope'"),
+    (["dpo.loss_type=[]"], "dpo.loss_type", "non-empty list"),
+    (["dpo.loss_type=7"], "dpo.loss_type", "a loss name"),
+    (["dpo.loss_type=sft"], "dpo.loss_type", "at least one preference loss"),
+    (["dpo.loss_type=[sigmoid, sft]", "dpo.loss_weights=[1.0]"], "dpo.loss_weights", "1 weight(s) for 2 loss type(s)"),
+    (["dpo.loss_weights=[1.0, 2.0]"], "dpo.loss_weights", "2 weight(s) for 1 loss type(s)"),
+    (["dpo.loss_type=exo_pair"], "dpo.label_smoothing", "exo_pair needs label_smoothing > 0"),
+    (["dpo.loss_type=hinge", "dpo.label_smoothing=0.1"], "dpo.label_smoothing", "would be ignored"),
+    (["dpo.cpo_alpha=0.5"], "dpo.cpo_alpha", "simpo"),
+    (["dpo.loss_type=discopop", "dpo.discopop_tau=0"], "dpo.discopop_tau", "greater than 0"),
+])
+def test_loss_errors_name_their_field(overrides, path, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    msgs = dict(e.value.errors)
+    assert path in msgs and needle in msgs[path], e.value.errors
+
+
+@pytest.mark.parametrize(("loss_type", "needs"), [
+    ("sigmoid", True), ("robust", True), ("hinge", True), ("ipo", True), ("bco_pair", True), ("nca_pair", True),
+    ("sppo_hard", True), ("aot", True), ("aot_unpaired", True), ("apo_zero", True), ("apo_down", True),
+    ("discopop", True), ("sigmoid_norm", True), ("simpo", False), ("orpo", False),
+    ("[simpo, sft]", False), ("[orpo, simpo]", False), ("[sigmoid, sft]", True), ("[simpo, ipo]", True),
+])
+def test_needs_reference_for_each_loss(loss_type, needs):
+    d = load_config(None, [f"dpo.loss_type={loss_type}"]).dpo
+    assert d.needs_reference is needs
+    assert d.precomputed_reference is needs  # dpo.reference defaults to precomputed
+    assert load_config(None, [f"dpo.loss_type={loss_type}", "dpo.reference=adapter_disabled"]).dpo.precomputed_reference is False
+    exo = load_config(None, ["dpo.loss_type=exo_pair", "dpo.label_smoothing=0.001"]).dpo
+    assert exo.needs_reference
+
+
+def test_a_checkpoint_made_before_a_new_setting_resumes_while_it_keeps_its_default():
+    from raydpo.config import fingerprint_diff, resume_fingerprint
+
+    old = {k: v for k, v in resume_fingerprint(Config()).items() if k != "dpo.simpo_gamma"}  # written by an older raydpo
+    assert fingerprint_diff(old, resume_fingerprint(Config())) == []
+    assert fingerprint_diff(old, resume_fingerprint(load_config(None, ["dpo.simpo_gamma=1.0"]))) == ["dpo.simpo_gamma"]

@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from raydpo.losses import LOSS_FNS, METRIC_KEYS, dpo_loss, dpo_metric_sums, finalize_metrics, sequence_logps, sft_loss
+from raydpo.losses import (LOSS_FNS, METRIC_KEYS, NLL_ONLY, REFERENCE_FREE, chosen_nll, dpo_loss, dpo_metric_sums,
+                           finalize_metrics, reads_chosen_nll, sequence_logps, sft_loss)
 
 t = lambda *v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
 
@@ -274,3 +275,167 @@ def test_import_is_light():
             "bad=[m for m in ('ray','peft','deepspeed','bitsandbytes','mlflow','transformers','raydpo.config')"
             " if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- the types added to match TRL 1.16's list (trl/trainer/dpo_trainer.py `_compute_loss`; CPO, ORPO) --
+# With PC, PR, RC, RR and beta 0.1: log-ratios ρ_c = 1, ρ_r = -1, z = 2, rewards r_c = 0.1, r_r = -0.1.
+
+
+@pytest.mark.parametrize(("loss_type", "kw", "expected"), [
+    # σ(0.2)·(logσ(0.2) - log(1-ε)) + σ(-0.2)·(logσ(-0.2) - log ε), ε = 1e-3:
+    # 0.549834·(-0.598139 + 0.0010005) + 0.450166·(-0.798139 + 6.907755) = -0.328327 + 2.750342
+    ("exo_pair", {"label_smoothing": 1e-3}, 2.422015),
+    # -logσ(0.1) - ½·logσ(-0.1) - ½·logσ(0.1) = 0.644397 + 0.372198 + 0.322198
+    ("nca_pair", {}, 1.338793),
+    # (ρ_c - 1/(2β))² + (ρ_r + 1/(2β))² = (1 - 5)² + (-1 + 5)²
+    ("sppo_hard", {}, 32.0),
+    # 1 - σ(0.1) + σ(-0.1) = 1 - 0.524979 + 0.475021
+    ("apo_zero", {}, 0.950042),
+    # σ(0.1) + 1 - σ(0.2) = 0.524979 + 1 - 0.549834
+    ("apo_down", {}, 0.975145),
+    # m = σ(0.2/0.05) = σ(4) = 0.982014: 0.598139·(1 - m) + exp(-0.2)·m = 0.010758 + 0.804005
+    ("discopop", {}, 0.814763),
+    # τ = 1: m = σ(0.2) = 0.549834: 0.598139·0.450166 + 0.818731·0.549834 = 0.269262 + 0.450166
+    ("discopop", {"discopop_tau": 1.0}, 0.719428),
+])
+def test_trl_loss_types_by_hand(loss_type, kw, expected):
+    losses, cr, rr = dpo_loss(PC, PR, RC, RR, beta=0.1, loss_type=loss_type, **kw)
+    assert losses.item() == pytest.approx(expected, abs=1e-5)
+    assert cr.item() == pytest.approx(0.1) and rr.item() == pytest.approx(-0.1)  # β·log-ratio, as TRL
+
+
+def test_aot_sorts_over_the_batch_by_hand():
+    # policy 0, 0 / 0, 0; reference chosen -1, -3, rejected -2, -1
+    pc, pr, rc, rr = t(0.0, 0.0), t(0.0, 0.0), t(-1.0, -3.0), t(-2.0, -1.0)
+    # aot: sort(pi_c - pi_r) = [0, 0]; sort(ref_c - ref_r) = sort([1, -2]) = [-2, 1]; Δ = [2, -1]
+    # -logσ(0.2) = 0.598139, -logσ(-0.1) = 0.744397 (paired, sigmoid would see z = [-1, 2])
+    aot, cr, _ = dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="aot")
+    assert aot.tolist() == pytest.approx([0.598139, 0.744397], abs=1e-5)
+    assert cr.tolist() == pytest.approx([0.1, 0.3])  # rewards stay paired: 0.1·ρ_c
+    # cDPO with ε = 0.1 on Δ = 2: 0.9·0.598139 + 0.1·0.798139 = 0.618139
+    assert dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="aot", label_smoothing=0.1)[0][0].item() == pytest.approx(
+        0.618139, abs=1e-5)
+    # aot_unpaired: ρ_c = [1, 3], ρ_r = [2, 1]; sort: [1, 3] - [1, 2] = [0, 1] -> ln 2, -logσ(0.1)
+    unp, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="aot_unpaired")
+    assert unp.tolist() == pytest.approx([0.693147, 0.644397], abs=1e-5)
+
+
+def test_sigmoid_norm_with_lengths_by_hand():
+    # the IPO example above: per-token log-ratios 1 and -1, z̄ = 2 -> -logσ(0.2) = 0.598139
+    n = dict(chosen_lengths=torch.tensor([2]), rejected_lengths=torch.tensor([3]))
+    losses, cr, rr = dpo_loss(t(-2.0), t(-6.0), t(-4.0), t(-3.0), beta=0.1, loss_type="sigmoid_norm", **n)
+    assert losses.item() == pytest.approx(0.598139, abs=1e-6)
+    assert cr.item() == pytest.approx(0.2) and rr.item() == pytest.approx(-0.3)  # on the sums
+    # on the sums it would be z = 2 - (-3) = 5 -> -logσ(0.5) = 0.474077; averaged inputs, no lengths: 0.598139
+    assert dpo_loss(t(-1.0), t(-2.0), t(-2.0), t(-1.0), beta=0.1, loss_type="sigmoid_norm")[0].item() == pytest.approx(
+        0.598139, abs=1e-6)
+
+
+def test_sft_is_the_batch_token_mean_nll_of_chosen():
+    # chosen sums -4 over 2 tokens and -6 over 4: TRL's sft = -(−4 − 6) / (2 + 4) = 1.666667 for every
+    # pair (a mean of per-pair means would be (2 + 1.5) / 2 = 1.75); rejected and reference unused
+    n = dict(chosen_lengths=torch.tensor([2, 4]), rejected_lengths=torch.tensor([1, 1]))
+    losses, cr, rr = dpo_loss(t(-4.0, -6.0), t(-1.0, -1.0), t(9.0, 9.0), t(9.0, 9.0), beta=0.1, loss_type="sft", **n)
+    assert losses.tolist() == pytest.approx([1.666667, 1.666667], abs=1e-6)
+    assert cr.tolist() == pytest.approx([-0.2, -0.15])  # reference-free: β·mean log-prob, -4/2 and -6/4
+    assert chosen_nll(t(-4.0, -6.0), torch.tensor([2, 4])).tolist() == pytest.approx([1.666667] * 2, abs=1e-6)
+    with pytest.raises(ValueError, match="chosen_lengths"):
+        dpo_loss(PC, PR, RC, RR, loss_type="sft")
+
+
+def test_simpo_is_trl_cpo_simpo_by_hand():
+    # chosen -4 over 2 tokens (mean -2), rejected -9 over 3 (mean -3); beta 2, gamma 0.5:
+    # logits = (-2 - -3) - 0.5/2 = 0.75; β·logits = 1.5; -logσ(1.5) = 0.201413. Reference ignored.
+    n = dict(chosen_lengths=torch.tensor([2]), rejected_lengths=torch.tensor([3]))
+    ref = t(123.0)
+    losses, cr, rr = dpo_loss(t(-4.0), t(-9.0), ref, ref, beta=2.0, loss_type="simpo", **n)
+    assert losses.item() == pytest.approx(0.201413, abs=1e-6)
+    assert cr.item() == pytest.approx(-4.0) and rr.item() == pytest.approx(-6.0)  # β·mean log-prob, as CPOTrainer
+    # label smoothing ε = 0.1 (CPO's cDPO form): 0.9·0.201413 + 0.1·(-logσ(-1.5) = 1.701413) = 0.351413
+    smooth = dpo_loss(t(-4.0), t(-9.0), ref, ref, beta=2.0, loss_type="simpo", label_smoothing=0.1, **n)[0]
+    assert smooth.item() == pytest.approx(0.351413, abs=1e-6)
+    # cpo_alpha 0.5 adds 0.5 × NLL(chosen) = 0.5 × 4/2 = 1.0
+    alpha = dpo_loss(t(-4.0), t(-9.0), ref, ref, beta=2.0, loss_type="simpo", cpo_alpha=0.5, **n)[0]
+    assert alpha.item() == pytest.approx(1.201413, abs=1e-6)
+    # gamma 0: logits 1, β·logits = 2: -logσ(2) = 0.126928
+    g0 = dpo_loss(t(-4.0), t(-9.0), ref, ref, beta=2.0, loss_type="simpo", simpo_gamma=0.0, **n)[0]
+    assert g0.item() == pytest.approx(0.126928, abs=1e-6)
+
+
+def test_orpo_is_trl_odds_ratio_loss_by_hand():
+    # chosen sums -2, -1 over 2 tokens (means -1, -0.5); rejected -6 over 3, -3 over 2 (means -2, -1.5)
+    # log(1 - e^x): x = -1: -0.458675, -2: -0.145413, -0.5: -0.932752 (the expm1 branch), -1.5: -0.252482
+    # log-odds: (−1 + 2) − (−0.458675 + 0.145413) = 1.313262; (−0.5 + 1.5) − (−0.932752 + 0.252482) = 1.680270
+    # logσ: −0.238183, −0.170859; NLL = (2 + 1) / (2 + 2) = 0.75; loss = 0.75 − 0.1·logσ
+    n = dict(chosen_lengths=torch.tensor([2, 2]), rejected_lengths=torch.tensor([3, 2]))
+    z = torch.zeros(2)
+    losses, cr, rr = dpo_loss(t(-2.0, -1.0), t(-6.0, -3.0), z, z, beta=0.1, loss_type="orpo", **n)
+    assert losses.tolist() == pytest.approx([0.773818, 0.767086], abs=1e-5)
+    assert cr.tolist() == pytest.approx([-0.1, -0.05]) and rr.tolist() == pytest.approx([-0.2, -0.15])
+    with pytest.raises(ValueError, match="orpo needs"):
+        dpo_loss(PC, PR, RC, RR, loss_type="orpo")
+
+
+def test_orpo_has_gradient_through_both_terms():
+    pc = t(-2.0).requires_grad_()
+    loss = dpo_loss(pc, t(-6.0), t(0.0), t(0.0), beta=0.1, loss_type="orpo",
+                    chosen_lengths=torch.tensor([2]), rejected_lengths=torch.tensor([3]))[0]
+    loss.sum().backward()
+    assert pc.grad.item() < -0.5  # NLL alone gives -1/2; the odds term pushes the same way
+
+
+def test_weighted_list_is_the_weighted_sum():
+    n = dict(chosen_lengths=torch.tensor([2]), rejected_lengths=torch.tensor([2]))
+    # 1·sigmoid + 0.5·hinge + 2·sft = 0.598139 + 0.5·relu(1 − 0.2) + 2·(1/2) = 0.598139 + 0.4 + 1.0
+    losses, cr, rr = dpo_loss(PC, PR, RC, RR, beta=0.1, loss_type=["sigmoid", "hinge", "sft"],
+                              loss_weights=[1.0, 0.5, 2.0], **n)
+    assert losses.item() == pytest.approx(1.998139, abs=1e-6)
+    assert cr.item() == pytest.approx(0.1) and rr.item() == pytest.approx(-0.1)  # a reference term: β·log-ratio
+    # no weights: 1 each; a one-element list is the single type
+    assert dpo_loss(PC, PR, RC, RR, loss_type=["sigmoid", "hinge"])[0].item() == pytest.approx(0.598139 + 0.8, abs=1e-6)
+    assert torch.equal(dpo_loss(PC, PR, RC, RR, loss_type=["ipo"])[0], dpo_loss(PC, PR, RC, RR, loss_type="ipo")[0])
+    # simpo + sft: reference-free, rewards β·mean (chosen -1/2, rejected -3/2)
+    _, cr, rr = dpo_loss(PC, PR, RC, RR, beta=0.1, loss_type=["simpo", "sft"], **n)
+    assert cr.item() == pytest.approx(-0.05) and rr.item() == pytest.approx(-0.15)
+
+
+def test_list_validation():
+    with pytest.raises(ValueError, match="'nope'"):
+        dpo_loss(PC, PR, RC, RR, loss_type=["sigmoid", "nope"])
+    with pytest.raises(ValueError, match="2 loss_weights for 3"):
+        dpo_loss(PC, PR, RC, RR, loss_type=["sigmoid", "hinge", "ipo"], loss_weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="empty"):
+        dpo_loss(PC, PR, RC, RR, loss_type=[])
+    with pytest.raises(ValueError, match="label_smoothing"):
+        dpo_loss(PC, PR, RC, RR, loss_type="exo_pair")  # log ε at ε = 0
+
+
+@pytest.mark.parametrize(("loss_type", "kw", "expected"), [
+    ("exo_pair", {"label_smoothing": 1e-3}, 2.761231),  # ½(−ln2 − log(1−ε)) + ½(−ln2 − log ε)
+    ("nca_pair", {}, 2 * math.log(2)),  # −logσ(0) − ½logσ(0) − ½logσ(0)
+    ("sppo_hard", {}, 50.0),  # (0 − 5)² + (0 + 5)²
+    ("aot", {}, math.log(2)), ("aot_unpaired", {}, math.log(2)), ("sigmoid_norm", {}, math.log(2)),
+    ("apo_zero", {}, 1.0),  # 1 − ½ + ½
+    ("apo_down", {}, 1.0),  # ½ + 1 − ½
+    ("discopop", {}, 0.5 * math.log(2) + 0.5),  # m = σ(0) = ½: ½·ln2 + ½·e⁰
+])
+def test_step0_values_of_the_new_types(loss_type, kw, expected):
+    z = torch.zeros(1)
+    assert dpo_loss(z, z, z, z, beta=0.1, loss_type=loss_type, **kw)[0].item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_table_and_name_lists_agree_with_config():
+    from raydpo import config
+
+    assert set(LOSS_FNS) == set(config.LOSS_TYPES) and len(LOSS_FNS) >= 10
+    assert REFERENCE_FREE == config.REFERENCE_FREE_LOSSES and NLL_ONLY == config.NLL_ONLY_LOSSES
+    assert reads_chosen_nll("orpo") and reads_chosen_nll(["sigmoid", "sft"]) and reads_chosen_nll("simpo", 0.1)
+    assert not reads_chosen_nll("simpo") and not reads_chosen_nll("sigmoid")
+
+
+def test_metric_sums_carry_nll_only_when_given():
+    z = t(0.0, 0.0)
+    assert "nll_loss" not in dpo_metric_sums(z, z, z, z, z)
+    sums = dpo_metric_sums(z, z, t(-4.0, -6.0), z, z, nll=chosen_nll(t(-4.0, -6.0), torch.tensor([2, 4])))
+    assert sums["nll_loss"].item() == pytest.approx(2 * 10 / 6)  # a sum over pairs, like the others
+    assert finalize_metrics(sums)["nll_loss"] == pytest.approx(10 / 6)

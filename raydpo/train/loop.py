@@ -134,20 +134,26 @@ def sft_forward(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, d
 def dpo_forward(engine, model, batch: dict[str, torch.Tensor], cfg: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One policy forward over the pairs (`models.pair_logps`, in whatever layout the collate
     made); the reference is precomputed log-probs carried in the batch, or the same weights with
-    the LoRA adapter disabled (no second model in memory). Log-probs are fp32 sums; IPO gets the
-    response lengths and normalises per token, as TRL 1.16 does."""
+    the LoRA adapter disabled (no second model in memory), or — for a reference-free loss
+    (``cfg.dpo.needs_reference`` false: simpo, orpo, sft) — nothing at all: no reference forward,
+    zeros in its place. Log-probs are fp32 sums; the loss gets the response lengths and averages
+    per token where TRL 1.16 does."""
     d = cfg.dpo
     pol_c, pol_r, n_c, n_r = pair_logps(engine, batch, completion_only=d.completion_only_logits)
-    if "ref_chosen_logps" in batch:  # precomputed sums (raydpo.reference)
+    if not d.needs_reference:  # the loss never reads them
+        ref_c = ref_r = torch.zeros_like(pol_c)
+    elif "ref_chosen_logps" in batch:  # precomputed sums (raydpo.reference)
         ref_c, ref_r = batch["ref_chosen_logps"].float(), batch["ref_rejected_logps"].float()
     else:
         with reference_disabled(model):
             ref_c, ref_r, _, _ = pair_logps(engine, batch, completion_only=d.completion_only_logits)
     per_ex, chosen_r, rejected_r = losses.dpo_loss(
-        pol_c, pol_r, ref_c, ref_r, beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
-        chosen_lengths=n_c, rejected_lengths=n_r,
+        pol_c, pol_r, ref_c, ref_r, beta=d.beta, loss_type=d.loss_types, label_smoothing=d.label_smoothing,
+        chosen_lengths=n_c, rejected_lengths=n_r, loss_weights=d.loss_weights, simpo_gamma=d.simpo_gamma,
+        cpo_alpha=d.cpo_alpha, discopop_tau=d.discopop_tau,
     )
-    sums = losses.dpo_metric_sums(chosen_r, rejected_r, pol_c.detach(), pol_r.detach(), per_ex.detach())
+    nll = losses.chosen_nll(pol_c.detach(), n_c) if losses.reads_chosen_nll(d.loss_types, d.cpo_alpha) else None
+    sums = losses.dpo_metric_sums(chosen_r, rejected_r, pol_c.detach(), pol_r.detach(), per_ex.detach(), nll=nll)
     return per_ex.mean(), sums
 
 
@@ -265,6 +271,9 @@ def run_stage(stage: Stage, cfg: Config, model, tokenizer, env: WorkerEnv, hooks
     slots, pad, scored = (torch.zeros((), device=env.device) for _ in range(3))
     t_window, window_steps = time.perf_counter(), 0
     check_step0 = stage == "dpo" and cfg.dpo.sanity_check and step == 0
+    if check_step0 and (why := sanity_skip_reason(cfg)):
+        hooks.progress(f"[dpo] step-0 sanity check off: {why}")
+        check_step0 = False
     batches = iter(hooks.train_batches(step * accum))
     preempted = False
     engine.train()
@@ -390,16 +399,35 @@ def run_stage(stage: Stage, cfg: Config, model, tokenizer, env: WorkerEnv, hooks
     return LoopResult(step=step, history=history, preempted=preempted)
 
 
+def sanity_skip_reason(cfg: Config) -> str | None:
+    """Why the step-0 check cannot apply to this loss, or None when it does."""
+    free = [t for t in cfg.dpo.loss_types if t in ("simpo", "orpo")]
+    if free:
+        return (f"{'/'.join(dict.fromkeys(free))} is reference-free: its step-0 loss depends on the base model's "
+                "log-probs, not a zero margin (it is not ln 2), so there is nothing to check it against")
+    return None
+
+
 def sanity_check(m: dict[str, float], cfg: Config) -> None:
     """At step 0 the fresh adapter makes policy == reference, so rewards are 0 and the loss is
-    the loss type's value at zero margin (ln 2 for sigmoid)."""
+    the loss type's value at zero margin (ln 2 for sigmoid; the weighted sum for a list). An
+    ``sft`` term is left out: it is the base model's NLL, unknown in advance, so the check
+    compares the preference part, ``loss - w_sft·nll_loss``. Not for simpo/orpo
+    (`sanity_skip_reason`)."""
+    d = cfg.dpo
+    terms = losses.loss_list(d.loss_types, d.loss_weights)
+    pref = [(t, w) for t, w in terms if t not in losses.NLL_ONLY]
+    w_nll = sum(w for t, w in terms if t in losses.NLL_ONLY)
     zero = torch.zeros(1)
-    expected = float(losses.dpo_loss(zero, zero, zero, zero, beta=cfg.dpo.beta, loss_type=cfg.dpo.loss_type,
-                                     label_smoothing=cfg.dpo.label_smoothing)[0].mean())
-    loss, rc, rr = m["loss"], m["rewards/chosen"], m["rewards/rejected"]
+    expected = float(losses.dpo_loss(zero, zero, zero, zero, beta=d.beta, loss_type=[t for t, _ in pref],
+                                     loss_weights=[w for _, w in pref], label_smoothing=d.label_smoothing,
+                                     discopop_tau=d.discopop_tau)[0].mean())
+    loss = m["loss"] - w_nll * m.get(losses.NLL_LOSS, 0.0)
+    what = "preference loss (loss minus the sft term)" if w_nll else "loss"
+    rc, rr = m["rewards/chosen"], m["rewards/rejected"]
     if abs(loss - expected) > 0.01 or abs(rc) > 0.01 or abs(rr) > 0.01:
         raise SanityCheckError(
-            f"DPO step-0 sanity check failed: loss {loss:.4f} (expected {expected:.4f}), rewards/chosen {rc:.4f}, "
+            f"DPO step-0 sanity check failed: {what} {loss:.4f} (expected {expected:.4f}), rewards/chosen {rc:.4f}, "
             f"rewards/rejected {rr:.4f} (expected ~0). The policy and the reference differ before training: "
             "likely the adapter is not freshly initialised (an SFT adapter passed as the DPO adapter instead of "
             "merged into the base?), precomputed reference log-probs come from another model or tokenizer, or "

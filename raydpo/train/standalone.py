@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(stage_cfg.seed)  # the fresh adapter's init: the same on every rank and every run
     model = load_model(cfg.model, cfg.quantization, cfg.lora, base_path=path, device=env.device)
-    if args.stage == "dpo" and cfg.dpo.reference == "precomputed":
+    if args.stage == "dpo" and cfg.dpo.precomputed_reference:  # none for a reference-free loss
         # the reference pass, in-process: each rank scores its own rows once, before training
         for cols in dpo_cols:
             add_reference(model, cols, tok.pad_token_id, cfg, env.device)
