@@ -30,6 +30,10 @@ LABEL_SMOOTHING_LOSSES = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired"
 BUILTIN_MODEL = "tiny"
 BUILTIN_SOURCE = "sample"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+# Preference-data formats (`raydpo.data.formats` reads them) and their canonical column names,
+# which ``data.columns`` maps onto a dataset's own names.
+DATA_FORMATS = ("stack_exchange", "standard", "conversational", "implicit_prompt")
+CANONICAL_COLUMNS = ("question", "response_j", "response_k", "prompt", "chosen", "rejected")
 
 
 class ConfigError(ValueError):
@@ -48,6 +52,12 @@ class DataConfig(_Section):
     """Where preference pairs come from and how they become token ids."""
 
     source: str = Field(BUILTIN_SOURCE, description="'sample', a local file/folder, or a hub dataset id")
+    format: Literal["auto", "stack_exchange", "standard", "conversational", "implicit_prompt"] = Field(
+        "auto", description="row format; auto: decided per source from the columns of its first rows")
+    columns: dict[str, str] = Field(default_factory=dict,
+                                    description="canonical column name -> the dataset's, e.g. {prompt: instruction}")
+    chat_template: str | None = Field(None, description="jinja chat template for message rows; None: the tokenizer's")
+    sft_source: str | None = Field(None, description="SFT rows from this source instead (read like source)")
     split: str = "train"
     sft_data_dir: str | None = Field(None, description="hub data_dir for SFT rows (stack-exchange-paired: data/finetune)")
     dpo_data_dir: str | None = Field(None, description="hub data_dir for DPO rows (stack-exchange-paired: data/rl)")
@@ -59,10 +69,31 @@ class DataConfig(_Section):
     max_length: int = Field(1024, ge=8, description="prompt + response tokens, DPO")
     max_prompt_length: int = Field(512, ge=1, description="prompt tokens kept, DPO")
     sft_block_size: int = Field(1024, ge=8, description="packed SFT block length in tokens")
-    max_chars: int = Field(200_000, ge=1, description="rows whose question+answers exceed this are dropped")
+    max_chars: int = Field(200_000, ge=1, description="rows whose own text (question/prompt + answers, or the "
+                           "messages' contents) exceeds this many characters are dropped")
     tokenize_batch_size: int = Field(256, ge=1)
     tokenize_concurrency: int = Field(1, ge=1, description="tokenizer actors")
     tokenize_num_cpus: float = Field(0.25, gt=0.0, description="CPU per tokenize task; keep < 1 so workers don't starve Ray Data")
+
+    @field_validator("columns")
+    @classmethod
+    def _columns(cls, v: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(v) - set(CANONICAL_COLUMNS))
+        if unknown:
+            raise ValueError(f"unknown column name(s) {', '.join(unknown)}: keys are the canonical names "
+                             f"({', '.join(CANONICAL_COLUMNS)}), values the dataset's columns")
+        if any(not isinstance(c, str) or not c for c in v.values()):
+            raise ValueError("every column must map to a non-empty dataset column name")
+        if len(set(v.values())) < len(v):
+            raise ValueError("two canonical names map to the same dataset column")
+        return v
+
+    @field_validator("chat_template", "sft_source")
+    @classmethod
+    def _not_blank(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("must not be empty (leave it unset instead)")
+        return v
 
     @model_validator(mode="after")
     def _lengths(self) -> DataConfig:
@@ -398,6 +429,7 @@ class Config(_Section):
             "model.cache_dir": local(self.model.cache_dir, False),
             "model.name_or_path": local(self.model.name_or_path, True),
             "data.source": local(self.data.source, True),
+            "data.sft_source": local(self.data.sft_source, True),
             "dpo.sft_adapter": local(self.dpo.sft_adapter, True),
         })
 
@@ -536,10 +568,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
 def check_resources(cfg: Config) -> list[tuple[str, str]]:
     """Checks that need the filesystem (not Ray): the data source and model must exist."""
     errs: list[tuple[str, str]] = []
-    src = cfg.data.source
-    if src != BUILTIN_SOURCE and not Path(src).exists():
+    for key, src in (("data.source", cfg.data.source), ("data.sft_source", cfg.data.sft_source)):
+        if src is None or src == BUILTIN_SOURCE or Path(src).expanduser().exists():
+            continue
         if src.startswith((".", "/", "~")) or not HUB_ID.match(src):
-            errs.append(("data.source", f"no such file or folder, and not a hub dataset id: {src}"))
+            errs.append((key, f"no such file or folder, and not a hub dataset id: {src}"))
     m = cfg.model.name_or_path
     if m != BUILTIN_MODEL and not Path(m).exists():
         if m.startswith((".", "/", "~")) or not HUB_ID.match(m):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from raydpo.config import Config
+from raydpo.data.sources import DataSourceError
 
 Stage = Literal["sft", "dpo"]
 
@@ -451,8 +452,9 @@ class HubAccessError(RuntimeError):
     """A gated hub model and no token."""
 
 
-# errors of the setup, not of training: the CLI prints their one line and exits 2
-SETUP_ERRORS = (StorageError, TrackingError, DataError, HubAccessError, ResumeConfigError)
+# errors of the setup, not of training: the CLI prints their one line and exits 2 (DataSourceError:
+# a source that cannot be read, or whose format cannot be told or rendered, e.g. no chat template)
+SETUP_ERRORS = (StorageError, TrackingError, DataError, DataSourceError, HubAccessError, ResumeConfigError)
 
 
 def run_pipeline(cfg: Config, progress=print, restart: bool = False) -> tuple[StageResult, StageResult]:

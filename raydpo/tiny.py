@@ -23,7 +23,26 @@ from raydpo.config import DataConfig, ModelConfig
 # for Llama 2) keeps "is this position padding?" answerable from the ids alone; every loss masks
 # padding through the labels/attention mask anyway.
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
-BUILD_VERSION = 2  # bump when the build below changes
+BUILD_VERSION = 3  # bump when the build below changes (3: the tokenizer has a chat template)
+
+# The tiny tokenizer's chat template: stack_llama_2's "Question: ...\n\nAnswer: " frame as turns,
+# BOS first and EOS closing each answer, a system message as a plain first paragraph. The frame's
+# words are whole tokens of this BPE (it is trained on them), and a one-question conversation
+# renders to the very text (and token ids) of the default stack-exchange prompt and answer, so the
+# conversational demo learns what the default one does. Other roles raise (a counted bad row).
+CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{- message['content'] + '\n\n' -}}"
+    "{%- elif message['role'] == 'user' -%}{{- 'Question: ' + message['content'] + '\n\n' -}}"
+    "{%- elif message['role'] == 'assistant' -%}{{- 'Answer: ' + message['content'] + eos_token -}}"
+    "{%- if not loop.last -%}{{- '\n\n' -}}{%- endif -%}"
+    "{%- else -%}{{- raise_exception('the tiny chat template knows system, user and assistant turns, not '"
+    " + message['role']) -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'Answer: ' -}}{%- endif -%}"
+)
 _BUILD_LOCK = threading.Lock()
 
 
@@ -67,8 +86,9 @@ def ensure_tiny_model(model_cfg: ModelConfig) -> Path:
 
 def build_tokenizer(vocab_size: int, texts: Iterable[str]):
     """A byte-level BPE (any text encodes: code, unicode) trained on ``texts``, wrapped as a
-    ``PreTrainedTokenizerFast``: bos ``<s>``, eos ``</s>``, unk ``<unk>``, pad ``<pad>``, and
-    ``<s>`` prepended to every encoded text (``add_special_tokens=False`` leaves it out)."""
+    ``PreTrainedTokenizerFast``: bos ``<s>``, eos ``</s>``, unk ``<unk>``, pad ``<pad>``,
+    ``<s>`` prepended to every encoded text (``add_special_tokens=False`` leaves it out), and the
+    chat template `CHAT_TEMPLATE`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -82,8 +102,10 @@ def build_tokenizer(vocab_size: int, texts: Iterable[str]):
     # Llama-style: BOS in front of every encoded text; EOS is appended by the data pipeline
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s>:1 $B:1",
                                                        special_tokens=[("<s>", bos)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="<pad>", padding_side="right", model_max_length=1_000_000)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
 
 
 def build_tiny(model_cfg: ModelConfig, out: Path, extra_texts: Iterable[str] = ()) -> None:

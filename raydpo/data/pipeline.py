@@ -1,4 +1,5 @@
-"""The Ray Data pipeline: read → validate (count bad rows) → format → split → tokenize.
+"""The Ray Data pipeline: read → validate (count bad rows) → format (template, chat template) →
+split → tokenize.
 
     train, evals = build_datasets(cfg, "dpo", tokenizer_path)
 
@@ -20,13 +21,15 @@ if TYPE_CHECKING:
 Stage = Literal["sft", "dpo"]
 
 
-def validated(cfg: DataConfig, stage: Stage = "dpo"):
+def validated(cfg: DataConfig, stage: Stage = "dpo", tokenizer_name_or_path: str | None = None,
+              revision: str | None = None):
     """Every row read (at most ``max_rows``) with its ``reason`` (``""`` = valid) and, for valid
-    rows, ``prompt``/``chosen``/``rejected`` and ``is_eval``. Raises `DataSourceError` now when
-    the source cannot be read at all."""
+    rows, ``prompt``/``chosen``/``rejected`` (as the model reads them: message rows rendered with
+    the tokenizer's chat template), ``is_eval`` and ``templated``. Raises `DataSourceError` now
+    when the source cannot be read at all, or its format cannot be told or rendered."""
     from raydpo.data.sources import read_rows
 
-    return read_rows(cfg, stage)
+    return read_rows(cfg, stage, tokenizer_name_or_path, revision)
 
 
 def keep_split(batch, want_eval: bool):
@@ -60,11 +63,11 @@ def tokenized(ds, cfg: Config, stage: Stage, tokenizer_name_or_path: str):
 def build_datasets(cfg: Config, stage: Stage,
                    tokenizer_name_or_path: str) -> tuple[ray.data.Dataset, ray.data.Dataset]:
     """``(train, eval)`` tokenized Ray datasets of valid rows, split by a stable hash of the
-    question (`raydpo.data.rows.is_eval`). Hub sources read ``sft_data_dir`` / ``dpo_data_dir``
-    by stage."""
+    prompt (`raydpo.data.rows.is_eval`). SFT reads ``data.sft_source`` when set; hub sources read
+    ``sft_data_dir`` / ``dpo_data_dir`` by stage."""
     if stage not in ("sft", "dpo"):
         raise ValueError(f"stage must be 'sft' or 'dpo', got {stage!r}")
-    rows = validated(cfg.data, stage)
+    rows = validated(cfg.data, stage, tokenizer_name_or_path, cfg.model.revision)
     kw = {"batch_format": "pyarrow", "num_cpus": cfg.data.tokenize_num_cpus}
     train = rows.map_batches(keep_split, fn_kwargs={"want_eval": False}, **kw)
     evals = rows.map_batches(keep_split, fn_kwargs={"want_eval": True}, **kw)

@@ -1,4 +1,6 @@
-"""A generated preference dataset in the ``lvwerra/stack-exchange-paired`` schema.
+"""A generated preference dataset in the ``lvwerra/stack-exchange-paired`` schema (`generate_rows`),
+or the same pairs in another data format (`sample_rows`: TRL's standard, conversational or
+implicit-prompt rows).
 
 Deterministic from a seed, any size, no network. The preference signal is learnable by a tiny
 model: the chosen answer (``response_j``) is on the question's topic, names its tools and the
@@ -357,6 +359,32 @@ def generate_rows(n: int, seed: int = 0) -> list[dict]:
         raise ValueError(f"n must be >= 0, got {n}")
     rng = random.Random(seed)
     return [_row(rng, i) for i in range(n)]
+
+
+def sample_rows(n: int, seed: int = 0, fmt: str = "stack_exchange",
+                template: str = "Question: {question}\n\nAnswer: ") -> list[dict]:
+    """The pairs of ``generate_rows(n, seed)`` in data format ``fmt`` (`raydpo.data.formats`):
+    ``stack_exchange`` (those very rows), ``standard`` (the question formatted with ``template``
+    as the prompt), ``conversational`` (one user turn, one assistant turn each), or
+    ``implicit_prompt`` (the two whole conversations)."""
+    rows = generate_rows(n, seed)
+    if fmt == "stack_exchange":
+        return rows
+    out = []
+    for r in rows:
+        q, j, k = r["question"], r["response_j"], r["response_k"]
+        user = {"role": "user", "content": q}
+        if fmt == "standard":
+            out.append({"qid": r["qid"], "prompt": template.format(question=q), "chosen": j, "rejected": k})
+        elif fmt == "conversational":
+            out.append({"qid": r["qid"], "prompt": [user], "chosen": [{"role": "assistant", "content": j}],
+                        "rejected": [{"role": "assistant", "content": k}]})
+        elif fmt == "implicit_prompt":
+            out.append({"qid": r["qid"], "chosen": [user, {"role": "assistant", "content": j}],
+                        "rejected": [user, {"role": "assistant", "content": k}]})
+        else:
+            raise ValueError(f"unknown data format {fmt!r}")
+    return out
 
 
 def sample_texts(n: int = 2000, seed: int = 0) -> Iterator[str]:

@@ -11,26 +11,39 @@ same ``map_batches`` call, in Python, so malformed rows never meet Arrow's type 
 * JSON array files (``[{...}, ...]``): parsed on the driver (a JSON document cannot be split),
   each element carried as JSON text to the workers.
 * Parquet and hub datasets: typed columns, turned into Python rows batch by batch.
-* ``sample``: `raydpo.data.sample.generate_rows`.
+* ``sample``: `raydpo.data.sample.sample_rows`, in ``data.format`` (stack-exchange for ``auto``).
+
+The format (`raydpo.data.formats`) is decided here, on the driver, once per source: ``data.format``,
+or for ``auto`` the first of the source's first rows (files in name order, at most
+`PEEK_ROWS`, renamed by ``data.columns``) that looks like one — read again from the start by
+Ray Data, never read whole twice. Message rows need the tokenizer's chat template (or
+``data.chat_template``): a `raydpo.data.chat.ChatRenderer` built here travels to the workers in
+``fn_kwargs`` and renders there.
 
 A source that cannot be read at all (missing path, no data files, unreadable file, a broken JSON
-array, an unknown hub id) raises `DataSourceError` with a one-line message naming it, before
-any Ray work starts. ``DataConfig.split`` applies to hub datasets only.
+array, an unknown hub id, columns of no known format, message rows and no chat template) raises
+`DataSourceError` with a one-line message naming it, before any Ray work starts.
+``DataConfig.split`` applies to hub datasets only.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from raydpo.config import BUILTIN_SOURCE, HUB_ID, DataConfig
+from raydpo.config import BUILTIN_SOURCE, CANONICAL_COLUMNS, HUB_ID, DataConfig
+from raydpo.data.formats import PEEK_ROWS, FormatError, first_match
 from raydpo.data.rows import decode_line, encode_row, parse_json_line, prepare_rows
+
+if TYPE_CHECKING:
+    from raydpo.data.chat import ChatRenderer
 
 Stage = Literal["sft", "dpo"]
 KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
-COLUMNS = ("reason", "prompt", "chosen", "rejected", "is_eval")
+COLUMNS = ("reason", "prompt", "chosen", "rejected", "is_eval", "templated")
 LINES_PER_BLOCK = 8192  # JSONL rows per output block: bounds worker memory on big files
 
 
@@ -54,16 +67,19 @@ def _table(cols: dict[str, list]):
         "chosen": pa.array(cols["chosen"], type=pa.string()),
         "rejected": pa.array(cols["rejected"], type=pa.string()),
         "is_eval": pa.array(cols["is_eval"], type=pa.bool_()),
+        "templated": pa.array(cols["templated"], type=pa.bool_()),
     })
 
 
-def _opts(cfg: DataConfig) -> dict[str, Any]:
-    return {"max_chars": cfg.max_chars, "template": cfg.prompt_template, "eval_fraction": cfg.eval_fraction}
+def _opts(cfg: DataConfig, fmt: str, renderer: ChatRenderer | None) -> dict[str, Any]:
+    return {"max_chars": cfg.max_chars, "template": cfg.prompt_template, "eval_fraction": cfg.eval_fraction,
+            "fmt": fmt, "columns": dict(cfg.columns) or None, "renderer": renderer}
 
 
-def lines_to_rows(batch, max_chars: int, template: str, eval_fraction: float):
+def lines_to_rows(batch, max_chars: int, template: str, eval_fraction: float, **fmt):
     """``read_binary_files`` batch (column ``bytes``, one file per row) → prepared rows, one per
-    non-blank line, yielded in blocks of `LINES_PER_BLOCK`."""
+    non-blank line, yielded in blocks of `LINES_PER_BLOCK`. ``fmt``: `prepare_rows`'s ``fmt``,
+    ``columns`` and ``renderer``."""
     objs: list[Any] = []
     pre: list[str] = []
     for data in batch["bytes"].to_pylist():
@@ -74,21 +90,86 @@ def lines_to_rows(batch, max_chars: int, template: str, eval_fraction: float):
             objs.append(parse_json_line(text))
             pre.append("bad_encoding" if text is None else "")
             if len(objs) >= LINES_PER_BLOCK:
-                yield _table(prepare_rows(objs, max_chars, template, eval_fraction, pre))
+                yield _table(prepare_rows(objs, max_chars, template, eval_fraction, pre, **fmt))
                 objs, pre = [], []
     if objs:
-        yield _table(prepare_rows(objs, max_chars, template, eval_fraction, pre))
+        yield _table(prepare_rows(objs, max_chars, template, eval_fraction, pre, **fmt))
 
 
-def json_texts_to_rows(batch, max_chars: int, template: str, eval_fraction: float):
+def json_texts_to_rows(batch, max_chars: int, template: str, eval_fraction: float, **fmt):
     """Column ``raw`` (JSON text of one row each) → prepared rows."""
     objs = [parse_json_line(t) for t in batch["raw"].to_pylist()]
-    return _table(prepare_rows(objs, max_chars, template, eval_fraction))
+    return _table(prepare_rows(objs, max_chars, template, eval_fraction, **fmt))
 
 
-def records_to_rows(batch, max_chars: int, template: str, eval_fraction: float):
+def records_to_rows(batch, max_chars: int, template: str, eval_fraction: float, **fmt):
     """A typed Arrow batch (parquet, hub, sample) → prepared rows."""
-    return _table(prepare_rows(batch.to_pylist(), max_chars, template, eval_fraction))
+    return _table(prepare_rows(batch.to_pylist(), max_chars, template, eval_fraction, **fmt))
+
+
+# -- the format of a source (driver side) ------------------------------------------------------
+
+def resolve_format(cfg: DataConfig, rows: Iterable[Any], where: str, tokenizer: str | None = None,
+                   revision: str | None = None) -> tuple[str, ChatRenderer | None]:
+    """``(format, renderer)`` of a source whose first rows are ``rows`` (read lazily, at most
+    `PEEK_ROWS`): ``data.format``, or for ``auto`` the first row that looks like a format
+    (stack-exchange when no row is even an object). The renderer (None for plain-text formats)
+    comes from the tokenizer ``tokenizer`` or ``data.chat_template``."""
+    fmt, first = cfg.format, None
+    if fmt in ("auto", "implicit_prompt"):
+        try:
+            found = first_match(rows, cfg.columns)
+        except FormatError as e:
+            if fmt == "auto":
+                raise DataSourceError(f"{where}: {e}") from None
+            found = None
+        if fmt == "auto":
+            fmt = found[0] if found else "stack_exchange"
+        first = found[1] if found else None
+    if fmt not in ("conversational", "implicit_prompt"):
+        return fmt, None
+    needs = fmt == "conversational" or isinstance((first or {}).get("chosen"), list)
+    return fmt, chat_renderer(cfg, fmt, tokenizer, revision, required=needs)
+
+
+def chat_renderer(cfg: DataConfig, fmt: str, tokenizer: str | None, revision: str | None = None,
+                  required: bool = True) -> ChatRenderer | None:
+    """The renderer of ``data.chat_template`` or else the tokenizer's template, with the
+    tokenizer's special tokens; `DataSourceError` when ``required`` and there is none."""
+    from raydpo.data.chat import ChatRenderer
+
+    tok = None
+    if tokenizer is not None:
+        from raydpo.models import load_tokenizer
+
+        tok = load_tokenizer(tokenizer, revision=revision)
+    try:
+        renderer = ChatRenderer.from_tokenizer(tok, cfg.chat_template)
+    except ValueError as e:
+        owner = "data.chat_template" if cfg.chat_template else f"the tokenizer {tokenizer}"
+        raise DataSourceError(f"{owner}: {e}") from None
+    if renderer is None and required:
+        raise DataSourceError(f"data.format {fmt} needs a chat template: the tokenizer {tokenizer} has none; "
+                              "set data.chat_template")
+    return renderer
+
+
+def _lines(path: str) -> Iterator[Any]:
+    """A JSONL file's rows, parsed one by one (for the format's first look)."""
+    try:
+        with open(path, "rb") as f:
+            for raw in f:
+                if raw.strip():
+                    yield parse_json_line(decode_line(raw.removesuffix(b"\n")))
+    except OSError as e:
+        raise DataSourceError(f"{path}: {_one_line(e)}") from None
+
+
+def _parquet_rows(path: str) -> Iterator[Any]:
+    import pyarrow.parquet as pq
+
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=64):
+        yield from batch.to_pylist()
 
 
 # -- sources (driver side: checks eagerly, builds a lazy dataset) ------------------------------
@@ -120,9 +201,10 @@ def _first_char(path: str) -> str:
     return head[:1].decode("latin-1")
 
 
-def _json_document(path: str) -> list[Any] | None:
+def _json_document(path: str, names: tuple[str, ...] = CANONICAL_COLUMNS) -> list[Any] | None:
     """The rows of a ``.json`` file holding one JSON document (an array of rows, a ``{"data":
-    [...]}``-style object, or a single row object); None when it is JSON Lines instead."""
+    [...]}``-style object, or a single row object: one with a key of ``names``, the columns rows
+    have); None when it is JSON Lines instead."""
     first = _first_char(path)
     if first not in ("[", "{"):
         return None
@@ -136,7 +218,7 @@ def _json_document(path: str) -> list[Any] | None:
         raise DataSourceError(f"{path}: {_one_line(e)}") from None
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]
-        data = lists[0] if len(lists) == 1 and not any(k in data for k in ("question", "response_j")) else [data]
+        data = lists[0] if len(lists) == 1 and not any(k in data for k in names) else [data]
     return data
 
 
@@ -149,36 +231,40 @@ def _check_parquet(path: str) -> None:
         raise DataSourceError(f"{path}: not a readable parquet file ({_one_line(e)})") from None
 
 
-def _local(path: Path, cfg: DataConfig):
+def _local(path: Path, cfg: DataConfig, tokenizer: str | None, revision: str | None):
     import ray
 
-    opts = _opts(cfg)
+    files = _data_files(path)
+    docs = {f: _json_document(f, CANONICAL_COLUMNS + tuple(cfg.columns.values())) for f in files.get("json", [])}
+    line_files = sorted(files.get("jsonl", []) + [f for f, rows in docs.items() if rows is None])
+    for f in files.get("parquet", []):
+        _check_parquet(f)
+
+    def first_rows() -> Iterator[Any]:  # every file in name order, lazily
+        for f in sorted(f for fs in files.values() for f in fs):
+            yield from (docs[f] if docs.get(f) is not None else _lines(f) if f in line_files else _parquet_rows(f))
+
+    fmt, renderer = resolve_format(cfg, first_rows(), str(path), tokenizer, revision)
+    opts = _opts(cfg, fmt, renderer)
     read = {"num_cpus": cfg.tokenize_num_cpus}  # not the 1-CPU default: Train workers hold the rest
     parts = []
-    files = _data_files(path)
-    line_files = list(files.get("jsonl", []))
-    for f in files.get("json", []):
-        rows = _json_document(f)
-        if rows is None:
-            line_files.append(f)
-        elif rows:
+    for f, rows in docs.items():
+        if rows:
             parts.append(ray.data.from_items([{"raw": encode_row(r)} for r in rows]).map_batches(
                 json_texts_to_rows, batch_format="pyarrow", fn_kwargs=opts, num_cpus=cfg.tokenize_num_cpus))
     if line_files:
         # batch_size=1: one file per call; the function yields bounded blocks
-        parts.append(ray.data.read_binary_files(sorted(line_files), ray_remote_args=read).map_batches(
+        parts.append(ray.data.read_binary_files(line_files, ray_remote_args=read).map_batches(
             lines_to_rows, batch_size=1, batch_format="pyarrow", fn_kwargs=opts, num_cpus=cfg.tokenize_num_cpus))
     if files.get("parquet"):
-        for f in files["parquet"]:
-            _check_parquet(f)
         parts.append(ray.data.read_parquet(files["parquet"], ray_remote_args=read).map_batches(
             records_to_rows, batch_format="pyarrow", fn_kwargs=opts, num_cpus=cfg.tokenize_num_cpus))
     if not parts:  # only empty JSON arrays
-        return ray.data.from_arrow(_table({k: [] for k in COLUMNS}))
-    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+        return ray.data.from_arrow(_table({k: [] for k in COLUMNS})), fmt
+    return (parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])), fmt
 
 
-def _hub(cfg: DataConfig, stage: Stage):
+def _hub(src: str, cfg: DataConfig, stage: Stage, tokenizer: str | None, revision: str | None):
     """A hub dataset, e.g. ``lvwerra/stack-exchange-paired`` with ``data/finetune`` (SFT) or
     ``data/rl`` (DPO).
 
@@ -192,41 +278,62 @@ def _hub(cfg: DataConfig, stage: Stage):
     import ray
 
     data_dir = cfg.sft_data_dir if stage == "sft" else cfg.dpo_data_dir
-    where = f"{cfg.source} (data_dir={data_dir}, split={cfg.split})"
+    where = f"{src} (data_dir={data_dir}, split={cfg.split})"
     try:
-        hf = datasets.load_dataset(cfg.source, data_dir=data_dir, split=cfg.split)
+        hf = datasets.load_dataset(src, data_dir=data_dir, split=cfg.split)
     except Exception as e:  # noqa: BLE001 - any hub/network/format failure is "unreadable source"
         raise DataSourceError(f"{where}: {_one_line(e)}") from None
     if cfg.max_rows is not None and cfg.max_rows < len(hf):
         hf = hf.select(range(cfg.max_rows))
+    fmt, renderer = resolve_format(cfg, (hf[i] for i in range(min(len(hf), PEEK_ROWS))), where, tokenizer, revision)
     table = hf.with_format("arrow")[:]
     step = 65_536
     blocks = [table.slice(i, step) for i in range(0, table.num_rows, step)] or [table]
     return ray.data.from_arrow(blocks).map_batches(
-        records_to_rows, batch_format="pyarrow", fn_kwargs=_opts(cfg), num_cpus=cfg.tokenize_num_cpus)
+        records_to_rows, batch_format="pyarrow", fn_kwargs=_opts(cfg, fmt, renderer),
+        num_cpus=cfg.tokenize_num_cpus), fmt
+
+
+def _sample(cfg: DataConfig, tokenizer: str | None, revision: str | None):
+    import ray
+
+    from raydpo.data.sample import sample_rows
+
+    rows = sample_rows(cfg.sample_size, cfg.seed, "stack_exchange" if cfg.format == "auto" else cfg.format,
+                       cfg.prompt_template)
+    fmt, renderer = resolve_format(cfg, rows, BUILTIN_SOURCE, tokenizer, revision)
+    return ray.data.from_items(rows).map_batches(
+        records_to_rows, batch_format="pyarrow", fn_kwargs=_opts(cfg, fmt, renderer),
+        num_cpus=cfg.tokenize_num_cpus), fmt
 
 
 def _looks_like_path(src: str) -> bool:
     return src.startswith((".", "/", "~")) or Path(src).suffix.lower() in KINDS or not HUB_ID.match(src)
 
 
-def read_rows(cfg: DataConfig, stage: Stage = "dpo"):
-    """Every row of ``cfg.source`` (at most ``max_rows``), validated and formatted: a lazy Ray
-    dataset with columns ``reason``, ``prompt``, ``chosen``, ``rejected``, ``is_eval``."""
-    import ray
+def stage_source(cfg: DataConfig, stage: Stage) -> str:
+    """The source a stage reads: ``sft_source`` for SFT when set, else ``source``."""
+    return cfg.sft_source if stage == "sft" and cfg.sft_source else cfg.source
 
-    src = cfg.source
+
+def read(cfg: DataConfig, stage: Stage = "dpo", tokenizer: str | None = None, revision: str | None = None):
+    """``(rows, format)``: every row of the stage's source (`stage_source`, at most ``max_rows``),
+    validated and formatted — a lazy Ray dataset with columns `COLUMNS` — and the format it was
+    read as. ``tokenizer`` (name or path) provides the chat template of message rows."""
+    src = stage_source(cfg, stage)
     if src == BUILTIN_SOURCE:
-        from raydpo.data.sample import generate_rows
-
-        ds = ray.data.from_items(generate_rows(cfg.sample_size, cfg.seed)).map_batches(
-            records_to_rows, batch_format="pyarrow", fn_kwargs=_opts(cfg), num_cpus=cfg.tokenize_num_cpus)
+        ds, fmt = _sample(cfg, tokenizer, revision)
     elif Path(src).expanduser().exists():
-        ds = _local(Path(src).expanduser(), cfg)
+        ds, fmt = _local(Path(src).expanduser(), cfg, tokenizer, revision)
     elif _looks_like_path(src):
         raise DataSourceError(f"{src}: no such file or folder")
     else:
-        ds = _hub(cfg, stage)
+        ds, fmt = _hub(src, cfg, stage, tokenizer, revision)
     if cfg.max_rows is not None:
         ds = ds.limit(cfg.max_rows)
-    return ds
+    return ds, fmt
+
+
+def read_rows(cfg: DataConfig, stage: Stage = "dpo", tokenizer: str | None = None, revision: str | None = None):
+    """The rows of `read`, without the format."""
+    return read(cfg, stage, tokenizer, revision)[0]

@@ -33,15 +33,15 @@ class _Measure:
     def __call__(self, batch):
         import pyarrow as pa
 
-        from raydpo.data.tokenize import pack_sft, tokenize_dpo
+        from raydpo.data.tokenize import pack_sft, templated, tokenize_dpo
 
         batch = _valid_only(batch)
-        prompts, chosen = batch["prompt"].to_pylist(), batch["chosen"].to_pylist()
+        prompts, chosen, flags = batch["prompt"].to_pylist(), batch["chosen"].to_pylist(), templated(batch)
         out = tokenize_dpo(self.tokenizer, prompts, chosen, batch["rejected"].to_pylist(), self.max_length,
-                           self.max_prompt_length)
+                           self.max_prompt_length, flags)
         blocks = [0] * batch.num_rows
         if blocks:
-            blocks[0] = len(pack_sft(self.tokenizer, [p + c for p, c in zip(prompts, chosen)], self.block_size))
+            blocks[0] = len(pack_sft(self.tokenizer, [p + c for p, c in zip(prompts, chosen)], self.block_size, flags))
         cols = {k: pa.array([len(x) for x in out[f"{k}_input_ids"]], type=pa.int64()) for k in PARTS}
         return pa.table(cols | {"truncated": pa.array([int(t) for t in out["truncated"]], type=pa.int64()),
                                 "sft_blocks": pa.array(blocks, type=pa.int64())})
@@ -60,8 +60,9 @@ def _short(s: str, n: int = 300) -> str:
 def compute_stats(cfg: Config, tokenizer_name_or_path: str) -> dict[str, Any]:
     """Read, validate, split and tokenize ``cfg.data.source`` (DPO and SFT) and report:
 
-    ``rows``, ``valid``, ``dropped`` (every reason of `REASONS` → count), ``train_pairs``,
-    ``eval_pairs``, ``dpo_pairs``, ``truncated_pairs``, ``sft_blocks``, ``token_lengths``
+    ``format`` (as read: ``data.format``, or the one detected), ``rows``, ``valid``, ``dropped``
+    (every reason of `REASONS` → count), ``train_pairs``, ``eval_pairs``, ``dpo_pairs``,
+    ``truncated_pairs``, ``sft_blocks``, ``token_lengths``
     (``{"prompt"|"chosen"|"rejected": {"p50", "p90", "p99", "max"}}``, DPO ids after
     truncation, special tokens included) and ``example`` (one formatted pair, shortened).
     A hub source is read from ``dpo_data_dir``. Raises `DataSourceError` when the source cannot
@@ -70,12 +71,13 @@ def compute_stats(cfg: Config, tokenizer_name_or_path: str) -> dict[str, Any]:
     from ray.data import ActorPoolStrategy
     from ray.data.aggregate import Count, Max, Quantile, Sum
 
-    from raydpo.data.pipeline import validated
+    from raydpo.data.sources import read
     from raydpo.raycluster import ensure_ray
 
     ensure_ray()
     d = cfg.data
-    rows_ds = validated(d, "dpo").materialize()  # read + validate once, reused below
+    rows_ds, fmt = read(d, "dpo", tokenizer_name_or_path, cfg.model.revision)
+    rows_ds = rows_ds.materialize()  # read + validate once, reused below
     rows = rows_ds.count()
     counts: dict[str, int] = {}
     eval_pairs = 0
@@ -86,7 +88,7 @@ def compute_stats(cfg: Config, tokenizer_name_or_path: str) -> dict[str, Any]:
     dropped.update({r: c for r, c in counts.items() if r != VALID and r not in dropped})
     valid = counts.get(VALID, 0)
 
-    out: dict[str, Any] = {"source": d.source, "rows": rows, "valid": valid, "dropped": dropped,
+    out: dict[str, Any] = {"source": d.source, "format": fmt, "rows": rows, "valid": valid, "dropped": dropped,
                            "train_pairs": valid - eval_pairs, "eval_pairs": eval_pairs, "dpo_pairs": 0,
                            "truncated_pairs": 0, "sft_blocks": 0, "token_lengths": {}, "example": None,
                            "limits": {"max_length": d.max_length, "max_prompt_length": d.max_prompt_length,
@@ -115,7 +117,7 @@ def compute_stats(cfg: Config, tokenizer_name_or_path: str) -> dict[str, Any]:
 
 def format_stats(d: dict[str, Any]) -> str:
     """The dict of `compute_stats`, for humans."""
-    lines = [f"source: {d['source']}",
+    lines = [f"source: {d['source']}" + (f"   format: {d['format']}" if d.get("format") else ""),
              f"rows read: {d['rows']}   valid: {d['valid']}   dropped: {sum(d['dropped'].values())}"]
     for reason, n in d["dropped"].items():
         if n:

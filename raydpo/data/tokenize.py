@@ -11,10 +11,16 @@ keeps BOS and its *last* ``max_prompt_length - 1`` tokens (the question's end an
 must not learn that it did — by the same rule for chosen and rejected. Such pairs are flagged
 ``truncated``.
 
-SFT. Each example is BOS + prompt + chosen + EOS; the examples of one Ray Data batch are
-concatenated and cut into ``block_size`` blocks (column ``input_ids``). The tail of each batch
-shorter than a block is dropped: at most ``block_size - 1`` tokens per batch of
-``tokenize_batch_size`` rows, and a batch holding fewer tokens than one block yields nothing.
+Templated rows (rendered by a chat template, `raydpo.data.rows.Pair.templated`) carry their own
+special tokens: they are tokenized as they are, with no BOS or EOS added — TRL's
+``add_special_tokens=False`` for chat-templated text, and no EOS where the template ends a turn its
+own way. Their truncation follows the same rule (BOS kept when the text begins with it).
+
+SFT. Each example is BOS + prompt + chosen + EOS (templated: prompt + chosen as they are); the
+examples of one Ray Data batch are concatenated and cut into ``block_size`` blocks (column
+``input_ids``). The tail of each batch shorter than a block is dropped: at most
+``block_size - 1`` tokens per batch of ``tokenize_batch_size`` rows, and a batch holding fewer
+tokens than one block yields nothing.
 """
 
 from __future__ import annotations
@@ -37,22 +43,37 @@ def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], max
     return prompt, chosen[:budget], rejected[:budget], True
 
 
+def _encode(tokenizer, texts: list[str], special: list[bool]) -> list[list[int]]:
+    """Token ids of ``texts``, each with the tokenizer's special tokens where ``special`` says so
+    (two batched calls at most)."""
+    out: list[list[int]] = [[] for _ in texts]
+    for flag in (True, False):
+        idx = [i for i, s in enumerate(special) if s is flag]
+        if idx:
+            for i, ids in zip(idx, tokenizer([texts[i] for i in idx], add_special_tokens=flag)["input_ids"]):
+                out[i] = list(ids)
+    return out
+
+
 def tokenize_dpo(tokenizer, prompts: list[str], chosen: list[str], rejected: list[str], max_length: int,
-                 max_prompt_length: int) -> dict[str, list[Any]]:
+                 max_prompt_length: int, templated: list[bool] | None = None) -> dict[str, list[Any]]:
     """Lists of ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids`` (lists of int)
-    and ``truncated`` (bool), one per pair, and its stable ``row_id`` (`raydpo.data.order`)."""
+    and ``truncated`` (bool), one per pair, and its stable ``row_id`` (`raydpo.data.order`).
+    ``templated`` (default: none) marks chat-templated pairs, which get no BOS or EOS added."""
     from raydpo.data.order import row_id
 
     out: dict[str, list[Any]] = {"prompt_input_ids": [], "chosen_input_ids": [], "rejected_input_ids": [],
                                  "truncated": [], "row_id": []}
     if not prompts:  # an empty split (HF fast tokenizers fail on an empty list)
         return out
+    templated = templated or [False] * len(prompts)
     eos = tokenizer.eos_token_id
-    p_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    p_ids = _encode(tokenizer, prompts, [not t for t in templated])
     c_ids = tokenizer(chosen, add_special_tokens=False)["input_ids"]
     r_ids = tokenizer(rejected, add_special_tokens=False)["input_ids"]
-    for p, c, r in zip(p_ids, c_ids, r_ids):
-        p, c, r, cut = truncate_pair(list(p), list(c) + [eos], list(r) + [eos], max_length, max_prompt_length,
+    for p, c, r, t in zip(p_ids, c_ids, r_ids, templated):
+        end = [] if t else [eos]
+        p, c, r, cut = truncate_pair(list(p), list(c) + end, list(r) + end, max_length, max_prompt_length,
                                      tokenizer.bos_token_id)
         out["prompt_input_ids"].append(p)
         out["chosen_input_ids"].append(c)
@@ -62,17 +83,24 @@ def tokenize_dpo(tokenizer, prompts: list[str], chosen: list[str], rejected: lis
     return out
 
 
-def pack_sft(tokenizer, texts: list[str], block_size: int) -> list[list[int]]:
-    """BOS + text + EOS per example, concatenated and cut into ``block_size`` blocks; the tail
-    shorter than a block is dropped."""
+def pack_sft(tokenizer, texts: list[str], block_size: int, templated: list[bool] | None = None) -> list[list[int]]:
+    """BOS + text + EOS per example (a ``templated`` text as it is), concatenated and cut into
+    ``block_size`` blocks; the tail shorter than a block is dropped."""
     if not texts:
         return []
+    templated = templated or [False] * len(texts)
     eos = tokenizer.eos_token_id
     stream: list[int] = []
-    for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]:
+    for ids, t in zip(_encode(tokenizer, texts, [not t for t in templated]), templated):
         stream.extend(ids)
-        stream.append(eos)
+        if not t:
+            stream.append(eos)
     return [stream[i:i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
+
+
+def templated(batch) -> list[bool] | None:
+    """A pyarrow batch's ``templated`` column (None when it has none: plain text)."""
+    return batch["templated"].to_pylist() if "templated" in batch.column_names else None
 
 
 class _Tokenizing:
@@ -94,7 +122,7 @@ class DPOTokenize(_Tokenizing):
         import pyarrow as pa
 
         out = tokenize_dpo(self.tokenizer, batch["prompt"].to_pylist(), batch["chosen"].to_pylist(),
-                           batch["rejected"].to_pylist(), self.max_length, self.max_prompt_length)
+                           batch["rejected"].to_pylist(), self.max_length, self.max_prompt_length, templated(batch))
         ids = pa.list_(pa.int32())
         return pa.table({
             "prompt_input_ids": pa.array(out["prompt_input_ids"], type=ids),
@@ -116,7 +144,7 @@ class SFTPack(_Tokenizing):
         import pyarrow as pa
 
         texts = [p + c for p, c in zip(batch["prompt"].to_pylist(), batch["chosen"].to_pylist())]
-        blocks = pack_sft(self.tokenizer, texts, self.block_size)
+        blocks = pack_sft(self.tokenizer, texts, self.block_size, templated(batch))
         return pa.table({"input_ids": pa.array(blocks, type=pa.list_(pa.int32())),
                          "row_id": pa.array(block_row_ids(blocks), type=pa.int64())})
 

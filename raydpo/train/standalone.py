@@ -3,9 +3,10 @@ DeepSpeed over NCCL) is checked on machines that have no Ray:
 
     torchrun --nproc_per_node N -m raydpo.train.standalone --config F --stage dpo [--set k=v ...]
 
-Data is read and tokenized in-process with the same row validation and tokenization functions
-the Ray Data pipeline runs (sample or local json/jsonl files), sharded by rank. No MLflow: the
-metrics are printed by rank 0. Checkpoints are written under ``run.storage_path``.
+Data is read and tokenized in-process with the same format detection, row validation and
+tokenization functions the Ray Data pipeline runs (sample or local json/jsonl files), sharded by
+rank. No MLflow: the metrics are printed by rank 0. Checkpoints are written under
+``run.storage_path``.
 """
 
 from __future__ import annotations
@@ -18,24 +19,28 @@ from functools import partial
 from pathlib import Path
 
 
-def _rows(cfg, stage: str) -> list[dict]:
+def _rows(cfg, stage: str, tokenizer_path: str) -> list[dict]:
+    """The stage's valid rows (``data.sft_source`` for SFT when set), in any data format, through
+    the pipeline's own detection, validation and rendering."""
     from raydpo.config import BUILTIN_SOURCE
-    from raydpo.data.rows import drop_reason, format_prompt, is_eval
+    from raydpo.data.rows import prepare_rows
+    from raydpo.data.sample import sample_rows
+    from raydpo.data.sources import resolve_format, stage_source
 
     d = cfg.data
-    if d.source == BUILTIN_SOURCE:
-        from raydpo.data.sample import generate_rows
-
-        raw = generate_rows(d.sample_size, d.seed)
+    src = stage_source(d, stage)
+    if src == BUILTIN_SOURCE:
+        raw = sample_rows(d.sample_size, d.seed, "stack_exchange" if d.format == "auto" else d.format,
+                          d.prompt_template)
     else:
-        text = Path(d.source).read_text()
-        raw = json.loads(text) if d.source.endswith(".json") else [json.loads(x) for x in text.splitlines() if x.strip()]
-    out = []
-    for r in raw[: d.max_rows]:
-        if drop_reason(r, d.max_chars) == "":
-            out.append({"prompt": format_prompt(r["question"], d.prompt_template), "chosen": r["response_j"],
-                        "rejected": r["response_k"], "is_eval": is_eval(r["question"], d.eval_fraction)})
-    return out
+        text = Path(src).read_text()
+        raw = json.loads(text) if src.endswith(".json") else [json.loads(x) for x in text.splitlines() if x.strip()]
+    raw = raw[: d.max_rows]
+    fmt, renderer = resolve_format(d, raw, src, tokenizer_path, cfg.model.revision)
+    cols = prepare_rows(raw, d.max_chars, d.prompt_template, d.eval_fraction, fmt=fmt,
+                        columns=dict(d.columns) or None, renderer=renderer)
+    keys = ("prompt", "chosen", "rejected", "is_eval", "templated")
+    return [dict(zip(keys, t)) for r, *t in zip(cols["reason"], *(cols[k] for k in keys)) if r == ""]
 
 
 def add_reference(model, cols: dict[str, list], pad_token_id: int, cfg, device) -> None:
@@ -87,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     dist.broadcast_object_list(obj, src=0)  # rank 0 materializes the tiny model once
     path = obj[0]
     tok = load_tokenizer(path)
-    rows = _rows(cfg, args.stage)
+    rows = _rows(cfg, args.stage, path)
     stage_cfg = cfg.sft if args.stage == "sft" else cfg.dpo
     bs = stage_cfg.per_device_batch_size
 
@@ -95,10 +100,12 @@ def main(argv: list[str] | None = None) -> None:
 
     def columns(mine: list[dict]):
         if args.stage == "sft":
-            blocks = pack_sft(tok, [r["prompt"] + r["chosen"] for r in mine], cfg.data.sft_block_size)
+            blocks = pack_sft(tok, [r["prompt"] + r["chosen"] for r in mine], cfg.data.sft_block_size,
+                              [r["templated"] for r in mine])
             return {"input_ids": blocks, "row_id": block_row_ids(blocks)}, collate_sft
         cols = tokenize_dpo(tok, [r["prompt"] for r in mine], [r["chosen"] for r in mine],
-                            [r["rejected"] for r in mine], cfg.data.max_length, cfg.data.max_prompt_length)
+                            [r["rejected"] for r in mine], cfg.data.max_length, cfg.data.max_prompt_length,
+                            [r["templated"] for r in mine])
         dpo_cols.append(cols)
         return cols, partial(collate_dpo, pad_token_id=tok.pad_token_id, share_prefix=cfg.dpo.share_prefix,
                              pack=cfg.dpo.padding_free)

@@ -283,3 +283,87 @@ def test_hub_source_loads_the_stage_data_dir_with_datasets(ray_local, cfg_tok, m
     assert str(e.value).startswith("nobody/nothing (data_dir=data/rl, split=train): FileNotFoundError")
     assert "\n" not in str(e.value)
 
+
+
+# -- other data formats (raydpo.data.formats) -------------------------------------------------
+
+def _msgs(role, text):
+    return [{"role": role, "content": text}]
+
+
+CONV_GOOD = [{"prompt": _msgs("user", f"How do I do thing {i} in git?"),
+              "chosen": _msgs("assistant", f"Run git thing {i}, then commit."),
+              "rejected": _msgs("assistant", "No idea.")} for i in range(6)]
+CONV_BAD = [  # (row, reason)
+    ({**CONV_GOOD[0], "prompt": "How?"}, "not_messages"),
+    ({**CONV_GOOD[0], "prompt": _msgs("human", "How?")}, "bad_role"),
+    ({**CONV_GOOD[0], "prompt": _msgs("user", "  ")}, "empty_content"),
+    ({**CONV_GOOD[0], "rejected": CONV_GOOD[0]["chosen"]}, "chosen_equals_rejected"),
+    ({**CONV_GOOD[0], "prompt": _msgs("tool", "42")}, "template_error"),  # the tiny template knows no tool turns
+]
+
+
+def test_conversational_jsonl_is_detected_rendered_with_the_chat_template_and_bad_rows_counted(ray_local, cfg_tok,
+                                                                                                tmp_path):
+    from raydpo.data.stats import compute_stats
+
+    cfg, tok = cfg_tok
+    rows = CONV_GOOD[:3] + [r for r, _ in CONV_BAD] + CONV_GOOD[3:]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    s = compute_stats(_with(cfg, source=str(path)), tok)
+    assert s["format"] == "conversational" and s["rows"] == len(rows) and s["valid"] == len(CONV_GOOD)
+    want = dict.fromkeys(REASONS, 0)
+    for _, reason in CONV_BAD:
+        want[reason] += 1
+    assert s["dropped"] == want
+    assert s["example"]["prompt"].startswith("<s>Question: How do I do thing") and s["example"]["chosen"].endswith("</s>")
+    # the split hashes the rendered prompt
+    rendered = [f"<s>Question: {r['prompt'][0]['content']}\n\nAnswer: " for r in CONV_GOOD]
+    assert s["eval_pairs"] == sum(is_eval(p, cfg.data.eval_fraction) for p in rendered)
+
+
+def test_conversational_sample_trains_on_the_tokens_of_the_default_sample(ray_local, cfg_tok):
+    """The tiny chat template frames a turn like the default prompt template: the same pairs."""
+    from raydpo.data.pipeline import build_datasets
+
+    cfg, tok_path = cfg_tok
+    cfg = _with(cfg, sample_size=120, max_length=256, max_prompt_length=128, max_chars=200_000)
+    keys = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+
+    def pairs(c):
+        train, evals = build_datasets(c, "dpo", tok_path)
+        return sorted(tuple(tuple(int(x) for x in r[k]) for k in keys) for r in train.take_all() + evals.take_all())
+
+    assert pairs(_with(cfg, format="conversational")) == pairs(cfg)
+
+
+def test_renamed_parquet_columns_and_an_sft_only_source(ray_local, cfg_tok, tmp_path):
+    from raydpo.data.pipeline import validated
+    from raydpo.data.sources import read
+
+    cfg, tok = cfg_tok
+    pq.write_table(pa.Table.from_pylist([{"instruction": f"Say hi {i}", "good": "Hi!", "bad": "No."} for i in range(5)]),
+                   tmp_path / "renamed.parquet")
+    renamed = _with(cfg, source=str(tmp_path / "renamed.parquet"),
+                    columns={"prompt": "instruction", "chosen": "good", "rejected": "bad"})
+    ds, fmt = read(renamed.data, "dpo", tok)
+    rows = ds.take_all()
+    assert fmt == "standard" and [r["reason"] for r in rows] == [""] * 5 and rows[0]["prompt"].startswith("Say hi")
+    sft_file = _mixed_jsonl(tmp_path / "sft.jsonl")
+    both = _with(cfg, source="sample", sample_size=40, sft_source=str(sft_file))
+    assert validated(both.data, "sft", tok).count() == len(GOOD) + len(BAD)
+    assert validated(both.data, "dpo", tok).count() == 40
+
+
+def test_columns_of_no_known_format_are_one_error_naming_them(ray_local, cfg_tok, tmp_path):
+    from raydpo.data.sources import DataSourceError
+    from raydpo.data.stats import compute_stats
+
+    cfg, tok = cfg_tok
+    path = tmp_path / "odd.jsonl"
+    path.write_text(json.dumps({"input": "q", "output": "a"}) + "\n")
+    with pytest.raises(DataSourceError) as e:
+        compute_stats(_with(cfg, source=str(path)), tok)
+    msg = str(e.value)
+    assert msg.startswith(str(path)) and "input, output" in msg and "conversational" in msg and "\n" not in msg
