@@ -296,6 +296,32 @@ class DPOConfig(TrainStageConfig):
         return self.reference == "precomputed" and self.needs_reference
 
 
+class GenerationsConfig(_Section):
+    """Eval generations (DPO): completions of the first ``num_prompts`` held-out prompts (the
+    eval split in ``row_id`` order, distinct prompts) by the policy and by the reference (adapter
+    disabled), logged as the MLflow table ``eval_generations.json`` and shown by ``raydpo report``.
+    They change nothing in training (the RNG is restored around them): free to change on resume."""
+
+    enabled: bool = True
+    num_prompts: int = Field(4, ge=1, le=64, description="K fixed held-out prompts")
+    when: Literal["eval", "end"] = Field("eval", description="eval: at every evaluation; end: after the last step only")
+    max_new_tokens: int = Field(64, ge=1, le=4096)
+    do_sample: bool = Field(False, description="false: greedy")
+    temperature: float = Field(1.0, gt=0.0, description="sampling only")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="sampling only")
+    top_k: int = Field(0, ge=0, description="sampling only; 0: off")
+
+    @model_validator(mode="after")
+    def _sampling(self) -> GenerationsConfig:
+        if not self.do_sample:
+            set_ = [f"{k}={v:g}" for k, v, off in (("temperature", self.temperature, 1.0), ("top_p", self.top_p, 1.0),
+                                                  ("top_k", self.top_k, 0)) if v != off]
+            if set_:
+                raise ValueError(f"{', '.join(set_)} only apply when sampling: set generations.do_sample=true, "
+                                 "or leave them at their defaults for greedy decoding")
+        return self
+
+
 class SearchSpace(_Section):
     kind: Literal["loguniform", "uniform", "choice", "grid"] = "loguniform"
     low: float | None = None
@@ -360,6 +386,7 @@ class Config(_Section):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
+    generations: GenerationsConfig = Field(default_factory=GenerationsConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     run: RunConfig = Field(default_factory=RunConfig)
@@ -452,7 +479,7 @@ RESUME_FREE = ("tracking.", "run.max_failures", "run.timeout_s", "run.keep_check
                "scaling.data_cpus", "data.tokenize_concurrency", "data.tokenize_num_cpus", "sft.log_every", "sft.eval_every", "sft.eval_max_batches",
                "sft.save_every", "sft.max_steps", "sft.max_nonfinite_steps", "sft.enabled", "dpo.log_every",
                "dpo.eval_every", "dpo.eval_max_batches", "dpo.save_every", "dpo.max_steps", "dpo.max_nonfinite_steps",
-               "dpo.enabled", "tune.")
+               "dpo.enabled", "tune.", "generations.")
 
 
 def resume_fingerprint(cfg: Config) -> dict[str, Any]:

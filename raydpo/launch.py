@@ -248,7 +248,7 @@ def fit_stage(
     from raydpo import tracking
     from raydpo.config import fingerprint_hash, resume_fingerprint
     from raydpo.raycluster import ensure_ray
-    from raydpo.train.ingest import data_config, ordered_execution, ordered_stream
+    from raydpo.train.ingest import data_config, eval_prompts, ordered_execution, ordered_stream
     from raydpo.train.loop import SCORE_KEY
     from raydpo.train.preempt import STOP_FILE, install_driver_handler
     from raydpo.train.ray_callbacks import SigtermToStop, fatal_trainer
@@ -341,6 +341,8 @@ def fit_stage(
                 "has_eval": eval_ds is not None, "storage_dir": str(folder), "stop_file": str(folder / STOP_FILE),
                 "fingerprint": fingerprint, "logged_through_step": logged_through,
                 "faults": os.environ.get(FAULTS_ENV, ""),
+                "eval_prompts": eval_prompts(eval_ds, cfg.generations.num_prompts)
+                if stage == "dpo" and cfg.generations.enabled and eval_ds is not None else [],
             },
             scaling_config=ray.train.ScalingConfig(
                 num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources

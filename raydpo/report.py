@@ -3,8 +3,9 @@
 The page is a single file to attach to a PR or mail: inline CSS, PNG charts embedded as base64
 ``data:`` URIs, no script and no external resource, so it renders the same offline, from any
 folder. Contents: a runs table, reward curves compared across runs (one chart per metric, one
-line per run), and for each Tune search a trial table with the best trial marked and a beta x lr
-scatter coloured by the search metric.
+line per run), the eval generations of each run that logged them (its latest step's table:
+prompt, policy, reference, chosen), and for each Tune search a trial table with the best trial
+marked and a beta x lr scatter coloured by the search metric.
 
 Everything is read through `raydpo.tracking` (the only module importing mlflow); matplotlib is
 imported lazily and used without pyplot (a bare ``Figure`` on the Agg canvas), as in
@@ -56,6 +57,7 @@ class RunInfo:
     tags: dict[str, str]
     metrics: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
+    generations: list[dict[str, Any]] = field(default_factory=list)  # tracking.GENERATION_COLUMNS rows
 
     @property
     def parent_id(self) -> str | None:
@@ -112,7 +114,8 @@ def load_runs(uri: str, experiment_name: str) -> list[RunInfo]:
             run_id=r.info.run_id, name=r.info.run_name or r.info.run_id, stage=r.data.tags.get(tracking.STAGE_TAG, ""),
             status=r.info.status, start_ms=r.info.start_time, end_ms=r.info.end_time, params=dict(r.data.params),
             tags=dict(r.data.tags), metrics=dict(r.data.metrics),
-            history=tracking.fetch_history(uri, r.info.run_id, logged) if logged else []))
+            history=tracking.fetch_history(uri, r.info.run_id, logged) if logged else [],
+            generations=tracking.load_generations(uri, r.info.run_id)))
     return runs
 
 
@@ -208,6 +211,8 @@ tr.best td{background:#fff6d5;font-weight:600}.child td:first-child{padding-left
 .status-FINISHED{color:#1a7f37}.status-FAILED{color:#cf222e}.status-KILLED{color:#9a6700}.status-RUNNING{color:#0969da}
 .charts{display:flex;flex-wrap:wrap;gap:1rem}figure{margin:0}figcaption{font-size:.8rem;color:#555}
 code{font-family:ui-monospace,Menlo,Consolas,monospace}.wide{overflow-x:auto}
+td.text{white-space:pre-wrap;word-break:break-word;vertical-align:top;min-width:12rem;max-width:32rem}
+h3{font-size:1rem;margin-bottom:.2rem}
 """
 
 
@@ -322,6 +327,36 @@ def _tune_section(parent: RunInfo, runs: list[RunInfo]) -> str:
     return "\n".join(out)
 
 
+def _sampling(r: RunInfo) -> str:
+    p = r.params
+    if p.get("generations.do_sample", "False") != "True":
+        return "greedy"
+    return ("sampled: " + ", ".join(f"{k} {p[f'generations.{k}']}" for k in ("temperature", "top_p", "top_k")
+                                    if f"generations.{k}" in p))
+
+
+def _generations_section(runs: list[RunInfo]) -> str:
+    """Per run that logged eval generations: its latest step's table (every text escaped)."""
+    out = []
+    for r in runs:
+        step, rows = tracking.latest_generations(r.generations)
+        if not rows:
+            continue
+        tokens = r.params.get("generations.max_new_tokens")
+        out.append(f'<h3 id="gen-{_run_anchor(r.run_id)}">{_e(r.name)}</h3>'
+                   f'<p class="meta">step {_e(step)} &middot; {len(rows)} prompt{"s" if len(rows) != 1 else ""} &middot; '
+                   f"{_e(_sampling(r))}"
+                   + (f" &middot; at most {_e(tokens)} new tokens" if tokens else "")
+                   + f' &middot; run <a href="#{_run_anchor(r.run_id)}"><code>{_e(r.run_id)}</code></a></p>')
+        cells = [f"<tr>{_td(int(g.get('prompt_index') or 0) + 1, num=True)}"
+                 + "".join(_td(g.get(c) or "", cls="text") for c in ("prompt", "policy", "reference", "chosen"))
+                 + "</tr>" for g in rows]
+        out.append(_table(["#", "prompt", "policy", "reference (adapter off)", "chosen (data)"], cells))
+    if not out:
+        return ""
+    return "<h2>Eval generations</h2>\n" + "\n".join(out)
+
+
 def render_html(uri: str, experiment_name: str, runs: list[RunInfo], generated: datetime | None = None) -> str:
     generated = generated or datetime.now(timezone.utc)
     charts = [(k, png) for k in CHART_KEYS if (png := compare_chart(k, runs)) is not None]
@@ -338,6 +373,7 @@ def render_html(uri: str, experiment_name: str, runs: list[RunInfo], generated: 
         "<h2>Reward curves</h2>",
         f'<div class="charts">{"".join(_img(png, k) for k, png in charts)}</div>' if charts
         else "<p>No step metrics were logged by any run.</p>",
+        _generations_section(runs),
     ]
     parts += [_tune_section(r, runs) for r in runs if r.stage == "tune"]
     parts.append("</body></html>")

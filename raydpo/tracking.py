@@ -7,6 +7,8 @@ Who does what:
   creating the sqlite database and experiment here, once, matters: concurrent creators race;
 * rank 0 of the workers logs metrics into that run *by id* (`make_logger` -> `RunLogger`,
   plain ``MlflowClient`` calls, no fluent active-run globals); other ranks get a `NullLogger`;
+  rank 0 also appends the eval generations to the run's table (`log_generations`,
+  ``eval_generations.json``, read back by `load_generations` for ``raydpo report``);
 * the driver reads the history back (`fetch_history`), logs the adapter, config and reward
   curves (`log_final_artifacts`), optionally registers the adapter (`register_model`) and ends
   the run (`end_run`).
@@ -63,6 +65,10 @@ MAX_METRICS_PER_BATCH = 1000
 
 
 SPLITS = ("train", "eval")
+
+# eval generations (raydpo.train.generate): one MLflow table per run, appended at each evaluation
+GENERATIONS_TABLE = "eval_generations.json"
+GENERATION_COLUMNS = ("step", "prompt_index", "prompt", "policy", "reference", "chosen")
 
 
 def prefixed(metrics: dict[str, float], split: str) -> dict[str, float]:
@@ -269,6 +275,9 @@ class RunLogger:
 
         _log_tags(self.client, self.run_id, [RunTag(k, str(v)) for k, v in tags.items()])
 
+    def log_generations(self, rows: list[dict[str, Any]], step: int) -> None:
+        _log_generations(self.client, self.run_id, rows)
+
 
 class NullLogger:
     """What ranks other than 0 get: the same methods, no MLflow import, no traffic."""
@@ -285,6 +294,9 @@ class NullLogger:
     def set_tags(self, tags: dict[str, str]) -> None:
         pass
 
+    def log_generations(self, rows: list[dict[str, Any]], step: int) -> None:
+        pass
+
 
 def make_logger(uri: str | None, run_id: str | None, rank: int, *, buffered: bool = False,
                 skip_through_step: int | None = None):
@@ -296,6 +308,65 @@ def make_logger(uri: str | None, run_id: str | None, rank: int, *, buffered: boo
             return BufferedLogger(uri, run_id, skip_through_step)
         return RunLogger(uri, run_id)
     return NullLogger()
+
+
+# -- eval generations -----------------------------------------------------------------------
+
+PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # read by mlflow per download (3.17)
+
+
+class _no_download_bars:
+    """Without a progress bar per table download (one per evaluation, one per reported run),
+    unless the user set MLflow's variable."""
+
+    def __enter__(self):
+        self.unset = PROGRESS_BAR_ENV not in os.environ
+        if self.unset:
+            os.environ[PROGRESS_BAR_ENV] = "false"
+
+    def __exit__(self, *exc):
+        if self.unset:
+            os.environ.pop(PROGRESS_BAR_ENV, None)
+        return False
+
+
+def _log_generations(client, run_id: str, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    # MlflowClient.log_table (3.17) appends to a table the run already holds (download, concat,
+    # upload): one artifact holds every evaluation, told apart by its `step` column
+    data = {c: [r.get(c) for r in rows] for c in GENERATION_COLUMNS}
+    with _no_download_bars():
+        client.log_table(run_id, data=data, artifact_file=GENERATIONS_TABLE)
+
+
+def log_generations(uri: str, run_id: str, rows: list[dict[str, Any]]) -> None:
+    """Append eval generations (dicts with the `GENERATION_COLUMNS`) to the run's table
+    `GENERATIONS_TABLE`; what the UI's artifact view and ``mlflow.load_table`` read."""
+    _log_generations(_client(uri), run_id, rows)
+
+
+def load_generations(uri: str, run_id: str) -> list[dict[str, Any]]:
+    """Every row of the run's generations table, in logging order; ``[]`` when it has none."""
+    import json
+
+    client = _client(uri)
+    if GENERATIONS_TABLE not in {f.path for f in client.list_artifacts(run_id)}:
+        return []
+    with tempfile.TemporaryDirectory() as tmp, _no_download_bars():
+        path = client.download_artifacts(run_id, GENERATIONS_TABLE, tmp)
+        table = json.loads(Path(path).read_text(encoding="utf-8"))  # pandas' orient="split"
+    return [dict(zip(table["columns"], row)) for row in table["data"]]
+
+
+def latest_generations(rows: list[dict[str, Any]]) -> tuple[int | None, list[dict[str, Any]]]:
+    """The latest step's rows, by prompt index: ``(step, rows)``, ``(None, [])`` for none. A
+    step logged twice (a worker restarted after logging it) keeps its last copy."""
+    if not rows:
+        return None, []
+    step = max(int(r["step"]) for r in rows)
+    by_prompt = {int(r.get("prompt_index") or 0): r for r in rows if int(r["step"]) == step}
+    return step, [by_prompt[i] for i in sorted(by_prompt)]
 
 
 # -- reading back, plots, final artifacts (driver) ----------------------------------------
@@ -715,6 +786,17 @@ class BufferedLogger:
         except Exception as e:  # noqa: BLE001
             _warn(f"warning: could not log artifact {path} to MLflow store {self.uri} ({_short(e)}); "
                   "it stays where it is")
+
+    def log_generations(self, rows: list[dict[str, Any]], step: int) -> None:
+        """Best effort, at once: a step already in the run (a resumed job) is not logged again;
+        a failed upload only warns -- generations are for reading, not worth a training step."""
+        if not rows or (self.skip_through_step is not None and int(step) <= self.skip_through_step):
+            return
+        try:
+            _log_generations(self._get_client(), self.run_id, rows)
+        except Exception as e:  # noqa: BLE001 -- an outage must not kill training
+            _warn(f"warning: could not log the step-{int(step)} eval generations to MLflow store {self.uri} "
+                  f"({_short(e)}); they are lost")
 
     @property
     def pending(self) -> int:

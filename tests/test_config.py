@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import yaml
 
-from raydpo.config import Config, ConfigError, check_resources, load_config, parse_override
+from raydpo.config import Config, ConfigError, check_resources, load_config, parse_override, resume_fingerprint
 from raydpo.deepspeed import build_ds_config
 
 
@@ -113,6 +113,24 @@ def test_round_trip_through_plain_data_and_flat_params():
     assert again == c
     flat = c.flat()
     assert flat["dpo.beta"] == 0.25 and flat["model.tiny.hidden_size"] == 64
+
+
+def test_generations_defaults_errors_and_resume_freedom():
+    g = Config().generations
+    assert (g.enabled, g.num_prompts, g.when, g.max_new_tokens, g.do_sample) == (True, 4, "eval", 64, False)
+    with pytest.raises(ConfigError) as e:  # a sampling setting with greedy decoding is not ignored silently
+        Config().with_overrides({"generations.temperature": 0.7, "generations.top_k": 5})
+    assert e.value.errors == [("generations", "temperature=0.7, top_k=5 only apply when sampling: set "
+                               "generations.do_sample=true, or leave them at their defaults for greedy decoding")]
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["generations.num_prompts=0", "generations.when=never", "generations.top_p=0"])
+    assert {p for p, _ in e.value.errors} == {"generations.num_prompts", "generations.when", "generations.top_p"}
+    ok = Config().with_overrides({"generations.do_sample": True, "generations.temperature": 0.7, "generations.top_p": 0.9})
+    assert (ok.generations.temperature, ok.generations.top_p) == (0.7, 0.9)
+    # generations change nothing a checkpoint holds: a resumed run may turn them on, off or resize them
+    off = Config().with_overrides({"generations.enabled": False, "generations.num_prompts": 8})
+    assert resume_fingerprint(off) == resume_fingerprint(Config())
+    assert "generations.num_prompts" in Config().flat()
 
 
 def test_check_resources_names_missing_paths(tmp_path):

@@ -41,6 +41,16 @@ def _dpo_step(step: int, split: str, scale: float = 1.0) -> dict[str, float]:
     return tracking.prefixed(vals, split)
 
 
+GEN_STEPS = (4, 6)
+
+
+def _generations(step: int) -> list[dict]:
+    """Two prompts per evaluation; texts that must come out escaped."""
+    return [{"step": step, "prompt_index": i, "prompt": f"Question: <q{i}> & why?\n\nAnswer: ",
+             "policy": f"step{step} policy <script>alert({i})</script>", "reference": f"step{step} reference {i}",
+             "chosen": f"chosen {i} \"quoted\""} for i in range(2)]
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """An experiment as raydpo writes it: SFT, DPO linked to it, a Tune parent with 3 trials (one
@@ -70,11 +80,14 @@ def _build_store(d: Path) -> SimpleNamespace:
     ids["demo-sft"] = sft
 
     dpo = tracking.start_run(uri, exp, "demo-dpo", sft_run_id=sft, tags={tracking.STAGE_TAG: "dpo"})
-    tracking.log_params(uri, dpo, {"dpo.beta": 0.1, "dpo.lr": 5e-4, "dpo.max_steps": 6})
+    tracking.log_params(uri, dpo, {"dpo.beta": 0.1, "dpo.lr": 5e-4, "dpo.max_steps": 6, "generations.do_sample": False,
+                                   "generations.max_new_tokens": 64})
     log = tracking.RunLogger(uri, dpo)
     for step in (2, 4, 6):
         log.log_metrics({**_dpo_step(step, "train"), tracking.TOKENS_PER_S: 500.0}, step)
         log.log_metrics(_dpo_step(step, "eval"), step)
+        if step in GEN_STEPS:
+            log.log_generations(_generations(step), step)
     tracking.end_run(uri, dpo)
     ids["demo-dpo"] = dpo
 
@@ -196,6 +209,20 @@ def test_trial_table_lists_each_trial_and_marks_the_best(page, store):
 
 
 # -- pieces -------------------------------------------------------------------------------------
+
+def test_generations_section_shows_each_runs_latest_step_escaped(page, store):
+    assert "<h2>Eval generations</h2>" in page
+    section = page.split("<h2>Eval generations</h2>", 1)[1].split("<h2>", 1)[0]
+    assert section.count("<h3 ") == 1  # only the DPO run logged generations
+    assert "demo-dpo" in section and "step 6" in section and "2 prompts" in section and "greedy" in section
+    rows = re.findall(r"<tr>(<td.*?)</tr>", section, re.S)
+    assert len(rows) == 2
+    assert _cells(rows[0]) == ["1", "Question: &lt;q0&gt; &amp; why?\n\nAnswer: ",
+                               "step6 policy &lt;script&gt;alert(0)&lt;/script&gt;", "step6 reference 0",
+                               "chosen 0 &quot;quoted&quot;"]
+    assert "step4" not in section  # an earlier evaluation's table is not shown
+    assert "<script>" not in page
+
 
 def test_trial_rows_best_from_tag_or_parent(store):
     runs = report.load_runs(store.uri, EXP)

@@ -173,6 +173,54 @@ def test_null_logger_for_other_ranks_touches_no_store(tmp_path):
     assert not (tmp_path / "never.db").exists()
 
 
+# -- eval generations ---------------------------------------------------------------------
+
+def _gen_rows(step: int, k: int = 2) -> list[dict]:
+    return [{"step": step, "prompt_index": i, "prompt": f"Question: q{i} <b>?\n\nAnswer: ",
+             "policy": f"policy {step}/{i} é", "reference": f"ref {i}", "chosen": f"chosen {i}"} for i in range(k)]
+
+
+def test_generations_table_appends_per_step_and_reads_back_the_latest(store):
+    run_id = _run(store)
+    assert tracking.load_generations(store.uri, run_id) == []
+    assert tracking.latest_generations([]) == (None, [])
+    tracking.log_generations(store.uri, run_id, _gen_rows(5))
+    tracking.RunLogger(store.uri, run_id).log_generations(_gen_rows(10), step=10)
+    tracking.RunLogger(store.uri, run_id).log_generations([], step=11)  # nothing to log: no table rewrite
+
+    rows = tracking.load_generations(store.uri, run_id)  # one artifact, rows appended in logging order
+    assert [(r["step"], r["prompt_index"]) for r in rows] == [(5, 0), (5, 1), (10, 0), (10, 1)]
+    assert set(rows[0]) == set(tracking.GENERATION_COLUMNS)
+    assert rows[2]["policy"] == "policy 10/0 é" and rows[0]["prompt"] == "Question: q0 <b>?\n\nAnswer: "
+    step, latest = tracking.latest_generations(rows)
+    assert step == 10 and [r["policy"] for r in latest] == ["policy 10/0 é", "policy 10/1 é"]
+    # what MLflow's own table reader sees (the UI's artifact view, mlflow.load_table)
+    from mlflow.tracking import MlflowClient
+
+    names = [f.path for f in MlflowClient(store.uri).list_artifacts(run_id)]
+    assert names == [tracking.GENERATIONS_TABLE]
+
+
+def test_a_step_logged_twice_shows_once_with_its_last_copy():
+    again = [{**r, "policy": "second"} for r in _gen_rows(10)]
+    step, latest = tracking.latest_generations(_gen_rows(5) + _gen_rows(10) + again)
+    assert step == 10 and [r["policy"] for r in latest] == ["second", "second"]
+
+
+def test_buffered_logger_generations_skip_logged_steps_and_only_warn_on_failure(store, capsys):
+    run_id = _run(store)
+    logger = tracking.BufferedLogger(store.uri, run_id, skip_through_step=5)
+    logger.log_generations(_gen_rows(5), step=5)  # the resumed job repeats step 5: already in the run
+    logger.log_generations(_gen_rows(10), step=10)
+    assert [r["step"] for r in tracking.load_generations(store.uri, run_id)] == [10, 10]
+    broken = tracking.BufferedLogger(store.uri, "no-such-run")
+    broken.log_generations(_gen_rows(10), step=10)  # must not raise
+    assert "could not log the step-10 eval generations" in capsys.readouterr().err
+    for lg in (logger, broken):
+        lg.close(timeout_s=5)
+    tracking.NullLogger().log_generations(_gen_rows(1), step=1)
+
+
 # -- params, tags, runs ------------------------------------------------------------------
 
 def test_log_params_flattens_config_truncates_and_passes_100(store):

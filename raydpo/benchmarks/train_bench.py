@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = demo_config(overrides=[
             f"scaling.num_workers={w}", f"dpo.max_steps={args.steps}", f"dpo.log_every={log_every}",
             f"dpo.eval_every={10**6}", "dpo.eval_max_batches=1", f"dpo.save_every={10**6}",
+            "generations.enabled=false",  # training throughput only
             f"run.storage_path={tmp}/runs", f"tracking.tracking_uri=sqlite:///{tmp}/mlflow.db",
             f"run.name=bench-w{w}", *args.overrides,
         ])

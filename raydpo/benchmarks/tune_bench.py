@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     tmp = tempfile.mkdtemp(prefix="raydpo-tune-bench-")
     base = [f"run.storage_path={tmp}/runs", f"tracking.tracking_uri=sqlite:///{tmp}/mlflow.db",
             "scaling.num_workers=1",  # one worker per trial: 2 trials at a time on 2 cores
+            "generations.enabled=false",  # the search cost as measured before eval generations existed
             f"dpo.max_steps={args.steps}", f"dpo.eval_every={args.eval_every}", f"dpo.save_every={args.steps}",
             "tune.beta.kind=grid", f"tune.beta.values=[{args.betas}]", "tune.lr.kind=grid", f"tune.lr.values=[{args.lrs}]",
             "tune.num_samples=1", "tune.grace_period=1", f"tune.reduction_factor={args.reduction_factor}", *args.overrides]

@@ -81,3 +81,13 @@ def rank_batches(iter_numpy: Callable[[int], Iterator[dict[str, Any]]], per_devi
         if len(b[ROW_ID]) < per_device * world:
             return  # the stream holds whole global micro-batches; a short tail is not trained on
         yield collate({k: v[lo:hi] for k, v in b.items()})
+
+
+def eval_prompts(eval_ds, k: int) -> list[dict[str, list[int]]]:
+    """The run's fixed held-out prompts for the eval generations, picked once on the driver: the
+    first ``k`` distinct prompts of the tokenized eval split in ``row_id`` order (a content hash:
+    the same prompts on every rerun, whatever the block layout). Plain lists, sent to every rank."""
+    from raydpo.train.generate import held_out_prompts
+
+    cols = [ROW_ID, "prompt_input_ids", "chosen_input_ids"]
+    return held_out_prompts(eval_ds.select_columns(cols).sort(ROW_ID).iter_rows(), k)

@@ -28,6 +28,7 @@ from raydpo.config import Config, TrainStageConfig
 from raydpo.data.collate import pair_tokens
 from raydpo.deepspeed import build_ds_config
 from raydpo.models import pair_logps, reference_disabled
+from raydpo.train import generate
 from raydpo.train.faults import Faults
 
 Stage = Literal["sft", "dpo"]
@@ -83,6 +84,10 @@ class Hooks:
     # injected faults (raydpo.train.faults): None reads $RAYDPO_FAULTS; where fired ones are marked
     faults: str | None = None
     faults_dir: str | None = None
+    # eval generations (raydpo.train.generate): ``eval_prompts(k)`` the run's k fixed held-out
+    # prompts, the same on every rank; ``log_generations(rows, step)`` only matters on rank 0
+    eval_prompts: Callable[[int], list[dict[str, list[int]]]] = lambda k: []
+    log_generations: Callable[[list[dict[str, Any]], int], None] = lambda rows, step: None
 
 
 @dataclass
@@ -370,6 +375,10 @@ def run_stage(stage: Stage, cfg: Config, model, tokenizer, env: WorkerEnv, hooks
             ev = evaluate()
             last_eval.update(ev)
             metrics.update(ev)
+            if stage == "dpo" and generate.due(cfg.generations, last):
+                hooks.log_generations(generate.eval_generations(
+                    model, tokenizer, hooks.eval_prompts(cfg.generations.num_prompts), cfg.generations, step=step,
+                    seed=stage_cfg.seed, rank=env.rank, world_size=env.world_size, device=env.device), step)
             t_window += time.perf_counter() - t_eval  # eval time is not training throughput
         save = step % stage_cfg.save_every == 0 or last or stop
         if metrics:

@@ -5,8 +5,8 @@ DeepSpeed over NCCL) is checked on machines that have no Ray:
 
 Data is read and tokenized in-process with the same format detection, row validation and
 tokenization functions the Ray Data pipeline runs (sample or local json/jsonl files), sharded by
-rank. No MLflow: the metrics are printed by rank 0. Checkpoints are written under
-``run.storage_path``.
+rank. No MLflow: the metrics (and the eval generations) are printed by rank 0. Checkpoints are
+written under ``run.storage_path``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import os
 import shutil
 from functools import partial
 from pathlib import Path
+
+GENERATIONS_PREFIX = "[generations] "
 
 
 def _rows(cfg, stage: str, tokenizer_path: str) -> list[dict]:
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     from raydpo.data.collate import collate_dpo, collate_sft
     from raydpo.data.order import epoch_order, epochs_needed, usable_rows
     from raydpo.data.tokenize import block_row_ids, pack_sft, tokenize_dpo
+    from raydpo.train.generate import held_out_prompts
     from raydpo.train.ingest import rank_batches
     from raydpo.models import load_model, load_tokenizer, resolve_model_path
     from raydpo.train.loop import Hooks, env_from_torch, run_stage
@@ -159,8 +162,23 @@ def main(argv: list[str] | None = None) -> None:
         if env.rank == 0:
             print(json.dumps({"step": step, **metrics}), flush=True)
 
+    # eval generations: every rank holds all rows, so each picks the same prompts (row_id order)
+    prompts: list[dict] = []
+    if args.stage == "dpo" and cfg.generations.enabled:
+        ev = [r for r in rows if r["is_eval"]]
+        ev_cols = tokenize_dpo(tok, [r["prompt"] for r in ev], [r["chosen"] for r in ev], [r["rejected"] for r in ev],
+                               cfg.data.max_length, cfg.data.max_prompt_length)
+        by_id = sorted(range(len(ev)), key=lambda i: ev_cols["row_id"][i])
+        prompts = held_out_prompts(({k: ev_cols[k][i] for k in ("prompt_input_ids", "chosen_input_ids")}
+                                    for i in by_id), cfg.generations.num_prompts)
+
+    def log_generations(rows, step):
+        if env.rank == 0:  # a prefix: lines starting with "{" are the metrics
+            print(f"{GENERATIONS_PREFIX}{json.dumps({'step': step, 'rows': rows})}", flush=True)
+
     hooks = Hooks(train_batches=train_batches, eval_batches=eval_batches, report=report, log=log,
-                  progress=lambda s: print(s, flush=True) if env.rank == 0 else None)
+                  progress=lambda s: print(s, flush=True) if env.rank == 0 else None,
+                  eval_prompts=lambda k: prompts[:k], log_generations=log_generations)
     run_stage(args.stage, cfg, model, tok, env, hooks)
     dist.barrier()
     dist.destroy_process_group()

@@ -171,7 +171,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                   log=log, resume_dir=resume_dir, progress=progress,
                   report_eval_only=bool(config.get("report_eval_only", False)),
                   stop_requested=watch.requested, config_fingerprint=config.get("fingerprint", {}),
-                  faults=config.get("faults") or "", faults_dir=str(Path(storage_dir) / "faults_fired") if storage_dir else None)
+                  faults=config.get("faults") or "", faults_dir=str(Path(storage_dir) / "faults_fired") if storage_dir else None,
+                  # chosen once on the driver (launch.fit_stage): every rank generates the same prompts
+                  eval_prompts=lambda k: list(config.get("eval_prompts") or [])[:k],
+                  log_generations=logger.log_generations)
     try:
         run_stage(stage, cfg, model, tokenizer, env, hooks)
     except torch.OutOfMemoryError:

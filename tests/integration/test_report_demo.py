@@ -40,5 +40,6 @@ def test_report_over_demo_store_compares_sft_and_dpo(demo_run, tmp_path, capsys)
                   re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)" alt="([^"]*)"', page))
     for key in ("eval/rewards/margins", "eval/rewards/accuracies", "train/rewards/margins", "train/loss"):
         assert key in images and images[key].startswith(PNG_MAGIC), sorted(images)
+    assert "<h2>Eval generations</h2>" in page  # the DPO run's latest table
     refs = re.findall(r"""(?:src|href)\s*=\s*["']?([^"'\s>]*)""", page, re.I)
     assert refs and all(r.startswith(("data:image/png;base64,", "#")) for r in refs), refs  # nothing external

@@ -17,7 +17,7 @@ SHORT = ["data.sample_size=300", "sft.max_steps=3", "sft.log_every=1", "sft.eval
          "dpo.max_steps=3", "dpo.log_every=1", "dpo.eval_every=3", "dpo.save_every=3"]
 
 
-def _torchrun(tmp_path: Path, stage: str, nproc: int, extra: list[str]) -> list[dict]:
+def _torchrun(tmp_path: Path, stage: str, nproc: int, extra: list[str], generations: list | None = None) -> list[dict]:
     sets = [a for s in [*SHORT, f"run.storage_path={tmp_path / 'runs'}", "run.name=sa",
                         f"model.cache_dir={REPO / '.raydpo_cache'}", *extra] for a in ("--set", s)]
     r = subprocess.run(
@@ -27,6 +27,11 @@ def _torchrun(tmp_path: Path, stage: str, nproc: int, extra: list[str]) -> list[
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    if generations is not None:
+        from raydpo.train.standalone import GENERATIONS_PREFIX
+
+        generations += [json.loads(x[len(GENERATIONS_PREFIX):]) for x in r.stdout.splitlines()
+                        if x.startswith(GENERATIONS_PREFIX)]
     assert [m["step"] for m in lines] == [1, 2, 3]  # rank 0 logs once per step, no duplicates
     adapter = tmp_path / "runs" / f"sa-{stage}-standalone" / "step_3" / "adapter"
     assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
@@ -38,8 +43,10 @@ def _torchrun(tmp_path: Path, stage: str, nproc: int, extra: list[str]) -> list[
 def test_torchrun_two_cpu_ranks_sft_and_dpo_without_ray(tmp_path):
     sft = _torchrun(tmp_path, "sft", 2, [])
     assert all(math.isfinite(m["train/loss"]) for m in sft) and "eval/loss" in sft[-1]
-    dpo = _torchrun(tmp_path, "dpo", 2, [])
+    gens: list = []
+    dpo = _torchrun(tmp_path, "dpo", 2, [], gens)
     assert abs(dpo[0]["train/loss"] - math.log(2)) < 0.01  # step-0 sanity holds without Ray too
+    assert [g["step"] for g in gens] == [3] and len(gens[0]["rows"]) == 4  # rank 0 alone prints the table
     assert {"eval/rewards/accuracies", "eval/rewards/margins"} <= set(dpo[-1])
     assert dpo[-1]["train/tokens_per_s"] > 0
 

@@ -65,7 +65,12 @@ def test_demo_cli_runs_sft_then_dpo_and_tracks_both(demo_run):
     first = min(client.get_metric_history(dpo["run_id"], "train/loss"), key=lambda m: m.step)
     assert first.step == 1 and abs(first.value - math.log(2)) < 0.01
     arts = {a.path for a in client.list_artifacts(dpo["run_id"])}
-    assert {"adapter", "config.yaml", "reward_curves.png"} <= arts
+    assert {"adapter", "config.yaml", "reward_curves.png", "eval_generations.json"} <= arts
+    from raydpo import tracking
+
+    step, rows = tracking.latest_generations(tracking.load_generations(env["MLFLOW_TRACKING_URI"], dpo["run_id"]))
+    assert step == int(dpo["params.dpo.max_steps"]) and 0 < len(rows) <= 4  # the same K prompts at every eval
+    assert all(set(r) == set(tracking.GENERATION_COLUMNS) and r["prompt"].startswith("Question: ") for r in rows)
 
 
 def _assert_checkpoint(path, step, stage):
@@ -96,6 +101,10 @@ def test_zero3_4bit_sft_then_dpo_loads_and_generates(tmp_path, ray_local):
     assert sft.metrics["eval/loss"] < math.log(cfg.model.tiny.vocab_size)  # learned something vs. uniform
     assert abs(dpo.history[0]["train/loss"] - math.log(2)) < 0.01
     assert 0.0 <= dpo.metrics["eval/rewards/accuracies"] <= 1.0
+    from raydpo import tracking  # ZeRO-3: every rank generated (synced), rank 0 logged
+
+    rows = tracking.load_generations(cfg.tracking.tracking_uri, dpo.run_id)
+    assert rows and {r["step"] for r in rows} >= {cfg.dpo.max_steps}
 
     model = AutoPeftModelForCausalLM.from_pretrained(dpo.adapter_path)
     tok = AutoTokenizer.from_pretrained(dpo.adapter_path)
