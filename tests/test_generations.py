@@ -4,13 +4,10 @@ the tiny Llama. K rows per evaluation with both columns; ``when: end`` generates
 
 from __future__ import annotations
 
-import os
-import socket
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 from raydpo.config import Config
 from raydpo.data.collate import collate_dpo
@@ -24,28 +21,6 @@ from raydpo.train.ingest import rank_batches
 from raydpo.train.loop import Hooks, WorkerEnv, run_stage
 
 STEPS, K = 6, 3
-
-
-@pytest.fixture(scope="module")
-def gloo():
-    from deepspeed.utils import groups
-
-    if not dist.is_initialized():
-        # a module before this one may have torn its group down with torch alone: DeepSpeed would
-        # still hold that dead group and fail the next engine (run after test_resume.py)
-        groups._release_process_group_references()
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    import deepspeed.comm as ds_comm
-
-    if ds_comm.is_initialized():
-        ds_comm.destroy_process_group()  # releases DeepSpeed's references too, for the next module
-    elif dist.is_initialized():
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -6,15 +6,12 @@ weights, optimizer or scheduler; too many in a row stop with a message naming th
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 from raydpo.config import Config
 from raydpo.data.collate import collate_dpo
@@ -28,18 +25,6 @@ from raydpo.train.loop import (CheckpointError, Hooks, NonFiniteError, WorkerEnv
                                verify_checkpoint)
 
 STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def gloo():
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
