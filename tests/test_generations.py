@@ -162,3 +162,25 @@ def test_due_follows_when_and_enabled():
     end = Config().with_overrides({"generations.when": "end"}).generations
     assert not generate.due(end, last=False) and generate.due(end, last=True)
     assert not generate.due(Config().with_overrides({"generations.enabled": False}).generations, last=True)
+
+
+def test_eval_prompts_are_the_first_distinct_prompts_by_row_id_whatever_the_read_order():
+    """The driver picks the held-out prompts in one pass (no Ray Data sort: its shuffle tasks do
+    not fit a Tune trial's placement group); the result equals sorting every row by row_id."""
+    import random
+
+    from raydpo.train.generate import held_out_prompts
+    from raydpo.train.ingest import eval_prompts
+
+    rng = random.Random(0)
+    rows = [{"row_id": rid, "prompt_input_ids": [1, rng.randrange(12)], "chosen_input_ids": [rid % 7, 2]}
+            for rid in rng.sample(range(10_000), 200)]  # ~12 prompts, each with many pairs
+
+    class Split:
+        def iter_rows(self):
+            return iter(rows)
+
+    for k in (1, 3, 12, 50):
+        want = held_out_prompts(sorted(rows, key=lambda r: r["row_id"]), k)
+        assert eval_prompts(Split(), k) == want
+        assert len(want) == min(k, len({tuple(r["prompt_input_ids"]) for r in rows}))

@@ -86,8 +86,19 @@ def rank_batches(iter_numpy: Callable[[int], Iterator[dict[str, Any]]], per_devi
 def eval_prompts(eval_ds, k: int) -> list[dict[str, list[int]]]:
     """The run's fixed held-out prompts for the eval generations, picked once on the driver: the
     first ``k`` distinct prompts of the tokenized eval split in ``row_id`` order (a content hash:
-    the same prompts on every rerun, whatever the block layout). Plain lists, sent to every rank."""
+    the same prompts on every rerun, whatever the block layout). Plain lists, sent to every rank.
+
+    One pass over the materialized split's rows keeping at most ``k + 1`` prompts, each at its
+    smallest ``row_id``: no Ray Data sort, whose shuffle tasks need a whole CPU that a Tune
+    trial's placement group does not hold. An evicted prompt can never belong to the first ``k``
+    again (``k`` others already come before it, and they only move earlier)."""
     from raydpo.train.generate import held_out_prompts
 
-    cols = [ROW_ID, "prompt_input_ids", "chosen_input_ids"]
-    return held_out_prompts(eval_ds.select_columns(cols).sort(ROW_ID).iter_rows(), k)
+    best: dict[tuple[int, ...], tuple[int, dict[str, Any]]] = {}
+    for r in eval_ds.iter_rows():
+        p, rid = tuple(int(t) for t in r["prompt_input_ids"]), int(r[ROW_ID])
+        if p not in best or rid < best[p][0]:
+            best[p] = (rid, r)
+            if len(best) > k:
+                del best[max(best, key=lambda q: best[q][0])]
+    return held_out_prompts([r for _, r in sorted(best.values(), key=lambda v: v[0])], k)
