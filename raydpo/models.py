@@ -266,6 +266,15 @@ def pair_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
 
+def packed_attention(model, batch: dict[str, torch.Tensor]):
+    """The scope in which a padding-free batch (one with ``spans``) must be both run forward *and*
+    backpropagated: gradient checkpointing recomputes each layer inside the backward, and the
+    recomputation must use the same per-sequence attention as the forward (outside it the model
+    is back on sdpa/eager, which saves other tensors: torch's checkpoint fails with "a different
+    number of tensors was saved"). Other layouts: nothing to do. Nested scopes are fine."""
+    return _attention(model, PAIR_ATTENTION) if "spans" in batch else contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def _attention(model, name: str) -> Iterator[None]:
     """Run ``model`` with the attention implementation ``name`` (registered once), then restore it."""
@@ -302,16 +311,14 @@ def pair_logps(model, batch: dict[str, torch.Tensor], completion_only: bool = Tr
     """
     pos = batch["score_pos"]
     kw = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
-    attention = contextlib.nullcontext()
     if "spans" in batch:  # padding-free: attention per sequence, no mask
         kw["raydpo_spans"] = batch["spans"].tolist()
-        attention = _attention(model, PAIR_ATTENTION)
     elif "attention_mask" in batch:  # plain layout: the model builds its causal + padding mask
         kw["attention_mask"] = batch["attention_mask"]
     else:  # shared prefix in padded rows
         kw["attention_mask"] = pair_attention_mask(batch["seq_ids"], batch["segments"],
                                                    additive=_attn_implementation(model) == "eager")
-    with attention:
+    with packed_attention(model, batch):  # a caller that backpropagates holds it open until after backward
         if completion_only:
             logits = model(**kw, logits_to_keep=pos).logits  # [R, S, V]
         else:

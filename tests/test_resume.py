@@ -150,3 +150,18 @@ def test_too_many_non_finite_steps_in_a_row_stop_naming_the_step_and_the_last_ch
     assert "3 steps in a row" in msg and "at step 5" in msg and "checkpoint is step 4" in msg
     assert "lr" in msg and "fp16" in msg and "data" in msg
     assert json.loads((tmp_path / "checkpoint_step4" / "trainer_state.json").read_text())["nonfinite_run"] == 2
+
+
+def test_gradient_checkpointing_trains_padding_free_rows_like_the_plain_backward(setup, tmp_path):
+    """The GPU recipe's setting (model.gradient_checkpointing) with the default padding-free rows:
+    the layers are recomputed inside the backward, with the batch's per-sequence attention (before
+    the loop held that scope open, the recompute ran sdpa and torch's checkpoint failed on the
+    first step). Same losses and LoRA weights as without checkpointing."""
+    base = {"dpo.max_steps": 2, "lora.dropout": 0.0}
+    plain, plain_lora, _, plain_log = _run(setup, tmp_path / "plain", overrides=base)
+    ckpt, ckpt_lora, _, ckpt_log = _run(setup, tmp_path / "ckpt", overrides={**base, "model.gradient_checkpointing": True})
+    assert setup[0].dpo.padding_free and ckpt.step == plain.step == 2
+    for step in (1, 2):
+        assert ckpt_log[step]["train/loss"] == pytest.approx(plain_log[step]["train/loss"], rel=1e-4, abs=1e-5)
+    for k in plain_lora:
+        torch.testing.assert_close(ckpt_lora[k], plain_lora[k], rtol=1e-4, atol=1e-5)

@@ -27,7 +27,7 @@ from raydpo import losses
 from raydpo.config import Config, TrainStageConfig
 from raydpo.data.collate import pair_tokens
 from raydpo.deepspeed import build_ds_config
-from raydpo.models import pair_logps, reference_disabled
+from raydpo.models import packed_attention, pair_logps, reference_disabled
 from raydpo.train import generate
 from raydpo.train.faults import Faults
 
@@ -297,19 +297,20 @@ def run_stage(stage: Stage, cfg: Config, model, tokenizer, env: WorkerEnv, hooks
             if discarded:  # the rest of a skipped step's batches are consumed unseen
                 continue
             b = _to(raw, env.device)
-            loss, s = forward(b)
-            if faults.nan_loss(step + 1, last_micro=micro == accum - 1):
-                loss = loss * float("nan")
-            # every rank takes the same branch: backward and step are collective
-            if _all_agree(not bool(torch.isfinite(loss.detach()).all()), env.device):
-                bad = True
-                if not _engine_skips_nonfinite(engine):
-                    _discard_accumulated(engine, done)
-                    discarded = True
-                    continue
-                # ZeRO: the non-finite gradients reach DeepSpeed's overflow check, which drops the
-                # whole step (every micro-batch's gradients, no optimizer or scheduler step)
-            engine.backward(loss)
+            with packed_attention(engine, b):  # checkpointed layers recompute in the backward
+                loss, s = forward(b)
+                if faults.nan_loss(step + 1, last_micro=micro == accum - 1):
+                    loss = loss * float("nan")
+                # every rank takes the same branch: backward and step are collective
+                if _all_agree(not bool(torch.isfinite(loss.detach()).all()), env.device):
+                    bad = True
+                    if not _engine_skips_nonfinite(engine):
+                        _discard_accumulated(engine, done)
+                        discarded = True
+                        continue
+                    # ZeRO: the non-finite gradients reach DeepSpeed's overflow check, which drops the
+                    # whole step (every micro-batch's gradients, no optimizer or scheduler step)
+                engine.backward(loss)
             engine.step()  # DeepSpeed only updates at the accumulation boundary
             done += 1
             _add(step_sums, s)
