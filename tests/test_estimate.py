@@ -1,0 +1,183 @@
+"""`raydpo.estimate` against numbers worked out by hand for a small shape, the three facts the
+issue asks of the 7B recipe, where the shape comes from, and the CLI's contract."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raydpo.cli import main
+from raydpo.config import Config, load_config
+from raydpo.estimate import (BUILTIN_SHAPES, GIB, EstimateError, Shape, estimate, find_gpu, memory_parts, model_shape,
+                             step_flops, tokens)
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU_JOB = str(ROOT / "jobs" / "stack_llama_2_gpu.yaml")
+
+# the tiny default shape: hidden 64, 2 layers, 4 heads, intermediate 176, vocab 2048
+SMALL = {"data.max_length": 16, "data.max_prompt_length": 8, "dpo.per_device_batch_size": 2,
+         "lora.dropout": 0.0, "scaling.num_workers": 2, "deepspeed.stage": 2}
+
+
+def small(**over) -> Config:
+    return Config().with_overrides({**SMALL, **over})
+
+
+def test_small_shape_by_hand():
+    cfg = small()
+    shape, src = model_shape(cfg)
+    assert src == "tiny (model.tiny)" and shape == Shape(64, 2, 4, 4, 176, 2048)
+    # linears per layer: 4 x 64·64 + 3 x 64·176 = 16384 + 33792 = 50176, x 2 layers
+    assert shape.linear_params == 100352
+    assert shape.other_params == 2048 * 64 * 2 + 5 * 64  # embeddings + lm_head + 2 norms/layer + final norm
+    T, S, Sl = tokens(cfg)
+    assert (T, S, Sl) == (2 * (2 * 16 - 1), 2 * 2 * 15, 60)  # B·(2L-p), B·2(L-p), p = 1
+    p = memory_parts(cfg, shape)
+    assert p["base_weights"] == 4 * (100352 + 262464)  # fp32, no quantization
+    assert p["lora_params"] == 4 * 4096  # r 8 x (64 + 64) x q,v x 2 layers = 4096 params
+    assert p["lora_grads"] == 4 * 4096 / 2  # ZeRO-2 over 2 workers
+    assert p["optimizer_states"] == 4096 * (8 + 4) / 2  # m, v + fp32 master, partitioned
+    # per token per layer 4·(8·64 + 2·64 + 4·176) = 5376; x T=62 x 2 layers; + final norm 4·2·64·62
+    # + the hidden states at the 60 scored positions 4·64·60
+    assert p["activations"] == 5376 * 62 * 2 + 4 * 2 * 64 * 62 + 4 * 64 * 60
+    # fp32 logits (no extra copy) + 2 fp32 backward temporaries, [60, 2048]
+    assert p["logits"] == 60 * 2048 * 4 + 2 * 4 * 60 * 2048
+    assert p["reference"] == 0 and p["overhead"] == 0  # precomputed reference; CPU
+    # checkpointing: each layer's input, plus one layer recomputed
+    ck = memory_parts(small(**{"model.gradient_checkpointing": True}), shape)
+    assert ck["activations"] == 2 * 4 * 64 * 62 + 5376 * 62 + 4 * 2 * 64 * 62 + 4 * 64 * 60
+    # reference every step: its no-grad forward (logits + fp32 copy + a layer's working set) beyond
+    # the backward's transient
+    ref = memory_parts(small(**{"dpo.reference": "adapter_disabled"}), shape)
+    assert ref["reference"] == 60 * 2048 * 8 + 4 * 62 * (2 * 64 + 2 * 176) - 2 * 4 * 60 * 2048
+    assert memory_parts(small(**{"dpo.reference": "adapter_disabled", "dpo.loss_type": "simpo"}),
+                        shape)["reference"] == 0
+
+
+def test_small_shape_quantized_by_hand():
+    shape = model_shape(small())[0]
+    nf4 = memory_parts(small(**{"quantization.mode": "4bit", "quantization.double_quant": False}), shape)
+    assert nf4["base_weights"] == 100352 * (0.5 + 4 / 64) + 262464 * 4  # absmax fp32 per 64
+    dq = memory_parts(small(**{"quantization.mode": "4bit"}), shape)
+    assert dq["base_weights"] == pytest.approx(100352 * 0.5 + 1568 + 1568 / 256 * 4 + 262464 * 4)
+    q8 = memory_parts(small(**{"quantization.mode": "8bit"}), shape)
+    rows = 2 * (64 * 4 + 176 * 2 + 64)  # output features of every linear: one fp32 scale each
+    assert q8["base_weights"] == 100352 + 4 * rows + 262464 * 4
+    z3 = memory_parts(small(**{"quantization.mode": "4bit", "quantization.compute_dtype": "float32",
+                               "deepspeed.stage": 3}), shape)
+    assert z3["base_weights"] == pytest.approx(dq["base_weights"] / 2 + 4 * 50176)  # sharded + one gathered layer
+    assert z3["lora_params"] == 4 * 4096 / 2
+    off = memory_parts(small(**{"deepspeed.offload_optimizer": True}), shape)
+    assert off["optimizer_states"] == 0
+
+
+def test_small_shape_flops_by_hand():
+    cfg = small()
+    shape = model_shape(cfg)[0]
+    lin, attn, head, lora = 2 * 100352 * 62, 2 * 64 * (16 * 16 * 2 - 1) * 2 * 2, 2 * 64 * 2048 * 60, 6 * 4096 * 62
+    assert step_flops(cfg, shape) == (lin + attn + head) + (lin + 2 * attn + head + lora)
+    ck = small(**{"model.gradient_checkpointing": True, "dpo.gradient_accumulation_steps": 3})
+    assert step_flops(ck, shape) == 3 * ((lin + attn + head) + (lin + 2 * attn + head + lora) + (lin + attn))
+    ref = small(**{"dpo.reference": "adapter_disabled"})
+    assert step_flops(ref, shape) == 2 * (lin + attn + head) + (lin + 2 * attn + head + lora)
+
+
+def _json(*extra: str) -> dict:
+    code = ("import sys; from raydpo.cli import main; rc = main(sys.argv[1:]); "
+            "bad = [m for m in ('torch', 'ray', 'mlflow', 'deepspeed') if m in sys.modules]; "
+            "assert not bad, bad; sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code, "validate", "--config", GPU_JOB, "--estimate", "--json", *extra],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 1, r.stdout  # exactly one line on stdout
+    return json.loads(lines[0])
+
+
+def test_gpu_recipe_breakdown_4bit_off_and_double_batch():
+    base = _json()
+    assert base["shape_source"] == "builtin table (meta-llama/Llama-2-7b-hf)"
+    assert set(base["parts"]) == {"base_weights", "lora_params", "lora_grads", "optimizer_states", "activations",
+                                  "logits", "reference", "overhead"}
+    assert base["peak_memory_gib"] == pytest.approx(sum(base["parts"].values()))
+    assert base["flops_per_step"] > 0 and base["seconds_per_step"] is None  # no rate given
+    # NF4 (no double quant) of 6.74B params: 0.5625 B x 6.48B linear + bf16 embeddings/head ~ 3.9 GiB
+    assert 3.5 <= base["parts"]["base_weights"] <= 4.2
+    bf16 = _json("--set", "quantization.mode=none")
+    assert bf16["parts"]["base_weights"] == pytest.approx(6_738_415_616 * 2 / GIB)  # 12.55 GiB
+    assert 8.3 <= bf16["parts"]["base_weights"] - base["parts"]["base_weights"] <= 9.5
+    double = _json("--set", "dpo.per_device_batch_size=8")
+    assert double["parts"]["activations"] == pytest.approx(2 * base["parts"]["activations"])
+    timed = _json("--gpu", "h100", "--tflops", "500")
+    assert timed["gpu"] == "H100-80GB" and timed["tflops"] == 500
+    assert timed["seconds_per_step"] == pytest.approx(base["flops_per_step"] / 500e12)
+
+
+def test_gpu_warning_names_the_knobs(capsys):
+    rc = main(["validate", "--config", GPU_JOB, "--estimate", "--json", "--gpu", "A10G",
+               "--set", "quantization.mode=none", "--set", "model.gradient_checkpointing=false"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and len(out.splitlines()) == 1 and json.loads(out)["peak_memory_gib"] > 24
+    assert "exceeds A10G's 24 GiB" in err
+    for knob in ("per_device_batch_size", "gradient_accumulation_steps", "max_length", "gradient_checkpointing",
+                 "deepspeed.stage=3", "offload", "quantization.mode=4bit"):
+        assert knob in err
+    rc = main(["validate", "--config", GPU_JOB, "--estimate", "--gpu", "H200"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and "| base_weights |" in out and "warning" not in err
+
+
+def test_shape_sources(tmp_path, capsys):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"hidden_size": 128, "num_hidden_layers": 3,
+                                                    "num_attention_heads": 4, "intermediate_size": 256,
+                                                    "vocab_size": 1000, "tie_word_embeddings": True}))
+    shape, src = model_shape(Config().with_overrides({"model.name_or_path": str(folder)}))
+    assert shape == Shape(128, 3, 4, 4, 256, 1000, True) and src == f"config.json: {folder / 'config.json'}"
+    # a hub id in the Hugging Face cache beats the built-in table; never a network call
+    snap = tmp_path / "hf" / "hub" / "models--meta-llama--Llama-2-7b-hf" / "snapshots" / "abc"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text((folder / "config.json").read_text())
+    cfg = load_config(GPU_JOB)
+    assert model_shape(cfg, env={"HF_HOME": str(tmp_path / "hf")})[0].hidden == 128
+    assert model_shape(cfg, env={"HF_HOME": str(tmp_path / "none")}) == (
+        BUILTIN_SHAPES["meta-llama/Llama-2-7b-hf"], "builtin table (meta-llama/Llama-2-7b-hf)")
+    unknown = cfg.with_overrides({"model.name_or_path": "someone/unknown-model"})
+    with pytest.raises(EstimateError, match="no shape for model 'someone/unknown-model'"):
+        model_shape(unknown, env={})
+    rc = main(["validate", "--config", GPU_JOB, "--estimate", "--set", "model.name_or_path=someone/unknown-model"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("error: no shape")
+    with pytest.raises(EstimateError, match="unknown GPU"):
+        find_gpu("voodoo2")
+
+
+def test_epoch_rows(tmp_path):
+    e = estimate(small(), tflops=1.0)
+    # 2000 sample rows x 0.95 train / (2 pairs x 1 accumulation x 2 workers)
+    assert e.steps_per_epoch == pytest.approx(2000 * 0.95 / 4)
+    assert e.seconds_per_epoch == pytest.approx(e.steps_per_epoch * e.flops_per_step / 1e12)
+    f = tmp_path / "pairs.jsonl"
+    f.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n' * 40)
+    assert estimate(small(**{"data.source": str(f)}), tflops=1.0).steps_per_epoch == pytest.approx(40 * 0.95 / 4)
+    assert estimate(small(**{"data.max_rows": 400}), tflops=1.0).steps_per_epoch == pytest.approx(95)
+    hub = estimate(load_config(GPU_JOB), tflops=100.0)
+    assert hub.seconds_per_epoch is None and any("per-epoch time omitted" in n for n in hub.notes)
+
+
+def test_validate_without_estimate_unchanged(capsys):
+    assert main(["validate", "--config", GPU_JOB]) == 0
+    assert capsys.readouterr().out.strip().endswith(": OK")
+    assert main(["validate", "--config", GPU_JOB, "--json"]) == 2  # --json belongs to --estimate
+
+
+def test_import_is_light():
+    code = ("import sys, raydpo.estimate; "
+            "bad = [m for m in ('torch', 'ray', 'deepspeed', 'bitsandbytes', 'mlflow', 'transformers') "
+            "if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
