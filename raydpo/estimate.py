@@ -28,16 +28,20 @@ Memory (bytes; ``s`` = activation/weight bytes of the compute precision, `comput
   partitions over the world size: stage >= 1 the optimizer states, >= 2 the gradients, 3 the
   parameters; ``offload_optimizer`` puts the states on the CPU (0 here).
 * ``activations``: what autograd keeps for the backward, per token and layer
-  ``s·(ACT_H·h + 2·kv + ACT_I·i)`` (`ACT_H`, `ACT_I` below) plus, per LoRA target with dropout,
-  its dropped-out input (``s`` per input feature) and mask (1 B); with gradient checkpointing only
-  each layer's input (``s·h``) plus one layer recomputed in the backward. Plus the model's final
-  norm and the hidden states gathered at the scored positions.
+  ``s·(ACT_H·h + ACT_KV·kv + ACT_I·i) + 2h·(4 - s)`` (constants below; the norms keep fp32
+  inputs) plus the LoRA adapters' inputs (with dropout: a dropped-out copy, ``s``, and a bool
+  mask, 1 B, per input feature of each target); with gradient checkpointing each layer's input
+  (``s·h``) instead, plus one layer recomputed in the backward. Plus the final norm's fp32 input
+  (``4h``). A layer's backward working set (``s·(WORK_H·h + WORK_I·i)`` per token; with
+  checkpointing plus the recomputed layer) comes after the logits' backward has freed its
+  temporaries, so only what it exceeds them by is added.
 * ``logits``: ``[S', V]`` with ``S' = S`` (``completion_only_logits``) or ``T``: the logits at
   ``s``, the fp32 copy `raydpo.losses.token_logps` makes when ``s != 4``, and the backward's
-  ``LOGIT_BWD_FP32`` fp32 ``[S', V]`` temporaries (softmax, gather gradient).
+  ``LOGIT_BWD_FP32`` fp32 ``[S', V]`` temporaries (softmax, gather gradient): the step's peak,
+  at the start of the backward, with every saved activation still alive.
 * ``reference``: 0 for a precomputed reference or a reference-free loss; else what the no-grad
-  reference forward (logits ``[S', V]`` at ``s`` + one fp32 copy + one layer's working set) adds
-  beyond the backward transient it precedes (they are never live together).
+  reference forward (its logits as above and one layer's working set) adds beyond the logits'
+  backward temporaries (it runs before the backward: the two are never live together).
 * ``overhead``: GPU: the CUDA context (`CUDA_CONTEXT_GIB`) and DeepSpeed's ZeRO-1/2 gradient
   buckets (``reduce_bucket_size`` elements, two when ``overlap_comm``); CPU: 0 — the benchmark
   measures net of the process baseline (Python, torch, DeepSpeed imports), and CPU pages of an
@@ -65,13 +69,18 @@ from raydpo.config import BUILTIN_MODEL, BUILTIN_SOURCE, Config
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 PROMPT_TOKENS = 1  # the worst case: a 1-token prompt leaves both responses L - 1 tokens
-# Saved activations per token per layer, in units of s (derivation in the module docstring of
-# raydpo.benchmarks.memory; counted from what autograd keeps in a LlamaDecoderLayer with frozen
-# base weights): input norm (fp32 input + normalised output) 2h, rotary q 1h, k and v 2·kv,
-# attention output 1h and its contiguous copy for o_proj 1h, post-attention norm 2h, residual
-# paths 1h; MLP gate, SiLU(gate), up and their product (the down_proj input) 4i.
-ACT_H = 8
-ACT_I = 4
+# Saved activations per token per layer, in units of s: what autograd keeps in a LlamaDecoderLayer
+# whose base weights are frozen (a frozen linear, nn.Linear or bitsandbytes, keeps no input):
+# the two norms' inputs (x, x2) 2h, rotary q 1h, attention output 1h; k, v and the rejected
+# response's copies of them (padding-free attention, `raydpo.models.pair_attention`) 3·kv; MLP
+# gate, SiLU(gate) and up 3i. Plus the LoRA adapters' inputs (`_layer_saved_bytes`).
+ACT_H = 4
+ACT_KV = 3
+ACT_I = 3
+# One layer's backward working set per token, in units of s: gradients of the MLP's three
+# i-wide tensors and of the two h-wide norm outputs, live together in the backward.
+WORK_H = 2
+WORK_I = 3
 LOGIT_BWD_FP32 = 2  # fp32 [S', V] temporaries live in the logits' backward (softmax, gather grad)
 CUDA_CONTEXT_GIB = 0.5
 REDUCE_BUCKET = 5e7  # raydpo.deepspeed.build_ds_config's reduce_bucket_size
@@ -292,11 +301,17 @@ def step_flops(cfg: Config, shape: Shape) -> float:
     return (fwd + bwd + recompute + ref) * cfg.dpo.gradient_accumulation_steps
 
 
-def _layer_activation_bytes(cfg: Config, shape: Shape, s: int) -> float:
-    """Bytes one decoder layer keeps per token for the backward (no checkpointing)."""
-    per = s * (ACT_H * shape.hidden + 2 * shape.kv_dim + ACT_I * shape.intermediate)
-    if cfg.lora.dropout > 0:  # PEFT: lora_A(dropout(x)): a dropped-out copy and its bool mask
-        per += sum((s + 1) * a for name, (a, _) in shape.linears().items() if name in cfg.lora.target_modules)
+def _layer_saved_bytes(cfg: Config, shape: Shape, s: int) -> float:
+    """Bytes one decoder layer keeps per token for its backward (no checkpointing)."""
+    h, lin, targets = shape.hidden, shape.linears(), set(cfg.lora.target_modules)
+    per = s * (ACT_H * h + ACT_KV * shape.kv_dim + ACT_I * shape.intermediate)
+    per += 2 * h * (4 - s)  # the norms keep their inputs in fp32 (RMSNorm upcasts) when s < 4
+    if cfg.lora.dropout > 0:  # PEFT: lora_A(dropout(x)): each adapter keeps its own dropped-out copy + bool mask
+        per += sum((s + 1) * lin[t][0] for t in targets if t in lin)
+    else:  # lora_A keeps its input, shared by the adapters on the same input
+        inputs = {"q_proj": "y", "k_proj": "y", "v_proj": "y", "o_proj": "o", "gate_proj": "y2", "up_proj": "y2",
+                  "down_proj": "m"}
+        per += s * sum(lin[next(t for t in lin if inputs[t] == x)][0] for x in {inputs[t] for t in targets if t in lin})
     return per
 
 
@@ -352,20 +367,23 @@ def memory_parts(cfg: Config, shape: Shape) -> dict[str, float]:
     if ds.enabled and ds.offload_optimizer:
         opt = 0.0
     T, S, Sl = tokens(cfg)
-    h, V = shape.hidden, shape.vocab
-    full_layer = _layer_activation_bytes(cfg, shape, s) * T
-    if cfg.model.gradient_checkpointing:
-        acts = shape.layers * s * h * T + full_layer
-    else:
-        acts = shape.layers * full_layer
-    acts += s * 2 * h * T + s * h * S  # final norm, the hidden states gathered at the scored positions
+    h, i, V = shape.hidden, shape.intermediate, shape.vocab
+    # the peak is at the start of the backward, the logits' gradients beside everything saved; a
+    # layer's backward comes after the logits' temporaries are freed: only its excess counts
     copy = 4 if s != 4 else 0
+    logits_fwd = Sl * V * (s + copy)
     bwd = LOGIT_BWD_FP32 * 4 * Sl * V
-    logits = Sl * V * (s + copy) + bwd
+    logits = logits_fwd + bwd
+    layer = _layer_saved_bytes(cfg, shape, s) * T
+    work = s * T * (WORK_H * h + WORK_I * i)
+    if cfg.model.gradient_checkpointing:  # each layer's input, then one layer recomputed at a time
+        saved, layer_peak = shape.layers * s * h * T, layer + work
+    else:
+        saved, layer_peak = shape.layers * layer, work
+    acts = saved + 4 * h * T + max(0.0, layer_peak - logits)  # + the final norm's fp32 input
     ref = 0.0
     if cfg.dpo.needs_reference and not cfg.dpo.precomputed_reference:
-        ref_peak = Sl * V * (s + 4) + s * T * (2 * h + 2 * shape.intermediate)
-        ref = max(0.0, ref_peak - bwd)
+        ref = max(0.0, logits_fwd + work - bwd)  # its no-grad logits + a layer's working set, before the backward
     overhead = 0.0
     if cfg.scaling.use_gpu:
         overhead = CUDA_CONTEXT_GIB * GIB
