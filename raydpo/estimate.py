@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 from raydpo.config import BUILTIN_MODEL, BUILTIN_SOURCE, Config
+from raydpo.deepspeed import REDUCE_BUCKET_SIZE, resolve_precision
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -83,7 +84,6 @@ WORK_H = 2
 WORK_I = 3
 LOGIT_BWD_FP32 = 2  # fp32 [S', V] temporaries live in the logits' backward (softmax, gather grad)
 CUDA_CONTEXT_GIB = 0.5
-REDUCE_BUCKET = 5e7  # raydpo.deepspeed.build_ds_config's reduce_bucket_size
 NF4_BLOCK, DQ_BLOCK = 64, 256
 
 
@@ -229,10 +229,7 @@ def model_shape(cfg: Config, env: dict[str, str] | None = None) -> tuple[Shape, 
 
 def precision(cfg: Config) -> str:
     """DeepSpeed's precision as `raydpo.deepspeed.resolve_precision` resolves it, or ``none``."""
-    if not cfg.deepspeed.enabled:
-        return "none"
-    p = cfg.deepspeed.precision
-    return ("bf16" if cfg.scaling.use_gpu else "fp32") if p == "auto" else p
+    return resolve_precision(cfg, cfg.scaling.use_gpu) if cfg.deepspeed.enabled else "none"
 
 
 def compute_bytes(cfg: Config) -> int:
@@ -388,7 +385,7 @@ def memory_parts(cfg: Config, shape: Shape) -> dict[str, float]:
     if cfg.scaling.use_gpu:
         overhead = CUDA_CONTEXT_GIB * GIB
         if zero in (1, 2):
-            overhead += REDUCE_BUCKET * (4 if zero == 1 else s) * 2  # two buckets: overlap_comm on GPU
+            overhead += REDUCE_BUCKET_SIZE * (4 if zero == 1 else s) * 2  # two buckets: overlap_comm on GPU
     return {"base_weights": base, "lora_params": params, "lora_grads": grads, "optimizer_states": opt,
             "activations": acts, "logits": logits, "reference": ref, "overhead": overhead}
 
