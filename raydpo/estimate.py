@@ -32,16 +32,18 @@ Memory (bytes; ``s`` = activation/weight bytes of the compute precision, `comput
   inputs) plus the LoRA adapters' inputs (with dropout: a dropped-out copy, ``s``, and a bool
   mask, 1 B, per input feature of each target); with gradient checkpointing each layer's input
   (``s·h``) instead, plus one layer recomputed in the backward. Plus the final norm's fp32 input
-  (``4h``). A layer's backward working set (``s·(WORK_H·h + WORK_I·i)`` per token; with
+  (``4h``) and the int64 index of the scored positions' gather (``8h`` per scored position). A layer's backward working set (``s·(WORK_H·h + WORK_I·i)`` per token; with
   checkpointing plus the recomputed layer) comes after the logits' backward has freed its
   temporaries, so only what it exceeds them by is added.
-* ``logits``: ``[S', V]`` with ``S' = S`` (``completion_only_logits``) or ``T``: the logits at
-  ``s``, the fp32 copy `raydpo.losses.token_logps` makes when ``s != 4``, and the backward's
-  ``LOGIT_BWD_FP32`` fp32 ``[S', V]`` temporaries (softmax, gather gradient): the step's peak,
-  at the start of the backward, with every saved activation still alive.
+* ``logits``: ``[S', V]`` with ``S' = S`` (``completion_only_logits``) or ``T``, at the start of
+  the backward (every saved activation still alive): the fp32 logits logsumexp keeps (for bf16
+  logits, the fp32 copy `raydpo.losses.token_logps` makes) + the backward's gradients: ``s`` for
+  ``min(R, 2)`` zero-filled ``[R, S', V]`` row-selection gradients and ``LOGIT_ROW_TEMPS`` fp32
+  temporaries of one row (``1/R`` of it); ``R`` rows: 1 padding-free, ``B`` shared prefix, else ``2B``.
 * ``reference``: 0 for a precomputed reference or a reference-free loss; else what the no-grad
-  reference forward (its logits as above and one layer's working set) adds beyond the logits'
-  backward temporaries (it runs before the backward: the two are never live together).
+  reference forward (its logits and their fp32 copy, one layer's working set, beside the policy's
+  saved fp32 logits) adds beyond the logits' backward peak (it runs before the backward: the two
+  are never live together).
 * ``overhead``: GPU: the CUDA context (`CUDA_CONTEXT_GIB`) and DeepSpeed's ZeRO-1/2 gradient
   buckets (``reduce_bucket_size`` elements, two when ``overlap_comm``); CPU: 0 — the benchmark
   measures net of the process baseline (Python, torch, DeepSpeed imports), and CPU pages of an
@@ -82,7 +84,11 @@ ACT_I = 3
 # i-wide tensors and of the two h-wide norm outputs, live together in the backward.
 WORK_H = 2
 WORK_I = 3
-LOGIT_BWD_FP32 = 2  # fp32 [S', V] temporaries live in the logits' backward (softmax, gather grad)
+# The backward of `raydpo.losses.token_logps`, which runs row by row over the R rows of a batch:
+# per row, fp32 temporaries of that row's size (logsumexp's x - lse and its exp, the gather's
+# zero-filled gradient); per selected row a zero-filled gradient of the whole [R, S', V] logits,
+# two of which are live while autograd accumulates them (one when R = 1).
+LOGIT_ROW_TEMPS = 3
 CUDA_CONTEXT_GIB = 0.5
 NF4_BLOCK, DQ_BLOCK = 64, 256
 
@@ -301,7 +307,8 @@ def step_flops(cfg: Config, shape: Shape) -> float:
 def _layer_saved_bytes(cfg: Config, shape: Shape, s: int) -> float:
     """Bytes one decoder layer keeps per token for its backward (no checkpointing)."""
     h, lin, targets = shape.hidden, shape.linears(), set(cfg.lora.target_modules)
-    per = s * (ACT_H * h + ACT_KV * shape.kv_dim + ACT_I * shape.intermediate)
+    kv = ACT_KV if (cfg.dpo.padding_free and cfg.dpo.share_prefix) else ACT_KV - 1  # no k/v copies otherwise
+    per = s * (ACT_H * h + kv * shape.kv_dim + ACT_I * shape.intermediate)
     per += 2 * h * (4 - s)  # the norms keep their inputs in fp32 (RMSNorm upcasts) when s < 4
     if cfg.lora.dropout > 0:  # PEFT: lora_A(dropout(x)): each adapter keeps its own dropped-out copy + bool mask
         per += sum((s + 1) * lin[t][0] for t in targets if t in lin)
@@ -368,19 +375,25 @@ def memory_parts(cfg: Config, shape: Shape) -> dict[str, float]:
     # the peak is at the start of the backward, the logits' gradients beside everything saved; a
     # layer's backward comes after the logits' temporaries are freed: only its excess counts
     copy = 4 if s != 4 else 0
-    logits_fwd = Sl * V * (s + copy)
-    bwd = LOGIT_BWD_FP32 * 4 * Sl * V
-    logits = logits_fwd + bwd
+    d = cfg.dpo
+    rows = 1 if d.padding_free else (d.per_device_batch_size * (1 if d.share_prefix else 2))
+    logits_fwd = Sl * V * (s + copy)  # the logits and their fp32 copy, in the forward
+    saved_fp32 = Sl * V * 4  # what logsumexp keeps: the fp32 logits (or their fp32 copy)
+    bwd = Sl * V * (s * min(rows, 2) + 4 * LOGIT_ROW_TEMPS / rows)
+    logits = max(logits_fwd, saved_fp32 + bwd)
     layer = _layer_saved_bytes(cfg, shape, s) * T
     work = s * T * (WORK_H * h + WORK_I * i)
     if cfg.model.gradient_checkpointing:  # each layer's input, then one layer recomputed at a time
         saved, layer_peak = shape.layers * s * h * T, layer + work
     else:
         saved, layer_peak = shape.layers * layer, work
-    acts = saved + 4 * h * T + max(0.0, layer_peak - logits)  # + the final norm's fp32 input
+    # + the final norm's fp32 input, and the int64 [S', h] index transformers gathers the scored
+    # positions' hidden states with (logits_to_keep as a tensor), kept for its backward
+    acts = saved + 4 * h * T + (8 * h * S if cfg.dpo.completion_only_logits else 0) + max(0.0, layer_peak - logits)
     ref = 0.0
     if cfg.dpo.needs_reference and not cfg.dpo.precomputed_reference:
-        ref = max(0.0, logits_fwd + work - bwd)  # its no-grad logits + a layer's working set, before the backward
+        # its no-grad logits + a layer's working set, beside the policy's saved logits, before the backward
+        ref = max(0.0, saved_fp32 + logits_fwd + work - logits)
     overhead = 0.0
     if cfg.scaling.use_gpu:
         overhead = CUDA_CONTEXT_GIB * GIB

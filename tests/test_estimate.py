@@ -44,33 +44,40 @@ def test_small_shape_by_hand():
     # saved per token per layer 4·(4·64 + 3·64 + 3·176) = 3904, + the adapters' shared input 4·64
     # (dropout 0) = 4160; x T=62 x 2 layers; + the final norm's fp32 input 4·64·62. A layer's
     # backward working set 4·62·(2·64 + 3·176) = 162,688 is below the logits' peak: not added
-    assert p["activations"] == 4160 * 62 * 2 + 4 * 64 * 62
-    # fp32 logits (no extra copy) + 2 fp32 backward temporaries, [60, 2048]
-    assert p["logits"] == 60 * 2048 * 4 + 2 * 4 * 60 * 2048 == 1_474_560
+    # + the int64 index of the scored positions' gather 8·64·60
+    assert p["activations"] == 4160 * 62 * 2 + 4 * 64 * 62 + 8 * 64 * 60
+    # fp32 logits (no extra copy) + one row-selection gradient + 3 fp32 temporaries of the one row
+    assert p["logits"] == 60 * 2048 * 4 + 4 * 4 * 60 * 2048 == 2_457_600
     assert p["reference"] == 0 and p["overhead"] == 0  # precomputed reference; CPU
     # checkpointing: each layer's input; the recomputed layer + its working set (257,920 + 162,688)
     # is still below the logits' peak
     ck = memory_parts(small(**{"model.gradient_checkpointing": True}), shape)
-    assert ck["activations"] == 2 * 4 * 64 * 62 + 4 * 64 * 62
-    # a vocabulary of 300 (logits peak 60·300·12 = 216,000): the layer's excess is added
+    assert ck["activations"] == 2 * 4 * 64 * 62 + 4 * 64 * 62 + 8 * 64 * 60
+    # a vocabulary of 300 (logits peak 60·300·20 = 360,000): the layer's excess is added
     v300 = Shape(64, 2, 4, 4, 176, 300)
     ck300 = memory_parts(small(**{"model.gradient_checkpointing": True}), v300)
-    assert ck300["activations"] == 2 * 4 * 64 * 62 + 4 * 64 * 62 + (4160 * 62 + 162_688 - 216_000)
+    assert ck300["activations"] == 2 * 4 * 64 * 62 + 4 * 64 * 62 + 8 * 64 * 60 + (4160 * 62 + 162_688 - 360_000)
     # dropout 0.05: each of q and v keeps a copy (4 B) and a mask (1 B) of its 64 inputs instead
     dr = memory_parts(small(**{"lora.dropout": 0.05}), shape)
-    assert dr["activations"] == (3904 + 2 * 5 * 64) * 62 * 2 + 4 * 64 * 62
+    assert dr["activations"] == (3904 + 2 * 5 * 64) * 62 * 2 + 4 * 64 * 62 + 8 * 64 * 60
+    # padded rows (not padding-free): no copies of the rejected response's k and v (-4·64)
+    pad = memory_parts(small(**{"dpo.padding_free": False}), shape)
+    assert pad["activations"] == (4160 - 256) * 62 * 2 + 4 * 64 * 62 + 8 * 64 * 60
+    # and 2 rows (B pairs): two whole-size row-selection gradients, the temporaries of half the positions
+    assert pad["logits"] == 60 * 2048 * (4 + 4 * 2 + 4 * 3 / 2)
     # reference every step: its no-grad forward (fp32 logits, a layer's working set) beyond the
-    # backward's two temporaries: 491,520 + 162,688 < 983,040, so nothing is added here
+    # backward's peak beside the saved logits: 491,520 + 162,688 < 1,966,080, so nothing is added here
     ref = memory_parts(small(**{"dpo.reference": "adapter_disabled"}), shape)
     assert ref["reference"] == 0
-    # with a vocabulary of 300 it is: 60·300·4 + 162,688 - 2·4·60·300
-    assert memory_parts(small(**{"dpo.reference": "adapter_disabled"}), v300)["reference"] == 72_000 + 162_688 - 144_000
+    # with a vocabulary of 300 and a wide MLP it is: 2·60·300·4 + 4·62·(2·64 + 3·1760) - 60·300·20
+    wide = Shape(64, 2, 4, 4, 1760, 300)
+    assert memory_parts(small(**{"dpo.reference": "adapter_disabled"}), wide)["reference"] == 144_000 + 1_341_184 - 360_000
     bf = memory_parts(small(**{"dpo.reference": "adapter_disabled", "deepspeed.precision": "bf16",
                                "model.dtype": "bfloat16"}), shape)
-    # bf16: logits 2 B + an fp32 copy 4 B; working set at 2 B: 60·2048·6 + 81,344 - 983,040
-    assert bf["reference"] == 0 and bf["logits"] == 60 * 2048 * 6 + 983_040
+    # bf16: the fp32 copy 4 B + one bf16 row-selection gradient 2 B + 3 fp32 temporaries of the one row
+    assert bf["reference"] == 0 and bf["logits"] == 60 * 2048 * (4 + 2 + 12)
     # bf16 layer: 2·(4·64 + 3·64 + 3·176) + the norms' fp32 inputs 2·64·2 + the adapters' input 2·64
-    assert bf["activations"] == (1952 + 256 + 128) * 62 * 2 + 4 * 64 * 62
+    assert bf["activations"] == (1952 + 256 + 128) * 62 * 2 + 4 * 64 * 62 + 8 * 64 * 60
     assert memory_parts(small(**{"dpo.reference": "adapter_disabled", "dpo.loss_type": "simpo"}),
                         shape)["reference"] == 0
 
