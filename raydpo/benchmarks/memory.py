@@ -208,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.one:
         print(json.dumps(measure_one(json.loads(a.one))), flush=True)
         return 0
+    out_file = sys.stdout
+    if a.json:  # stdout carries the one JSON line only, whatever the libraries print
+        from raydpo.cli import _stdout_for_json
+
+        out_file = _stdout_for_json()
     L = a.max_length or DEFAULT_MAX_LENGTH
     if a.shape is None and a.batch is None and a.quant is None and a.checkpointing is None:
         rows = [(DEFAULT_SHAPE, b, L, q, c) for q, c, b in DEFAULT_ROWS]
@@ -229,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             if not a.json:
                 print(f"row {i + 1}/{len(rows)}: {json.dumps(r)}", file=sys.stderr, flush=True)
     if a.json:
-        print(json.dumps({"rows": out, "method": out[0]["method"] if out else None}))
+        print(json.dumps({"rows": out, "method": out[0]["method"] if out else None}), file=out_file, flush=True)
     else:
         print(f"peak memory per DPO step sequence ({STEPS} steps), estimate vs measured ({out[0]['method']}):")
         print(format_rows(out))
