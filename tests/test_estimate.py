@@ -205,3 +205,19 @@ def test_import_is_light():
             "bad = [m for m in ('torch', 'ray', 'deepspeed', 'bitsandbytes', 'mlflow', 'transformers') "
             "if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_benchmark_pairs_are_the_estimates_worst_case():
+    """The memory benchmark measures pairs of exactly the estimate's token counts (T, S), in the
+    layout each row trains (padding-free, or padded rows with checkpointing)."""
+    from raydpo.benchmarks.memory import DEFAULT_ROWS, DEFAULT_SHAPE, _batch, format_rows, row_config
+
+    for quant, ckpt, b in DEFAULT_ROWS:
+        cfg = row_config(DEFAULT_SHAPE, b, 64, quant, ckpt)
+        batch = _batch(cfg)
+        T, S, _ = tokens(cfg)
+        assert int((batch["seq_ids"] >= 0).sum()) == T and int((batch["score_slot"] >= 0).sum()) == S
+        assert ("spans" in batch) == (not ckpt)
+    assert "| +1.5 |" in format_rows([{"shape": "1,2,3,4,5", "quant": "none", "checkpointing": "off", "batch": 1,
+                                        "max_length": 8, "tokens": 15, "estimate_mib": 1.0, "measured_mib": 1.0,
+                                        "error_pct": 1.5}])
