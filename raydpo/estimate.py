@@ -32,9 +32,11 @@ Memory (bytes; ``s`` = activation/weight bytes of the compute precision, `comput
   inputs) plus the LoRA adapters' inputs (with dropout: a dropped-out copy, ``s``, and a bool
   mask, 1 B, per input feature of each target); with gradient checkpointing each layer's input
   (``s·h``) instead, plus one layer recomputed in the backward. Plus the final norm's fp32 input
-  (``4h``) and the int64 index of the scored positions' gather (``8h`` per scored position). A layer's backward working set (``s·(WORK_H·h + WORK_I·i)`` per token; with
-  checkpointing plus the recomputed layer) comes after the logits' backward has freed its
-  temporaries, so only what it exceeds them by is added.
+  (``4h``) and the int64 index of the scored positions' gather (``8h`` per scored position).
+  ``ACT_KV - 1`` outside padding-free rows (no copies of the rejected response's k and v). A
+  layer's backward working set (``s·(WORK_H·h + WORK_I·i)`` per token; with checkpointing plus
+  the recomputed layer) comes after the logits' backward has freed its temporaries, so only what
+  it exceeds them by is added.
 * ``logits``: ``[S', V]`` with ``S' = S`` (``completion_only_logits``) or ``T``, at the start of
   the backward (every saved activation still alive): the fp32 logits logsumexp keeps (for bf16
   logits, the fp32 copy `raydpo.losses.token_logps` makes) + the backward's gradients: ``s`` for
