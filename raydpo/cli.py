@@ -43,10 +43,25 @@ def _load_checked(args) -> Config | None:
 
 
 def cmd_validate(args) -> int:
+    if not args.estimate and (args.json or args.gpu or args.tflops is not None):
+        print("error: --json, --gpu and --tflops go with --estimate", file=sys.stderr)
+        return EXIT_USAGE
     cfg = _load_checked(args)
     if cfg is None:
         return EXIT_USAGE
-    print(f"{args.config or '<defaults>'}: OK")
+    if not args.estimate:
+        print(f"{args.config or '<defaults>'}: OK")
+        return 0
+    from raydpo.estimate import EstimateError, estimate, format_estimate
+
+    try:
+        est = estimate(cfg, gpu=args.gpu, tflops=args.tflops)
+    except EstimateError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    for w in est.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(est.to_json() if args.json else f"{args.config}: OK\n{format_estimate(est)}")
     return 0
 
 
@@ -236,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("validate", help="check a config (and that its data source and model exist); never starts Ray")
     _config_args(v, required=True)
+    v.add_argument("--estimate", action="store_true",
+                   help="also estimate the per-worker peak memory (by part) and the time of a DPO step")
+    v.add_argument("--json", action="store_true", help="with --estimate: one JSON line on stdout")
+    v.add_argument("--gpu", help="with --estimate: a GPU kind (memory and peak TFLOP/s from a table), e.g. A10G, H100-80GB")
+    v.add_argument("--tflops", type=float, help="with --estimate: the TFLOP/s to time a step at (overrides --gpu's)")
     v.set_defaults(fn=cmd_validate)
 
     d = sub.add_parser("data", help="data pipeline tools")

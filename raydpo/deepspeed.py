@@ -10,6 +10,9 @@ from typing import Any
 
 from raydpo.config import Config, TrainStageConfig
 
+# elements per ZeRO gradient bucket (the memory estimate counts these buckets on GPU)
+REDUCE_BUCKET_SIZE = 5e7
+
 
 def resolve_precision(cfg: Config, use_gpu: bool) -> str:
     """``auto`` means bf16 on GPU (what the QLoRA recipe trains in) and fp32 on CPU."""
@@ -33,10 +36,10 @@ def build_ds_config(cfg: Config, stage: TrainStageConfig, *, use_gpu: bool, worl
         "contiguous_gradients": True,
         # overlapping communication only pays off with a real interconnect
         "overlap_comm": bool(use_gpu),
-        "reduce_bucket_size": 5e7,
+        "reduce_bucket_size": REDUCE_BUCKET_SIZE,
     }
     if ds.stage >= 2:
-        zero["allgather_bucket_size"] = 5e7
+        zero["allgather_bucket_size"] = REDUCE_BUCKET_SIZE
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": bool(use_gpu)}
     if ds.stage == 3:
