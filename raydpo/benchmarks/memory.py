@@ -56,10 +56,6 @@ def row_config(shape, batch: int, max_length: int, quant: str, checkpointing: bo
         "data.max_length": max_length, "data.max_prompt_length": max_length // 2,
         "dpo.per_device_batch_size": batch, "dpo.gradient_accumulation_steps": 1,
         "scaling.num_workers": 1, "scaling.use_gpu": use_gpu, "deepspeed.stage": 2,
-        # gradient checkpointing recomputes a layer in the backward, outside `models.pair_logps`'s
-        # switch to the padding-free attention: the recomputation then differs (torch's checkpoint
-        # refuses it), so checkpointed rows use shared-prefix padded rows (a known bug, reported)
-        "dpo.padding_free": not checkpointing,
     }
     return Config().with_overrides(over)
 
@@ -110,7 +106,7 @@ def measure_one(spec: dict) -> dict:
     import torch
     import torch.distributed as dist
 
-    from raydpo.models import load_model
+    from raydpo.models import load_model, packed_attention
     from raydpo.train.loop import WorkerEnv, build_engine, dpo_forward
 
     use_gpu = torch.cuda.is_available()
@@ -131,8 +127,9 @@ def measure_one(spec: dict) -> dict:
         engine.train()
         out = []
         for _ in range(STEPS):
-            loss, _ = dpo_forward(engine, model, batch, c)
-            engine.backward(loss)
+            with packed_attention(engine, batch):  # as the loop: the backward recomputes checkpointed layers
+                loss, _ = dpo_forward(engine, model, batch, c)
+                engine.backward(loss)
             engine.step()
             out.append(float(loss))
         return out
