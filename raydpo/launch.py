@@ -104,6 +104,9 @@ def stage_datasets(cfg: Config, stage: Stage, base_path: str, tok_path: str, pro
         from raydpo.reference import reference_datasets
 
         return reference_datasets(cfg, base_path, tok_path, progress=progress)
+    if stage == "dpo" and not cfg.dpo.needs_reference:
+        progress(f"[dpo] loss {'+'.join(cfg.dpo.loss_types)} reads no reference: no reference pass and no "
+                 "reference forward in any step")
     from raydpo.data.pipeline import build_datasets
 
     return build_datasets(cfg, stage, tok_path)

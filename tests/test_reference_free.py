@@ -143,7 +143,9 @@ def test_no_reference_pass_for_reference_free_losses(monkeypatch):
 
     monkeypatch.setattr(raydpo.reference, "reference_datasets", boom)
     monkeypatch.setattr(raydpo.data.pipeline, "build_datasets", lambda cfg, stage, tok: ("train", "eval"))
-    for lt in ("simpo", "orpo", "[simpo, sft]"):
-        assert raydpo.launch.stage_datasets(_cfg(loss_type=lt), "dpo", "base", "tok") == ("train", "eval")
+    for lt, name in (("simpo", "simpo"), ("orpo", "orpo"), ("[simpo, sft]", "simpo+sft")):
+        lines = []
+        assert raydpo.launch.stage_datasets(_cfg(loss_type=lt), "dpo", "base", "tok", lines.append) == ("train", "eval")
+        assert lines == [f"[dpo] loss {name} reads no reference: no reference pass and no reference forward in any step"]
     with pytest.raises(AssertionError, match="reference pass"):
         raydpo.launch.stage_datasets(_cfg(loss_type="[sigmoid, sft]"), "dpo", "base", "tok")
