@@ -414,7 +414,7 @@ def replay_spill(uri: str, folder: Path, stage: str, progress=print) -> int:
     ``raydpo tracking replay`` when this fails."""
     from raydpo import tracking
 
-    spill = folder / f"mlflow_buffer_{stage}.jsonl"
+    spill = tracking.spill_path(folder, stage)
     if not spill.exists() or tracking.check_store(uri) is not None:
         return 0
     try:

@@ -99,7 +99,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from raydpo.config import Config
     from raydpo.data.ray_collate import DPOCollate, SFTCollate
     from raydpo.models import load_model, load_tokenizer
-    from raydpo.tracking import make_logger
+    from raydpo.tracking import make_logger, spill_path
     from raydpo.train.ingest import rank_batches
     from raydpo.train.loop import Hooks, env_from_torch, run_stage, set_torch_threads
     from raydpo.train.preempt import StopWatch
@@ -185,7 +185,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         raise RuntimeError(msg) from None
     finally:
         watch.close()
-        spill = str(Path(storage_dir) / f"mlflow_buffer_{stage}.jsonl") if storage_dir else None
+        spill = str(spill_path(storage_dir, stage)) if storage_dir else None
         if hasattr(logger, "close"):
             logger.close(timeout_s=10, spill_path=spill)
         if exporter is not None:
