@@ -19,9 +19,17 @@ def _config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
 
 
 def _print_errors(errors: list[tuple[str, str]], header: str = "config errors") -> None:
-    print(f"{header} ({len(errors)}):", file=sys.stderr)
+    from raydpo.console import echo
+
+    echo(f"{header} ({len(errors)}):", err=True)
     for path, msg in errors:
-        print(f"  {path}: {msg}", file=sys.stderr)
+        echo(f"  {path}: {msg}", err=True)
+
+
+def _verbose_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="print the workers' and libraries' output here too (it always goes to the run folder's "
+                        "raydpo.log)")
 
 
 def _load(args, extra: list[str] | None = None) -> Config:
@@ -102,37 +110,57 @@ def cmd_data_stats(args) -> int:
     return 0
 
 
-def guarded(fn, resume_hint: str | None = None) -> int:
+def guarded(fn, resume_hint: str | None = None, console=None) -> int:
     """Run a training command; what went wrong is one line on stderr, not a traceback.
 
     Setup problems (storage, tracking store, data too small, hub token, a changed config) exit 2
     before any training; a preemption exits 0 once its checkpoint is written, saying how to
-    resume; a failed stage exits 1 with its worker's message."""
+    resume; a failed stage exits 1 with its worker's message, after the end of the run's log
+    (``console``: `raydpo.console.Console`), which it names."""
     from raydpo import launch
     from raydpo.config import ConfigError
+    from raydpo.console import echo
+
+    def failed(line: str) -> None:
+        if console is not None and not console.verbose:
+            tail = console.tail()
+            if tail:
+                echo(f"-- the last {len(tail)} lines of {console.path} --", err=True)
+                for ln in tail:
+                    echo(f"  {ln}", err=True)
+        echo(line + (f" (full log: {console.path})" if console is not None else ""), err=True)
 
     try:
         return fn()
     except launch.SETUP_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        echo(f"error: {e}", err=True)
         return EXIT_USAGE
     except ConfigError as e:
         _print_errors(e.errors)
         return EXIT_USAGE
     except launch.Preempted as e:
-        print(f"raydpo: {e}" + (f": {resume_hint}" if resume_hint else ""), flush=True)
+        echo(f"raydpo: {e}" + (f": {resume_hint}" if resume_hint else ""))
         return 0
     except launch.WorkerOOM as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        failed(f"error: {e}")
         return 1
     except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume from the latest checkpoint", file=sys.stderr, flush=True)
+        echo("interrupted: rerun the same command to resume from the latest checkpoint", err=True)
         return 130
     except Exception as e:  # noqa: BLE001 - a stage failed: say why in one line
         if os.environ.get("RAYDPO_TRACEBACK"):
             raise
-        print(f"error: {launch.explain(e)} (RAYDPO_TRACEBACK=1 shows the traceback)", file=sys.stderr, flush=True)
+        failed(f"error: {launch.explain(e)} (RAYDPO_TRACEBACK=1 shows the traceback)")
         return 1
+
+
+def _with_console(cfg: Config, args, fn, resume_hint: str | None = None, bars: bool = True) -> int:
+    """``guarded(fn)`` with the run's console: raydpo's lines and a progress bar per stage on the
+    terminal, everything else in ``<run.storage_path>/<run.name>/raydpo.log``."""
+    from raydpo.console import Console, log_path
+
+    with Console(log_path(cfg.run.storage_path, cfg.run.name), verbose=args.verbose, bars=bars) as console:
+        return guarded(fn, resume_hint, console)
 
 
 def _command_line() -> str:
@@ -143,6 +171,7 @@ def _command_line() -> str:
 
 def _train(args, stage: str) -> int:
     from raydpo import launch, tracking
+    from raydpo.console import echo
 
     cfg = _load_checked(args)
     if cfg is None:
@@ -153,10 +182,10 @@ def _train(args, stage: str) -> int:
             results = list(launch.run_pipeline(cfg, restart=args.restart))
         else:
             results = [launch.fit_stage(cfg, stage, restart=args.restart)]
-        print(summary(results, tracking.resolve_tracking_uri(cfg.tracking)))
+        echo(summary(results, tracking.resolve_tracking_uri(cfg.tracking)))
         return 0
 
-    return guarded(run, f"`{_command_line()}`")
+    return _with_console(cfg, args, run, f"`{_command_line()}`")
 
 
 def cmd_tracking_replay(args) -> int:
@@ -188,16 +217,17 @@ def summary(results, uri: str) -> str:
 
 def _tune(cfg: Config, resume: bool) -> int:
     from raydpo import tracking
+    from raydpo.console import echo
     from raydpo.tune import format_table, run_tune
 
     rows, best = run_tune(cfg, resume=resume)
-    print("\n== raydpo tune ==")
-    print(format_table(rows, best))
+    echo("\n== raydpo tune ==")
+    echo(format_table(rows, best))
     uri = tracking.resolve_tracking_uri(cfg.tracking)
     if best is not None:
-        print(f"best: beta={best.beta:.4g} lr={best.lr:.3g} {cfg.tune.metric}="
-              f"{best.accuracy if 'acc' in cfg.tune.metric else best.margins:.4f} (MLflow run {best.run_id})")
-    print(f"MLflow: {uri}\n  view:  {tracking.ui_command(uri)}")
+        echo(f"best: beta={best.beta:.4g} lr={best.lr:.3g} {cfg.tune.metric}="
+             f"{best.accuracy if 'acc' in cfg.tune.metric else best.margins:.4f} (MLflow run {best.run_id})")
+    echo(f"MLflow: {uri}\n  view:  {tracking.ui_command(uri)}")
     return 0
 
 
@@ -205,11 +235,12 @@ def cmd_tune(args) -> int:
     cfg = _load_checked(args)
     if cfg is None:
         return EXIT_USAGE
-    return guarded(lambda: _tune(cfg, args.resume), "`raydpo tune ... --resume`")
+    return _with_console(cfg, args, lambda: _tune(cfg, args.resume), "`raydpo tune ... --resume`", bars=False)
 
 
 def cmd_demo(args) -> int:
     from raydpo import launch, tracking
+    from raydpo.console import echo
     from raydpo.presets import demo_config
 
     try:
@@ -217,20 +248,21 @@ def cmd_demo(args) -> int:
     except ConfigError as e:
         _print_errors(e.errors)
         return EXIT_USAGE
-    print(f"raydpo demo: tiny Llama + generated sample, SFT then DPO with {cfg.scaling.num_workers} workers, "
-          f"DeepSpeed ZeRO-{cfg.deepspeed.stage}, quantization={cfg.quantization.mode}, LoRA r={cfg.lora.r}", flush=True)
+    echo(f"raydpo demo: tiny Llama + generated sample, SFT then DPO with {cfg.scaling.num_workers} workers, "
+         f"DeepSpeed ZeRO-{cfg.deepspeed.stage}, quantization={cfg.quantization.mode}, LoRA r={cfg.lora.r}")
+
     def run() -> int:
         if args.tune:
-            print(f"then a Tune search of {cfg.tune.num_samples} trials over beta and lr (ASHA, shared reference "
-                  "log-probs)", flush=True)
+            echo(f"then a Tune search of {cfg.tune.num_samples} trials over beta and lr (ASHA, shared reference "
+                 "log-probs)")
             sft = launch.fit_stage(cfg, "sft")
-            print(summary([sft], tracking.resolve_tracking_uri(cfg.tracking)))
+            echo(summary([sft], tracking.resolve_tracking_uri(cfg.tracking)))
             return _tune(cfg.with_overrides({"dpo.sft_adapter": sft.adapter_path}), resume=False)
         results = list(launch.run_pipeline(cfg))
-        print(summary(results, tracking.resolve_tracking_uri(cfg.tracking)))
+        echo(summary(results, tracking.resolve_tracking_uri(cfg.tracking)))
         return 0
 
-    return guarded(run)
+    return _with_console(cfg, args, run, bars=not args.tune)
 
 
 def cmd_export(args) -> int:
@@ -272,17 +304,20 @@ def build_parser() -> argparse.ArgumentParser:
         _config_args(t, required=True)
         t.add_argument("--restart", action="store_true",
                        help="start over even if run.name has checkpoints (the old run folder is kept aside)")
+        _verbose_arg(t)
         t.set_defaults(fn=lambda a, n=name: _train(a, n))
 
     tu = sub.add_parser("tune", help="Ray Tune search over DPO beta and lr (set dpo.sft_adapter to start from SFT)")
     _config_args(tu, required=True)
     tu.add_argument("--resume", action="store_true", help="continue an interrupted search (same run.name)")
+    _verbose_arg(tu)
     tu.set_defaults(fn=cmd_tune)
 
     dm = sub.add_parser("demo", help="tiny Llama + generated data: SFT then DPO on a local Ray, tracked in MLflow")
     dm.add_argument("--quick", action="store_true", help="a much shorter run (for tests)")
     dm.add_argument("--tune", action="store_true", help="SFT, then a Tune search over DPO beta and lr")
     dm.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _verbose_arg(dm)
     dm.set_defaults(fn=cmd_demo)
 
     from raydpo.submit import add_parsers as add_submit_parsers

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from raydpo.config import Config
+from raydpo.console import echo
 from raydpo.data.sources import DataSourceError
 
 Stage = Literal["sft", "dpo"]
@@ -96,7 +97,7 @@ def merged_sft_base(cfg: Config, sft_adapter: str, base_path: str) -> str:
     return str(out)
 
 
-def stage_datasets(cfg: Config, stage: Stage, base_path: str, tok_path: str, progress=print):
+def stage_datasets(cfg: Config, stage: Stage, base_path: str, tok_path: str, progress=echo):
     """(train, eval) lazy Ray datasets of a stage: tokenized pairs, with the reference log-prob
     columns (computed once, `raydpo.reference`) when DPO uses ``dpo.reference=precomputed`` and a
     loss that reads a reference (`DPOConfig.precomputed_reference`: none for simpo, orpo, sft)."""
@@ -237,7 +238,7 @@ def fit_stage(
     base: tuple[str, str] | None = None,
     datasets: tuple[Any, Any] | None = None,
     restart: bool = False,
-    progress=print,
+    progress=echo,
 ) -> StageResult:
     """Run one stage as a Ray Train job and track it in MLflow. Returns where the adapter is.
 
@@ -407,7 +408,7 @@ def fit_stage(
                        elapsed_s=time.perf_counter() - t0, history=history)
 
 
-def replay_spill(uri: str, folder: Path, stage: str, progress=print) -> int:
+def replay_spill(uri: str, folder: Path, stage: str, progress=echo) -> int:
     """Metrics the workers could not send (the store was down when they closed) wait in
     ``mlflow_buffer_<stage>.jsonl``; when the store is back by the time the driver gets here, send
     them now, so the user needs no replay command. Never raises: the file stays for
@@ -420,8 +421,8 @@ def replay_spill(uri: str, folder: Path, stage: str, progress=print) -> int:
     try:
         n = tracking.replay_buffer(str(spill), uri)
     except Exception as e:  # noqa: BLE001 - the stage's own outcome matters more
-        print(f"warning: could not replay {spill} ({e.__class__.__name__}); later: "
-              f"{tracking.REPLAY_COMMAND} {spill}", flush=True)
+        echo(f"warning: could not replay {spill} ({e.__class__.__name__}); later: "
+             f"{tracking.REPLAY_COMMAND} {spill}")
         return 0
     progress(f"[{stage}] MLflow store reachable again: sent the {n} metric points buffered during the outage")
     return n
@@ -434,7 +435,7 @@ def _end_quietly(uri: str, run_id: str, status: str) -> None:
     try:
         tracking.end_run(uri, run_id, status)
     except Exception as e:  # noqa: BLE001 - the original error matters more
-        print(f"warning: could not mark MLflow run {run_id} {status}: {e.__class__.__name__}", flush=True)
+        echo(f"warning: could not mark MLflow run {run_id} {status}: {e.__class__.__name__}")
 
 
 class StorageError(RuntimeError):
@@ -462,7 +463,7 @@ class HubAccessError(RuntimeError):
 SETUP_ERRORS = (StorageError, TrackingError, DataError, DataSourceError, HubAccessError, ResumeConfigError)
 
 
-def run_pipeline(cfg: Config, progress=print, restart: bool = False) -> tuple[StageResult, StageResult]:
+def run_pipeline(cfg: Config, progress=echo, restart: bool = False) -> tuple[StageResult, StageResult]:
     """SFT, then DPO from the SFT result with the SFT model as the reference. Rerun after a
     failure, a finished SFT is reused and DPO resumes from its latest checkpoint."""
     sft = fit_stage(cfg, "sft", progress=progress, restart=restart)

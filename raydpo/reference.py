@@ -27,6 +27,7 @@ import warnings
 from pathlib import Path
 
 from raydpo.config import BUILTIN_SOURCE, Config
+from raydpo.console import echo
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 SPLITS = ("train", "eval")
@@ -194,7 +195,7 @@ def inference_actors(cfg: Config) -> int:
     return max(1, int((res.get("CPU", 1.0) - s.data_cpus) // max(s.cpus_per_worker, 0.5)))
 
 
-def reference_datasets(cfg: Config, base_path: str, tok_path: str, progress=print):
+def reference_datasets(cfg: Config, base_path: str, tok_path: str, progress=echo):
     """(train, eval) DPO datasets with reference log-prob columns, computed at most once per
     (reference, tokenizer, data) content and stored as parquet under the run storage. An empty
     split is None (with a warning for eval; an empty train split is an error)."""

@@ -504,9 +504,9 @@ def spill_path(folder: str | Path, stage: str) -> Path:
 
 
 def _warn(line: str) -> None:
-    import sys
+    from raydpo.console import echo
 
-    print(line, file=sys.stderr, flush=True)
+    echo(line, err=True)
 
 
 def _short(e: BaseException, limit: int = 200) -> str:

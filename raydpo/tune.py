@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from raydpo.config import Config, SearchSpace
+from raydpo.console import echo
 
 BEST_TAG = "raydpo.best_trial"
 
@@ -79,7 +80,7 @@ class TrialRow:
     run_id: str | None = None
 
 
-def run_tune(cfg: Config, *, resume: bool = False, progress=print) -> tuple[list[TrialRow], TrialRow | None]:
+def run_tune(cfg: Config, *, resume: bool = False, progress=echo) -> tuple[list[TrialRow], TrialRow | None]:
     from functools import partial
 
     from ray import tune

@@ -75,8 +75,9 @@ class Suite:
     # -- running the CLI -------------------------------------------------------------------
     def cli(self, name: str, *extra: str, env: dict | None = None, timeout: float = 900, on_line=None,
             command: str = "dpo"):
-        cmd = [sys.executable, "-m", "raydpo.cli", command, "--config", str(self.config), "--set", f"run.name={name}",
-               *extra]
+        cmd = [sys.executable, "-m", "raydpo.cli", command, "--verbose", "--config", str(self.config),
+               "--set", f"run.name={name}", *extra]  # --verbose: the rows read Ray's own lines too
+
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, cwd=self.work, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, start_new_session=True)

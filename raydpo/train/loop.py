@@ -27,6 +27,7 @@ from raydpo import losses
 from raydpo.config import Config, TrainStageConfig
 from raydpo.data.collate import pair_tokens
 from raydpo.deepspeed import build_ds_config
+from raydpo.train.progress import format_progress
 from raydpo.models import packed_attention, pair_logps, reference_disabled
 from raydpo.train import generate
 from raydpo.train.faults import Faults
@@ -386,7 +387,7 @@ def run_stage(stage: Stage, cfg: Config, model, tokenizer, env: WorkerEnv, hooks
             metrics["step"] = float(step)
             history.append(metrics)
             hooks.log({k: v for k, v in metrics.items() if k != "step"}, step)
-            hooks.progress(_progress_line(stage, step, stage_cfg.max_steps, metrics))
+            hooks.progress(format_progress(stage, step, stage_cfg.max_steps, metrics))
         if save or metrics:
             ckpt = None
             if save:
@@ -443,13 +444,6 @@ def sanity_check(m: dict[str, float], cfg: Config) -> None:
             "merged into the base?), precomputed reference log-probs come from another model or tokenizer, or "
             "dropout/precision differs between the two passes. Set dpo.sanity_check=false to run anyway."
         )
-
-
-def _progress_line(stage: str, step: int, total: int, m: dict[str, float]) -> str:
-    keys = ["train/loss", "train/rewards/accuracies", "train/rewards/margins", "eval/loss",
-            "eval/rewards/accuracies", "eval/rewards/margins", "train/tokens_per_s"]
-    parts = [f"{k.split('/', 1)[0][0]}:{k.split('/', 1)[1]}={m[k]:.4g}" for k in keys if k in m]
-    return f"[{stage}] step {step}/{total} " + " ".join(parts)
 
 
 # -- checkpoints ---------------------------------------------------------------------------

@@ -73,6 +73,28 @@ def test_demo_cli_runs_sft_then_dpo_and_tracks_both(demo_run):
     assert all(set(r) == set(tracking.GENERATION_COLUMNS) and r["prompt"].startswith("Question: ") for r in rows)
 
 
+CHATTER = ("TrainingReport", "Setting accelerator", "shm_comm_op", "Warning", "WARNING", "RayTrainWorker pid=",
+           "core_worker", "Loading weights", "Writing model shards", "Progress bars disabled")
+
+
+def test_demo_console_shows_raydpo_lines_and_progress_and_logs_the_rest(demo_run):
+    """`raydpo demo --quick` as a person reads it: raydpo's own lines and one progress line per
+    logging step with its ETA; the workers' and libraries' chatter only in the run folder's log."""
+    demo_run.check()
+    shown = demo_run.stdout + demo_run.stderr
+    assert [c for c in CHATTER if c in shown] == []
+    assert demo_run.stderr.strip() == ""
+    for stage in ("sft", "dpo"):
+        steps = [ln for ln in demo_run.stdout.splitlines() if ln.startswith(f"[{stage}] step ")]
+        assert [ln.split()[2] for ln in steps] == ["1/6", "3/6", "6/6"], steps  # once each, in order
+        assert " eta " in steps[1] and " done in " in steps[-1]
+    logs = list((demo_run.workdir / "runs").glob("demo-*/raydpo.log"))
+    assert len(logs) == 1 and f"log: {logs[0]}" in demo_run.stdout
+    log = logs[0].read_text()
+    assert "TrainingReport" in log and "(RayTrainWorker pid=" in log  # routed, not lost
+    assert "[dpo] step 6/6" in log
+
+
 def _assert_checkpoint(path, step, stage):
     p = Path(path)
     assert (p / "adapter" / "adapter_config.json").exists()
