@@ -236,7 +236,7 @@ def reference_datasets(cfg: Config, base_path: str, tok_path: str, progress=echo
         progress(f"[reference] reusing reference log-probs in {root} (same reference, tokenizer and data)")
     if marker["rows"]["train"] == 0:
         raise RuntimeError("no training pairs: the train split is empty (check data.source and data.eval_fraction)")
-    read = {"ray_remote_args": {"num_cpus": cfg.data.tokenize_num_cpus}}
+    read = {"num_cpus": cfg.data.tokenize_num_cpus}  # (ray_remote_args is deprecated in Ray 2.60)
     train_ds = ray.data.read_parquet(str(root / "train"), **read)
     if marker["rows"]["eval"] == 0:
         warnings.warn("the eval split is empty: DPO trains without evaluation (raise data.eval_fraction to get one)",
