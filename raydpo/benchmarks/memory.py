@@ -9,7 +9,9 @@ on load, LoRA r8 on q/v), wrapped by the loop's DeepSpeed engine (`raydpo.train.
 one gloo rank, ZeRO-2, fp32 on CPU) and trained for `STEPS` DPO steps (`dpo_forward`, backward,
 step) on pairs at the estimate's worst case (a 1-token prompt, two responses of ``L - 1`` tokens),
 collated as the loop collates them (shared prefix, padding-free, completion-only logits,
-precomputed reference log-probs).
+precomputed reference log-probs). `run_row(..., loop=True)` runs the steps through the training
+loop itself instead (`_loop_steps`: `run_stage`, real reference log-probs, so step 0 is ln 2); the
+Llama-2-7B layer test (``tests/integration/test_7b_shape.py``) measures that way.
 
 How it measures. CPU: the resident-set high-water mark, ``VmHWM`` of ``/proc/self/status``, reset
 (``echo 5 > /proc/self/clear_refs``) after the imports and the gloo group, and taken relative to
