@@ -21,7 +21,8 @@ reading and `raydpo.data.tokenize.tokenize_dpo`, for `raydpo.benchmarks.trl_peer
 ``report`` reads ``raydpo.log`` (the standalone run's metric lines) and ``trl.json`` and prints one
 line per system: tokens/s (steady state, step 1 excluded; a pair counts its prompt once per
 response, as TRL feeds it: `raydpo.data.collate.pair_tokens`), pairs/s, seconds per step, MFU, peak memory and
-``error_pct = 100·(estimate - measured)/measured``. MFU is model FLOPs utilisation with the one
+``error_pct = 100·(estimate - measured)/measured`` (raydpo's row: the estimate models raydpo's
+step, not TRL's padded bf16-autocast one). MFU is model FLOPs utilisation with the one
 FLOPs formula `raydpo.estimate.step_flops` of this config, for both systems (the same pairs per
 step: the useful work, whatever each computes to do it), over the GPU's dense bf16 peak
 (`raydpo.estimate.GPUS`, or ``--tflops``). Peak memory: ``torch.cuda.max_memory_allocated`` of the
@@ -190,7 +191,7 @@ def _peak_tflops(tflops: float | None) -> tuple[float | None, str]:
 def report(out: Path, tflops: float | None) -> list[dict]:
     from raydpo.benchmarks.peer import steady_state
     from raydpo.config import load_config
-    from raydpo.estimate import CUDA_CONTEXT_GIB, GIB, estimate, model_shape, step_flops
+    from raydpo.estimate import CUDA_CONTEXT_GIB, estimate, model_shape, step_flops
 
     cfg = load_config(out / "gpu_check.yaml")
     shape, _ = model_shape(cfg)
@@ -219,16 +220,21 @@ def report(out: Path, tflops: float | None) -> list[dict]:
         w = t["window"]
         rows.append({"system": f"TRL {t['trl_version']} DPOTrainer (precompute_ref_log_probs)",
                      "tokens_per_s": t["tokens_per_s"], "pairs_per_s": t["pairs_per_s"],
-                     "same_tokens": t["rows_identical"], "step_s": w["seconds"] / max(1, w["last_step"] - w["first_step"]),
-                     "peak_gib": t.get("cuda_peak_gib"), "losses": [x["loss"] for x in t["losses"]]})
+                     "same_tokens": t["rows_identical"],
+                     "step_s": w["seconds"] / max(1, w["last_step"] - w["first_step"]),
+                     "peak_gib": t.get("cuda_peak_gib"), "losses": [x["loss"] for x in t["losses"]],
+                     # the estimate models raydpo's step (layout, logits, precision), not TRL's
+                     "estimated": False})
     for r in rows:
         r["mfu"] = flops / r["step_s"] / (rate * 1e12) if rate else None
         r["estimate_gib"] = est_gib
-        r["error_pct"] = 100 * (est_gib - r["peak_gib"]) / r["peak_gib"] if r["peak_gib"] else None
+        r["error_pct"] = (100 * (est_gib - r["peak_gib"]) / r["peak_gib"]
+                          if r["peak_gib"] and r.get("estimated", True) else None)
         mfu = f"{100 * r['mfu']:.3g}%" if r["mfu"] is not None else f"n/a ({rate_src})"
         mem = (f"{r['peak_gib']:.2f} GiB (torch.cuda.max_memory_allocated)" if r["peak_gib"] else
                "n/a (no CUDA allocator)")
-        err = f"{r['error_pct']:+.1f}" if r["error_pct"] is not None else "n/a"
+        err = (f"{r['error_pct']:+.1f}" if r["error_pct"] is not None
+               else "n/a" if r.get("estimated", True) else "n/a (the estimate is of raydpo's step)")
         print(f"{RESULT_PREFIX}{r['system']}: tokens/s {r['tokens_per_s']:.1f} (pairs/s {r['pairs_per_s']:.3g}, "
               f"fed the prepared ids: {'yes' if r['same_tokens'] else 'NO'}), step {r['step_s']:.3f} s, MFU {mfu}, "
               f"peak memory {mem}, estimate {est_gib:.3f} GiB, error_pct {err}", flush=True)

@@ -562,7 +562,8 @@ def load_state(engine, ckpt_dir: str, rank: int = 0) -> dict[str, Any]:
         load_optimizer_states=True, load_lr_scheduler_states=True,
     )
     if client is None:
-        raise CheckpointError(f"could not load the engine state from {ckpt_dir} (DeepSpeed and plain, deepspeed.enabled=false, checkpoints do not resume each other)")
+        raise CheckpointError(f"could not load the engine state from {ckpt_dir} (a DeepSpeed checkpoint and a plain "
+                              "one, deepspeed.enabled=false, do not resume each other)")
     rng = Path(ckpt_dir) / RNG_FILE.format(rank=rank)
     if rng.exists():
         _set_rng_state(torch.load(rng, weights_only=False))
