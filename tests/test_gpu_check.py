@@ -50,3 +50,32 @@ def test_a_run_that_trained_other_tokens_than_the_prepared_ones_is_flagged(tmp_p
     _setup(tmp_path, tokens_per_pair=1500)
     (row,) = report(tmp_path, tflops=989.0)
     assert not row["same_tokens"] and "fed the prepared ids: NO" in capsys.readouterr().out
+
+
+def test_the_standalone_path_needs_no_deepspeed_ray_or_mlflow(tmp_path):
+    """On a host without them (each import blocked): the standalone runner and the loop import, and
+    ``deepspeed.enabled: false`` builds an engine that trains a step."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+for m in ("deepspeed", "ray", "mlflow"):
+    sys.modules[m] = None
+import torch
+import raydpo.train.standalone
+from raydpo.config import Config
+from raydpo.train.loop import WorkerEnv, build_engine
+net = torch.nn.Linear(4, 1)
+cfg = Config().with_overrides({"deepspeed.enabled": False, "dpo.gradient_accumulation_steps": 1})
+engine, opt, sched = build_engine(net, cfg, cfg.dpo, WorkerEnv(0, 1, torch.device("cpu"), False))
+before = net.weight.detach().clone()
+engine.backward(engine(torch.ones(2, 4)).sum())
+engine.step()
+assert not torch.equal(before, net.weight) and engine.global_steps == 1
+loaded = [m for m in ("deepspeed", "ray", "mlflow") if sys.modules.get(m) is not None]
+print("ok", loaded)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "ok []"

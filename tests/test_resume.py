@@ -119,10 +119,11 @@ def test_a_damaged_or_half_written_checkpoint_is_refused(setup, tmp_path):
         verify_checkpoint(ck)
 
 
-@pytest.mark.parametrize("zero", [0, 2])  # ZeRO's own overflow skip, and the loop's without ZeRO
+# ZeRO's own overflow skip, and the loop's without ZeRO (DeepSpeed stage 0, and no DeepSpeed at all)
+@pytest.mark.parametrize("zero", [0, 2, "plain"])
 def test_a_non_finite_step_consumes_its_batch_without_any_update(setup, tmp_path, zero):
     # NaN on the last micro-batch of step 2: step 2's first micro-batch was already backpropagated
-    z = {"deepspeed.stage": zero}
+    z = {"deepspeed.enabled": False} if zero == "plain" else {"deepspeed.stage": zero}
     _, nan_lora, _, nan_log = _run(setup, tmp_path / "nan", faults="nan@2", overrides={"dpo.max_steps": 2, **z})
     _, one_lora, _, one_log = _run(setup, tmp_path / "one", overrides={"dpo.max_steps": 1, **z})
     for k in one_lora:  # weights after the skipped step 2 are those after step 1
@@ -225,3 +226,23 @@ def test_the_plain_engine_backward_gives_deepspeeds_gradients(setup):
     assert all(float(g.abs().sum()) > 0 for g in grads[False].values())
     for n in grads[True]:
         torch.testing.assert_close(grads[False][n], grads[True][n], rtol=1e-5, atol=1e-7)
+
+
+def test_the_plain_engine_drops_a_step_whose_gradients_are_not_finite():
+    """A finite loss with non-finite gradients (ZeRO's overflow case): no update, no scheduler step."""
+    from raydpo.train.loop import build_engine
+
+    net = torch.nn.Linear(3, 1)
+    cfg = Config().with_overrides({"deepspeed.enabled": False, "dpo.gradient_accumulation_steps": 1,
+                                   "dpo.warmup_steps": 2})
+    engine, _, sched = build_engine(net, cfg, cfg.dpo, WorkerEnv(0, 1, torch.device("cpu"), False))
+    before, lr = net.weight.detach().clone(), sched.get_last_lr()[0]
+    hook = net.weight.register_hook(lambda g: g * float("nan"))
+    engine.backward(engine(torch.ones(2, 3)).sum())
+    engine.step()
+    assert engine.skipped_steps == 1 and torch.equal(net.weight, before) and sched.get_last_lr()[0] == lr
+    assert net.weight.grad is None  # cleared: the next step starts clean
+    hook.remove()
+    engine.backward(engine(torch.ones(2, 3)).sum())
+    engine.step()
+    assert engine.skipped_steps == 1 and not torch.equal(net.weight, before) and sched.get_last_lr()[0] > lr

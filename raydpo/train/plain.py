@@ -4,11 +4,11 @@ LR scheduler around the PEFT model, DDP when the world size is above 1.
 It offers the few engine calls the loop makes (call, ``backward``, ``step``, ``train``/``eval``,
 ``save_checkpoint``/``load_checkpoint``, ``module``, ``micro_steps``) with DeepSpeed's semantics,
 so `raydpo.train.loop` runs the same code either way and the two give the same numbers
-(``tests/test_plain_engine.py``): ``backward`` divides the loss by the accumulation steps (as
+(``tests/test_resume.py``): ``backward`` divides the loss by the accumulation steps (as
 DeepSpeed's ``scale_wrt_gas``); ``step`` updates only at the accumulation boundary, clipping the
 global gradient norm to ``max_grad_norm`` first, then steps the scheduler. No ZeRO: every rank
 holds all optimizer states (LoRA's are small). Nothing here imports DeepSpeed, so a host without
-it runs the standalone path (``tests/integration/test_gpu_check.py``).
+it runs the standalone path (``tests/test_gpu_check.py``).
 
 Checkpoint: under the loop's ``deepspeed/`` folder, ``state/plain_r{rank}.pt`` holds the
 trainable weights, optimizer, scheduler and the client state; the adapter folder beside it is
@@ -79,10 +79,16 @@ class PlainEngine:
         (loss / self.accum if self.accum > 1 else loss).backward()
 
     def step(self) -> None:
+        """At the accumulation boundary: clip, then optimizer and scheduler step; a non-finite
+        gradient norm (the same on every rank: DDP averaged the gradients) drops the step as ZeRO
+        does, gradients cleared, weights, optimizer and scheduler untouched (``skipped_steps``)."""
         if self.is_boundary():
-            torch.nn.utils.clip_grad_norm_(self._params, self.max_grad_norm)
-            self.optimizer.step()
-            self.lr_scheduler.step()
+            norm = torch.nn.utils.clip_grad_norm_(self._params, self.max_grad_norm)
+            if torch.isfinite(norm):
+                self.optimizer.step()
+                self.lr_scheduler.step()
+            else:
+                self.skipped_steps += 1
             self.optimizer.zero_grad(set_to_none=True)
             self.global_steps += 1
         self.micro_steps += 1
