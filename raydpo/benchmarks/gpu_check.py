@@ -26,7 +26,7 @@ step, not TRL's padded bf16-autocast one). MFU is model FLOPs utilisation with t
 FLOPs formula `raydpo.estimate.step_flops` of this config, for both systems (the same pairs per
 step: the useful work, whatever each computes to do it), over the GPU's dense bf16 peak
 (`raydpo.estimate.GPUS`, or ``--tflops``). Peak memory: ``torch.cuda.max_memory_allocated`` of the
-whole run (model load and reference pass included), against the estimate less the CUDA context
+training steps (both reset it after model load and reference pass), against the estimate less the CUDA context
 (outside the allocator). On the CPU (``--smoke``) there is no allocator statistic: peak memory
 and error_pct print as n/a.
 """

@@ -137,7 +137,8 @@ def run_trl(model_dir: str, pairs: list[dict], *, fastest: bool, steps: int, bat
     ``device="cuda"``, ``quant="4bit"`` (raydpo's own `raydpo.models.bnb_config`: NF4, no double
     quant, compute in bf16 when ``bf16``), ``bf16=True`` (TRL's autocast, bf16 weights) and
     ``gradient_checkpointing=True`` beside the precomputed reference; ``cuda_peak_gib`` is then
-    ``torch.cuda.max_memory_allocated`` of the process.
+    ``torch.cuda.max_memory_allocated`` of the training (reset after the trainer is built: model load
+    and reference precompute left out).
 
     Returns ``pairs_per_s``/``tokens_per_s`` (steady state: between the first and the last logged
     step, the first logged step being step 1, so the start-up before it is excluded), ``e2e_s``
@@ -260,6 +261,8 @@ def run_trl(model_dir: str, pairs: list[dict], *, fastest: bool, steps: int, bat
     trainer = PreTokenizedDPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                                      peft_config=peft_config, callbacks=[timer])
     t_built = time.perf_counter()
+    if device != "cpu":  # the training's peak, not the load's or the reference precompute's
+        torch.cuda.reset_peak_memory_stats()
     trainer.train()
     t_trained = time.perf_counter()
     trainer.save_model(str(out / "adapter"))
