@@ -119,10 +119,11 @@ def test_a_damaged_or_half_written_checkpoint_is_refused(setup, tmp_path):
         verify_checkpoint(ck)
 
 
-@pytest.mark.parametrize("zero", [0, 2])  # ZeRO's own overflow skip, and the loop's without ZeRO
+# ZeRO's own overflow skip, and the loop's without ZeRO (DeepSpeed stage 0, and no DeepSpeed at all)
+@pytest.mark.parametrize("zero", [0, 2, "plain"])
 def test_a_non_finite_step_consumes_its_batch_without_any_update(setup, tmp_path, zero):
     # NaN on the last micro-batch of step 2: step 2's first micro-batch was already backpropagated
-    z = {"deepspeed.stage": zero}
+    z = {"deepspeed.enabled": False} if zero == "plain" else {"deepspeed.stage": zero}
     _, nan_lora, _, nan_log = _run(setup, tmp_path / "nan", faults="nan@2", overrides={"dpo.max_steps": 2, **z})
     _, one_lora, _, one_log = _run(setup, tmp_path / "one", overrides={"dpo.max_steps": 1, **z})
     for k in one_lora:  # weights after the skipped step 2 are those after step 1
@@ -165,3 +166,83 @@ def test_gradient_checkpointing_trains_padding_free_rows_like_the_plain_backward
         assert ckpt_log[step]["train/loss"] == pytest.approx(plain_log[step]["train/loss"], rel=1e-4, abs=1e-5)
     for k in plain_lora:
         torch.testing.assert_close(ckpt_lora[k], plain_lora[k], rtol=1e-4, atol=1e-5)
+
+
+def test_the_plain_engine_without_deepspeed_gives_deepspeeds_losses_and_weights(setup, tmp_path):
+    """``deepspeed.enabled: false`` (the GPU check's host has no DeepSpeed) is the fast-to-install
+    path, not another training: the same losses, metrics, learning rates and LoRA weights as the
+    DeepSpeed ZeRO-2 engine, step by step (accumulation 2, clipping, LoRA dropout on), and its
+    checkpoint resumes it exactly."""
+    over = {"dpo.max_steps": 3, "dpo.save_every": 3, "dpo.max_grad_norm": 0.05}  # a norm that clips
+    ds, ds_lora, _, ds_log = _run(setup, tmp_path / "ds", overrides=over)
+    pl, pl_lora, pl_saved, pl_log = _run(setup, tmp_path / "pl", overrides={**over, "deepspeed.enabled": False})
+    assert ds.step == pl.step == 3 and sorted(pl_log) == [1, 2, 3]
+    for step in (1, 2, 3):
+        for key in ("train/loss", "train/rewards/margins", "train/logps/chosen", "train/lr"):
+            assert pl_log[step][key] == pytest.approx(ds_log[step][key], rel=1e-5, abs=1e-6), (step, key)
+    assert pl_log[1]["train/loss"] == pytest.approx(np.log(2), abs=1e-6)
+    assert pl_log[3]["train/loss"] != pytest.approx(pl_log[1]["train/loss"], abs=1e-4)  # it did train
+    for k in ds_lora:
+        torch.testing.assert_close(pl_lora[k], ds_lora[k], rtol=1e-5, atol=1e-6)
+    assert (pl_saved[3] / "adapter" / "adapter_model.safetensors").exists()  # the same adapter folder
+    # a plain checkpoint resumes a plain run: from step 1 on it ends where the uninterrupted one did
+    _, _, cut_saved, _ = _run(setup, tmp_path / "cut", stop_after=1,
+                              overrides={**over, "deepspeed.enabled": False})
+    _, res_lora, _, res_log = _run(setup, tmp_path / "res", resume_dir=str(cut_saved[1]),
+                                   overrides={**over, "deepspeed.enabled": False})
+    assert sorted(res_log) == [2, 3]
+    for k in pl_lora:
+        torch.testing.assert_close(res_lora[k], pl_lora[k], rtol=1e-5, atol=1e-6)
+
+
+def test_the_plain_engine_backward_gives_deepspeeds_gradients(setup):
+    """One micro-batch's gradients of every LoRA weight, plain torch against DeepSpeed ZeRO-2
+    (DeepSpeed keeps them in its own partitioned buffers: read back with ``safe_get_full_grad``)."""
+    from deepspeed.utils import safe_get_full_grad
+
+    from raydpo.models import packed_attention
+    from raydpo.train.loop import build_engine, dpo_forward
+
+    cfg, path, tok, cols = setup
+    cfg = cfg.with_overrides({"dpo.gradient_accumulation_steps": 1, "lora.dropout": 0.0})
+    batch = collate_dpo({k: v[:2] for k, v in cols.items()}, tok.pad_token_id, share_prefix=True, pack=True)
+    grads = {}
+    for enabled in (True, False):
+        c = cfg.with_overrides({"deepspeed.enabled": enabled})
+        torch.manual_seed(0)
+        model = load_model(c.model, c.quantization, c.lora, base_path=path)
+        with torch.no_grad():  # a non-zero lora_B, so that lora_A's gradient is not zero too
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.randn_like(p) * 0.01)
+        engine, _, _ = build_engine(model, c, c.dpo, WorkerEnv(0, 1, torch.device("cpu"), False))
+        engine.train()
+        with packed_attention(engine, batch):
+            loss, _ = dpo_forward(engine, model, batch, c)
+            engine.backward(loss)
+        get = safe_get_full_grad if enabled else (lambda p: p.grad)
+        grads[enabled] = {n: get(p).clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert set(grads[True]) == set(grads[False]) and len(grads[True]) == 2 * 2 * setup[0].model.tiny.num_hidden_layers
+    assert all(float(g.abs().sum()) > 0 for g in grads[False].values())
+    for n in grads[True]:
+        torch.testing.assert_close(grads[False][n], grads[True][n], rtol=1e-5, atol=1e-7)
+
+
+def test_the_plain_engine_drops_a_step_whose_gradients_are_not_finite():
+    """A finite loss with non-finite gradients (ZeRO's overflow case): no update, no scheduler step."""
+    from raydpo.train.loop import build_engine
+
+    net = torch.nn.Linear(3, 1)
+    cfg = Config().with_overrides({"deepspeed.enabled": False, "dpo.gradient_accumulation_steps": 1,
+                                   "dpo.warmup_steps": 2})
+    engine, _, sched = build_engine(net, cfg, cfg.dpo, WorkerEnv(0, 1, torch.device("cpu"), False))
+    before, lr = net.weight.detach().clone(), sched.get_last_lr()[0]
+    hook = net.weight.register_hook(lambda g: g * float("nan"))
+    engine.backward(engine(torch.ones(2, 3)).sum())
+    engine.step()
+    assert engine.skipped_steps == 1 and torch.equal(net.weight, before) and sched.get_last_lr()[0] == lr
+    assert net.weight.grad is None  # cleared: the next step starts clean
+    hook.remove()
+    engine.backward(engine(torch.ones(2, 3)).sum())
+    engine.step()
+    assert engine.skipped_steps == 1 and not torch.equal(net.weight, before) and sched.get_last_lr()[0] > lr

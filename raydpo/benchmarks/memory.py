@@ -9,7 +9,9 @@ on load, LoRA r8 on q/v), wrapped by the loop's DeepSpeed engine (`raydpo.train.
 one gloo rank, ZeRO-2, fp32 on CPU) and trained for `STEPS` DPO steps (`dpo_forward`, backward,
 step) on pairs at the estimate's worst case (a 1-token prompt, two responses of ``L - 1`` tokens),
 collated as the loop collates them (shared prefix, padding-free, completion-only logits,
-precomputed reference log-probs).
+precomputed reference log-probs). `run_row(..., loop=True)` runs the steps through the training
+loop itself instead (`_loop_steps`: `run_stage`, real reference log-probs, so step 0 is ln 2); the
+Llama-2-7B layer test (``tests/integration/test_7b_shape.py``) measures that way.
 
 How it measures. CPU: the resident-set high-water mark, ``VmHWM`` of ``/proc/self/status``, reset
 (``echo 5 > /proc/self/clear_refs``) after the imports and the gloo group, and taken relative to
@@ -68,7 +70,9 @@ def _status(key: str) -> int:
     raise KeyError(key)
 
 
-def _build_folder(cfg: Config, out: str) -> None:
+def _build_folder(cfg: Config, out: str, tokenizer_from: Config | None = None) -> None:
+    """A random-init Llama of ``cfg.model.tiny``'s shape (seeded) saved to ``out``; with
+    ``tokenizer_from``, that config's tiny tokenizer beside it (the loop's checkpoint saves one)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -79,26 +83,81 @@ def _build_folder(cfg: Config, out: str) -> None:
                          bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(out)
+    if tokenizer_from is not None:
+        from raydpo.models import load_tokenizer, resolve_model_path
+
+        tok = load_tokenizer(resolve_model_path(tokenizer_from.model))
+        if tok.pad_token_id != config.pad_token_id or len(tok) > t.vocab_size:
+            raise ValueError(f"the tiny tokenizer ({len(tok)} ids, pad {tok.pad_token_id}) does not fit the shape "
+                             f"(vocab {t.vocab_size}, pad {config.pad_token_id})")
+        tok.save_pretrained(out)
 
 
-def _batch(cfg: Config, pad_id: int = 3):
-    """B pairs at the estimate's worst case: a 1-token prompt, responses of L - 1 tokens."""
+def _raw(cfg: Config, id_high: int | None = None) -> dict:
+    """B pairs at the estimate's worst case: a 1-token prompt, responses of L - 1 tokens; ids drawn
+    from ``[4, id_high)`` (default: the model's vocab)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    B, L = cfg.dpo.per_device_batch_size, cfg.data.max_length
+    high = id_high or cfg.model.tiny.vocab_size
+
+    def col(n):
+        return [rng.integers(4, high, n, dtype=np.int64) for _ in range(B)]
+
+    return {"prompt_input_ids": col(1), "chosen_input_ids": col(L - 1), "rejected_input_ids": col(L - 1)}
+
+
+def _collate(cfg: Config, raw: dict, pad_id: int = 3):
     import numpy as np
 
     from raydpo.data.collate import collate_dpo
 
-    rng = np.random.default_rng(0)
-    B, L, V = cfg.dpo.per_device_batch_size, cfg.data.max_length, cfg.model.tiny.vocab_size
+    B = len(raw["prompt_input_ids"])
+    cols = {k: np.array(list(v) + [None], dtype=object)[:-1] for k, v in raw.items() if k.endswith("_input_ids")}
+    for k in ("ref_chosen_logps", "ref_rejected_logps"):
+        cols[k] = np.asarray(raw.get(k, np.zeros(B)), np.float32)
+    return collate_dpo(cols, pad_id, share_prefix=cfg.dpo.share_prefix, pack=cfg.dpo.padding_free)
 
-    def col(n):
-        a = np.empty(B, dtype=object)
-        for i in range(B):
-            a[i] = rng.integers(4, V, n, dtype=np.int64)
-        return a
 
-    raw = {"prompt_input_ids": col(1), "chosen_input_ids": col(L - 1), "rejected_input_ids": col(L - 1),
-           "ref_chosen_logps": np.zeros(B, np.float32), "ref_rejected_logps": np.zeros(B, np.float32)}
-    return collate_dpo(raw, pad_id, share_prefix=cfg.dpo.share_prefix, pack=cfg.dpo.padding_free)
+def _batch(cfg: Config, pad_id: int = 3):
+    """`_raw`'s pairs collated as the loop collates them, reference log-probs 0."""
+    return _collate(cfg, _raw(cfg), pad_id)
+
+
+def _loop_steps(c: Config, folder: str, env) -> list[float]:
+    """`STEPS` DPO steps through the training loop itself (`raydpo.train.loop.run_stage`, as the
+    standalone runner calls it): the model loaded by `raydpo.models.load_model`, the reference
+    log-probs of the pairs computed first (`raydpo.train.standalone.add_reference`, adapter
+    disabled, so the step-0 loss is ln 2), the loop's engine, step-0 sanity check, final save.
+    Token ids stay within the folder's tokenizer. Returns the logged train losses, one per step."""
+    import torch
+
+    from raydpo.models import load_model, load_tokenizer
+    from raydpo.train.loop import Hooks, run_stage
+    from raydpo.train.standalone import add_reference
+
+    tok = load_tokenizer(folder)
+    c = c.with_overrides({"dpo.max_steps": STEPS, "dpo.log_every": 1, "dpo.eval_every": 10**6,
+                          "dpo.save_every": 10**6, "generations.enabled": False})
+    torch.manual_seed(0)
+    model = load_model(c.model, c.quantization, c.lora, base_path=folder, device=env.device)
+    raw = _raw(c, id_high=len(tok))
+    add_reference(model, raw, tok.pad_token_id, c, env.device)
+    batch = _collate(c, raw, tok.pad_token_id)
+    logged: list[dict] = []
+
+    def drop(metrics, ckpt_dir):  # the final checkpoint is written (part of the loop), then removed
+        if ckpt_dir:
+            import shutil
+
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+    hooks = Hooks(train_batches=lambda skip: iter([batch] * (STEPS - skip)), eval_batches=lambda: iter(()),
+                  report=drop, log=lambda m, step: logged.append(m), progress=lambda s: None,
+                  faults="")  # none, whatever $RAYDPO_FAULTS says
+    run_stage("dpo", c, model, tok, env, hooks)
+    return [m["train/loss"] for m in logged]
 
 
 def measure_one(spec: dict) -> dict:
@@ -119,7 +178,7 @@ def measure_one(spec: dict) -> dict:
     device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
     env = WorkerEnv(rank=0, world_size=1, device=device, use_gpu=use_gpu)
 
-    def steps(c: Config, folder: str) -> list[float]:
+    def engine_steps(c: Config, folder: str) -> list[float]:
         batch = {k: v.to(device) for k, v in _batch(c).items()}
         torch.manual_seed(0)
         model = load_model(c.model, c.quantization, c.lora, base_path=folder, device=device)
@@ -133,6 +192,9 @@ def measure_one(spec: dict) -> dict:
             engine.step()
             out.append(float(loss))
         return out
+
+    def steps(c: Config, folder: str) -> list[float]:
+        return _loop_steps(c, folder, env) if spec.get("loop") else engine_steps(c, folder)
 
     # a warm-up on a minute model of the same settings: the lazy imports (peft, the Llama modules,
     # DeepSpeed, bitsandbytes kernels) and one-time set-ups belong to the baseline, not the row
@@ -154,12 +216,14 @@ def measure_one(spec: dict) -> dict:
 
 
 def run_row(shape, batch: int, max_length: int, quant: str, checkpointing: bool, folder: str, warmup_folder: str,
-            port: int) -> dict:
-    """A row: the estimate here, the measurement in a fresh process."""
+            port: int, loop: bool = False) -> dict:
+    """A row: the estimate here, the measurement in a fresh process. ``loop``: the steps run through
+    the training loop (`_loop_steps`; both folders need a tokenizer), else the engine's calls alone."""
     from raydpo.estimate import GIB, estimate
 
     spec = {"shape": list(shape), "batch": batch, "max_length": max_length, "quant": quant,
-            "checkpointing": checkpointing, "folder": folder, "warmup_folder": warmup_folder, "port": port}
+            "checkpointing": checkpointing, "folder": folder, "warmup_folder": warmup_folder, "port": port,
+            "loop": loop}
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONWARNINGS="ignore")
     r = subprocess.run([sys.executable, "-m", "raydpo.benchmarks.memory", "--one", json.dumps(spec)],
                        capture_output=True, text=True, env=env)

@@ -123,7 +123,9 @@ def _inspect_batch(inputs: dict, by_seq: dict, pairs: list[dict], step: int) -> 
 
 def run_trl(model_dir: str, pairs: list[dict], *, fastest: bool, steps: int, batch_size: int, lr: float,
             beta: float, lora_r: int, lora_alpha: int, lora_dropout: float, target_modules: list[str],
-            max_length: int, log_every: int, seed: int, out_dir: str, disable_dropout: bool = True) -> dict:
+            max_length: int, log_every: int, seed: int, out_dir: str, disable_dropout: bool = True,
+            device: str = "cpu", quant: str = "none", bf16: bool = False,
+            gradient_checkpointing: bool | None = None) -> dict:
     """Train TRL's ``DPOTrainer`` on ``pairs`` (pre-tokenized, see the module docstring) and measure it.
 
     ``fastest=True``: ``precompute_ref_log_probs=True, gradient_checkpointing=False`` (the reference
@@ -131,7 +133,12 @@ def run_trl(model_dir: str, pairs: list[dict], *, fastest: bool, steps: int, bat
     gradient checkpointing on and a reference forward (adapter disabled) every step. Always fp32,
     CPU, LoRA, sigmoid loss, batch ``batch_size`` without accumulation, no eval, no checkpoints;
     the final adapter goes to ``out_dir/adapter``. ``disable_dropout`` is TRL's own option (default
-    True, which zeroes ``lora_dropout`` too).
+    True, which zeroes ``lora_dropout`` too). The GPU check (`raydpo.benchmarks.gpu_check`) sets
+    ``device="cuda"``, ``quant="4bit"`` (raydpo's own `raydpo.models.bnb_config`: NF4, no double
+    quant, compute in bf16 when ``bf16``), ``bf16=True`` (TRL's autocast, bf16 weights) and
+    ``gradient_checkpointing=True`` beside the precomputed reference; ``cuda_peak_gib`` is then
+    ``torch.cuda.max_memory_allocated`` of the training (reset after the trainer is built: model load
+    and reference precompute left out).
 
     Returns ``pairs_per_s``/``tokens_per_s`` (steady state: between the first and the last logged
     step, the first logged step being step 1, so the start-up before it is excluded), ``e2e_s``
@@ -216,7 +223,17 @@ def run_trl(model_dir: str, pairs: list[dict], *, fastest: bool, steps: int, bat
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pad_before = tokenizer.pad_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    if quant != "none":
+        from raydpo.config import QuantizationConfig
+        from raydpo.models import bnb_config, keep_bnb_cpu_layout
+
+        qc = bnb_config(QuantizationConfig(mode=quant, quant_type="nf4", double_quant=False,
+                                           compute_dtype="bfloat16" if bf16 else "float32"))
+        model = keep_bnb_cpu_layout(AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, quantization_config=qc, device_map={"": torch.device(device)}))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
     dataset = Dataset.from_list([
         {"prompt_ids": list(p["prompt_input_ids"]), "chosen_ids": list(p["chosen_input_ids"]),
          "rejected_ids": list(p["rejected_input_ids"])} for p in pairs
@@ -224,10 +241,10 @@ def run_trl(model_dir: str, pairs: list[dict], *, fastest: bool, steps: int, bat
     args = DPOConfig(
         output_dir=str(out / "trainer"),
         # precision / device
-        bf16=False, fp16=False, use_cpu=True,
+        bf16=bf16, fp16=False, use_cpu=device == "cpu",
         # speed knobs under test
         precompute_ref_log_probs=fastest,
-        gradient_checkpointing=not fastest,
+        gradient_checkpointing=(not fastest) if gradient_checkpointing is None else gradient_checkpointing,
         # optimisation
         per_device_train_batch_size=batch_size, gradient_accumulation_steps=1, max_steps=steps,
         learning_rate=lr, beta=beta, loss_type=["sigmoid"], seed=seed, data_seed=seed,
@@ -244,6 +261,8 @@ def run_trl(model_dir: str, pairs: list[dict], *, fastest: bool, steps: int, bat
     trainer = PreTokenizedDPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                                      peft_config=peft_config, callbacks=[timer])
     t_built = time.perf_counter()
+    if device != "cpu":  # the training's peak, not the load's or the reference precompute's
+        torch.cuda.reset_peak_memory_stats()
     trainer.train()
     t_trained = time.perf_counter()
     trainer.save_model(str(out / "adapter"))
@@ -280,6 +299,7 @@ def run_trl(model_dir: str, pairs: list[dict], *, fastest: bool, steps: int, bat
         "train_s": t_trained - t_built,
         "window": {"first_step": s_first, "last_step": s_last, "seconds": dt, "pairs": n_pairs, "tokens": in_tok},
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,  # Linux: KiB
+        "cuda_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device != "cpu" else None,
         "steps": int(trainer.state.global_step),
         "losses": timer.losses,
         "input_tokens_per_pair": in_tok / n_pairs if n_pairs else float("nan"),
@@ -317,6 +337,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--disable-dropout", action=argparse.BooleanOptionalAction, default=True,
                    help="TRL's disable_dropout (default on, as in TRL; it zeroes lora_dropout too)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--quant", choices=["none", "4bit"], default="none", help="4bit: NF4 (raydpo.models.bnb_config)")
+    p.add_argument("--bf16", action="store_true", help="bf16 weights and TRL's bf16 autocast")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: off with --fastest, on without (TRL's default)")
     p.add_argument("--out-dir", required=True, help="adapter and trainer output go here")
     p.add_argument("--out", required=True, help="result JSON")
     a = p.parse_args(argv)
@@ -324,7 +349,8 @@ def main(argv: list[str] | None = None) -> None:
     res = run_trl(a.model_dir, pairs, fastest=a.fastest, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
                   beta=a.beta, lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
                   target_modules=[m for m in a.target_modules.split(",") if m], max_length=a.max_length,
-                  log_every=a.log_every, seed=a.seed, out_dir=a.out_dir, disable_dropout=a.disable_dropout)
+                  log_every=a.log_every, seed=a.seed, out_dir=a.out_dir, disable_dropout=a.disable_dropout,
+                  device=a.device, quant=a.quant, bf16=a.bf16, gradient_checkpointing=a.gradient_checkpointing)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=2))
     json.dump({k: v for k, v in res.items() if k != "losses"}, sys.stdout, indent=2)

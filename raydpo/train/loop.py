@@ -181,14 +181,23 @@ def _add(acc: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
 
 
 def build_engine(model, cfg: Config, stage_cfg: TrainStageConfig, env: WorkerEnv):
-    """DeepSpeed engine over the trainable (LoRA) parameters with torch AdamW + LambdaLR."""
-    import deepspeed
-
+    """The engine over the trainable (LoRA) parameters with torch AdamW + LambdaLR: DeepSpeed's,
+    or with ``deepspeed.enabled: false`` the plain torch one (`raydpo.train.plain`, DDP across
+    ranks), which needs no DeepSpeed installed (imported only here, only when enabled)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError("the model has no trainable parameters: LoRA target_modules matched nothing?")
     opt = torch.optim.AdamW(params, lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(stage_cfg))
+    if not cfg.deepspeed.enabled:
+        from raydpo.train.plain import PlainEngine
+
+        engine = PlainEngine(model, opt, sched, accum=stage_cfg.gradient_accumulation_steps,
+                             max_grad_norm=stage_cfg.max_grad_norm, rank=env.rank, world_size=env.world_size,
+                             device=env.device)
+        return engine, opt, sched
+    import deepspeed
+
     ds_config = build_ds_config(cfg, stage_cfg, use_gpu=env.use_gpu, world_size=env.world_size)
     engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config)
     return engine, opt, sched
@@ -547,7 +556,8 @@ def load_state(engine, ckpt_dir: str, rank: int = 0) -> dict[str, Any]:
         load_optimizer_states=True, load_lr_scheduler_states=True,
     )
     if client is None:
-        raise CheckpointError(f"could not load the DeepSpeed state from {ckpt_dir}")
+        raise CheckpointError(f"could not load the engine state from {ckpt_dir} (a DeepSpeed checkpoint and a plain "
+                              "one, deepspeed.enabled=false, do not resume each other)")
     rng = Path(ckpt_dir) / RNG_FILE.format(rank=rank)
     if rng.exists():
         _set_rng_state(torch.load(rng, weights_only=False))

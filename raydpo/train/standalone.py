@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> None:
         # the reference pass, in-process: each rank scores its own rows once, before training
         for cols in dpo_cols:
             add_reference(model, cols, tok.pad_token_id, cfg, env.device)
+    if env.use_gpu:  # train/peak_memory_gb: the training's peak, as on a Ray worker (no reference pass there)
+        torch.cuda.reset_peak_memory_stats(env.device)
     out_dir = Path(cfg.run.storage_path) / f"{cfg.run.name}-{args.stage}-standalone"
 
     def report(metrics, ckpt_dir):

@@ -62,3 +62,19 @@ def test_torchrun_gpu_bf16_4bit_dpo(tmp_path):
                                          "quantization.compute_dtype=bfloat16"])
     assert abs(dpo[0]["train/loss"] - math.log(2)) < 0.01
     assert dpo[-1]["train/peak_memory_gb"] > 0
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(900)
+def test_two_ranks_without_deepspeed_train_like_deepspeed(tmp_path):
+    """``deepspeed.enabled=false`` across 2 gloo ranks (the plain engine under DDP): every step's
+    global loss and reward margin equal DeepSpeed ZeRO-2's on the same stream."""
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "plain").mkdir()
+    ds = _torchrun(tmp_path / "ds", "dpo", 2, [])
+    plain = _torchrun(tmp_path / "plain", "dpo", 2, ["deepspeed.enabled=false"])
+    assert abs(plain[0]["train/loss"] - math.log(2)) < 1e-4
+    for a, b in zip(plain, ds):
+        for k in ("train/loss", "train/rewards/margins", "eval/loss"):
+            if k in b:
+                assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), (a["step"], k)

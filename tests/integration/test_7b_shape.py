@@ -1,0 +1,51 @@
+"""Llama-2-7B's layer shape through the real code on CPU: what a GPU run will meet, minus the GPU.
+
+One decoder layer of Llama-2-7B (hidden 4096, 32 heads, intermediate 11008) with its 32,000-row
+vocabulary, random-init, loaded as `jobs/stack_llama_2_gpu.yaml` loads it (`raydpo.models.load_model`:
+NF4 4-bit, LoRA r8 alpha 16 on q_proj/v_proj, dropout 0.05, gradient checkpointing; fp32 compute
+on CPU where the recipe says bf16), trained 2 DPO steps at batch 1, accumulation 1, max_length 512
+by the training loop itself (`raydpo.train.loop.run_stage` on DeepSpeed ZeRO-2 fp32, one gloo
+rank, the reference log-probs computed first by the standalone runner's `add_reference`), in a
+fresh process measured as `python -m raydpo.benchmarks.memory` measures (its `run_row`).
+
+Tokens: the model's vocabulary is the shape's 32,000 (embeddings, LM head and logits are full
+size), but the pairs' ids are drawn within the tiny local tokenizer's 2,048 ids (no 32k Llama
+tokenizer is available offline): rows 2,048-31,999 of the embedding are never looked up, which
+changes no tensor size the estimate counts.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SHAPE_7B_LAYER = (4096, 1, 32, 11008, 32000)  # hidden, layers, heads, intermediate, vocab
+WARMUP = (64, 1, 4, 176, 2048)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_one_llama_2_7b_layer_trains_two_dpo_steps_at_ln2_within_the_memory_estimate(tmp_path):
+    from raydpo.benchmarks.memory import _build_folder, row_config, run_row
+    from raydpo.config import Config
+
+    t0 = time.perf_counter()
+    tok = Config().with_overrides({"model.cache_dir": str(REPO / ".raydpo_cache")})
+    _build_folder(row_config(WARMUP, 1, 16, "4bit", True), str(tmp_path / "warm"), tokenizer_from=tok)
+    _build_folder(row_config(SHAPE_7B_LAYER, 1, 512, "4bit", True), str(tmp_path / "m"), tokenizer_from=tok)
+    r = run_row(SHAPE_7B_LAYER, 1, 512, "4bit", True, str(tmp_path / "m"), str(tmp_path / "warm"),
+                29500 + os.getpid() % 1000, loop=True)
+    print(f"7B-layer row: {r} ({time.perf_counter() - t0:.0f} s in all)")
+
+    assert len(r["losses"]) == 2 and all(math.isfinite(x) for x in r["losses"])
+    assert abs(r["losses"][0] - math.log(2)) < 1e-4  # the fresh adapter: policy == reference at step 0
+    assert r["losses"][1] != pytest.approx(r["losses"][0], abs=1e-4)  # and step 1 trained it
+    assert r["tokens"] == 2 * 512 - 1  # the worst-case pair the estimate counts: 1-token prompt, shared
+    # the estimate of this very config (4-bit layer, full-size fp32 embeddings and LM head) ...
+    assert 1000 < r["parts_mib"]["base_weights"] < 1200 and r["parts_mib"]["logits"] > 500
+    assert abs(r["error_pct"]) <= 25, r  # ... within 25% of the measured peak
