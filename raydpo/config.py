@@ -21,6 +21,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 DTYPES = Literal["float32", "bfloat16", "float16"]
+# a training stage: what the data pipeline, the loops and the driver are called for
+Stage = Literal["sft", "dpo"]
 # the names of raydpo.losses.LOSS_FNS (a test keeps them equal; this module must not import torch)
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "bco_pair", "exo_pair", "nca_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft", "simpo", "orpo")

@@ -11,12 +11,10 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from raydpo.config import Config
+from raydpo.config import Config, Stage
 from raydpo.data.sources import DataSourceError
-
-Stage = Literal["sft", "dpo"]
 
 
 class ResourceError(RuntimeError):

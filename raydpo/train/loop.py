@@ -18,21 +18,19 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from raydpo import losses
-from raydpo.config import Config, TrainStageConfig
+from raydpo.config import Config, Stage, TrainStageConfig
 from raydpo.data.collate import pair_tokens
 from raydpo.deepspeed import build_ds_config
 from raydpo.models import packed_attention, pair_logps, reference_disabled
 from raydpo.train import generate
 from raydpo.train.faults import Faults
 
-Stage = Literal["sft", "dpo"]
-LN2 = math.log(2.0)
 
 
 class SanityCheckError(RuntimeError):
