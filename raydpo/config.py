@@ -410,9 +410,7 @@ class Config(_Section):
         if q.mode == "4bit" and self.deepspeed.enabled:
             # DeepSpeed bf16/fp16 casts every floating tensor of the module; 4-bit weights packed
             # into a float storage of another dtype are reinterpreted and destroyed silently.
-            p = self.deepspeed.precision
-            if p == "auto":
-                p = "bf16" if self.scaling.use_gpu else "fp32"
+            p = resolve_precision(self, self.scaling.use_gpu)
             want = {"bf16": "bfloat16", "fp16": "float16"}.get(p)
             storage = q.quant_storage or q.compute_dtype
             if want and storage != want:
@@ -482,6 +480,16 @@ RESUME_FREE = ("tracking.", "run.max_failures", "run.timeout_s", "run.keep_check
                "sft.save_every", "sft.max_steps", "sft.max_nonfinite_steps", "sft.enabled", "dpo.log_every",
                "dpo.eval_every", "dpo.eval_max_batches", "dpo.save_every", "dpo.max_steps", "dpo.max_nonfinite_steps",
                "dpo.enabled", "tune.", "generations.")
+
+
+def resolve_precision(cfg: Config, use_gpu: bool) -> str:
+    """DeepSpeed's precision: ``auto`` means bf16 on GPU (what the QLoRA recipe trains in) and
+    fp32 on CPU. The one rule: validation (`Config`), `raydpo.deepspeed` and the memory estimate
+    all call it."""
+    p = cfg.deepspeed.precision
+    if p == "auto":
+        return "bf16" if use_gpu else "fp32"
+    return p
 
 
 def resume_fingerprint(cfg: Config) -> dict[str, Any]:

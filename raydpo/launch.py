@@ -248,6 +248,7 @@ def fit_stage(
 
     from raydpo import tracking
     from raydpo.config import fingerprint_hash, resume_fingerprint
+    from raydpo.deepspeed import comm_backend
     from raydpo.raycluster import ensure_ray
     from raydpo.train.ingest import data_config, eval_prompts, ordered_execution, ordered_stream
     from raydpo.train.loop import SCORE_KEY
@@ -348,7 +349,7 @@ def fit_stage(
             scaling_config=ray.train.ScalingConfig(
                 num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
             ),
-            torch_config=ray.train.torch.TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+            torch_config=ray.train.torch.TorchConfig(backend=comm_backend(s.use_gpu)),
             datasets={"train": stream, **({"eval": eval_ds} if eval_ds is not None else {})},
             dataset_config=data_config(),
             run_config=ray.train.RunConfig(

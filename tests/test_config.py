@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from raydpo.config import Config, ConfigError, check_resources, load_config, parse_override, resume_fingerprint
-from raydpo.deepspeed import build_ds_config
+from raydpo.deepspeed import build_ds_config, comm_backend
 
 
 def write(tmp_path, text, name="c.yaml"):
@@ -151,6 +151,8 @@ def test_ds_config_cpu_and_gpu():
     assert cpu["zero_optimization"]["stage"] == 3
     assert cpu["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert cpu["gradient_clipping"] == c.dpo.max_grad_norm
+    # the same laptop/cluster split picks the process-group backend
+    assert (comm_backend(False), comm_backend(True)) == ("gloo", "nccl")
 
 
 def test_light_imports():
