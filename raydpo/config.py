@@ -180,6 +180,32 @@ class ScalingConfig(_Section):
         "1: Ray 2.60 file reads plan listing/sampling tasks of one whole CPU, which never run on less"
     )
 
+    # -- Ray resources: the one place that turns these fields into reservations and counts ----
+    def worker_resources(self) -> dict[str, float]:
+        """What one training worker reserves in Ray: its CPUs, and its GPUs on GPU."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.use_gpu else {})}
+
+    def trainer_resources(self) -> dict[str, float]:
+        """What one TorchTrainer (``num_workers`` workers) reserves: one Tune trial's share."""
+        return {k: v * self.num_workers for k, v in self.worker_resources().items()}
+
+    def replica_resources(self) -> dict[str, float]:
+        """What one reference-model replica (`raydpo.reference`) reserves: a worker's GPUs and no
+        CPU on GPU; on CPU a worker's CPUs, at least half a CPU."""
+        if self.use_gpu:
+            return {"CPU": 0.0, "GPU": self.gpus_per_worker}
+        return {"CPU": max(self.cpus_per_worker, 0.5)}
+
+    def slots(self, cluster: dict[str, float], per_slot: dict[str, float]) -> int:
+        """How many ``per_slot`` reservations fit at once in ``cluster`` (what
+        ``ray.cluster_resources()`` returns) while Ray Data keeps ``data_cpus`` CPUs; 0 when
+        none fits. The one resource formula: the CPU budget check (`raydpo.launch`), concurrent
+        Tune trials (`raydpo.tune`) and reference replicas (`raydpo.reference`) count with it."""
+        free = {**cluster, "CPU": cluster.get("CPU", 0.0) - self.data_cpus}
+        # the epsilon: CPU counts are floats (0.5 per worker); 2.9999999 CPUs hold 3 slots of 1
+        fits = [int((free.get(k, 0.0) + 1e-9) // v) for k, v in per_slot.items() if v > 0]
+        return max(0, min(fits, default=0))
+
 
 class TrainStageConfig(_Section):
     """Fields shared by the SFT and DPO loops."""

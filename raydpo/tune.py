@@ -41,11 +41,7 @@ def max_concurrent(cfg: Config) -> int:
     if cfg.tune.max_concurrent_trials:
         return cfg.tune.max_concurrent_trials
     s = cfg.scaling
-    cpus = ray.cluster_resources().get("CPU", 1.0) - s.data_cpus
-    n = int(cpus // (s.num_workers * s.cpus_per_worker))
-    if s.use_gpu:
-        n = min(n, int(ray.cluster_resources().get("GPU", 0) // (s.num_workers * s.gpus_per_worker)))
-    return max(1, n)
+    return max(1, s.slots(ray.cluster_resources(), s.trainer_resources()))
 
 
 def _trial(config: dict[str, Any], datasets: tuple[Any, Any] | None = None, *, base_cfg: dict, base: tuple[str, str],
