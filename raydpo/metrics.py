@@ -24,7 +24,7 @@ import os
 import threading
 from typing import Any, Callable
 
-from raydpo.tracking import LR, REWARD_KEYS, SPLITS, STEP_TIME, TOKENS_PER_S
+from raydpo.metric_names import LR, METRIC_KEYS, SPLITS, STEP_TIME, TOKENS_PER_S
 
 RAY_PROMETHEUS_PREFIX = "ray_"  # what Ray's metrics agent prepends to every metric name
 GB = 2**30
@@ -32,7 +32,7 @@ GB = 2**30
 # Quantities logged for both splits: the key after the ``train/`` or ``eval/`` prefix -> gauge.
 SPLIT_GAUGES: dict[str, tuple[str, str]] = {
     k: ("raydpo_" + k.replace("/", "_"), f"{k} of the latest logged step (label split: train or eval)")
-    for k in REWARD_KEYS
+    for k in METRIC_KEYS
 }
 # Train-only loop keys -> (gauge name, description, factor to Prometheus base units).
 TRAIN_GAUGES: dict[str, tuple[str, str, float]] = {

@@ -13,8 +13,8 @@ Who does what:
   curves (`log_final_artifacts`), optionally registers the adapter (`register_model`) and ends
   the run (`end_run`).
 
-Metric names are shared constants (`REWARD_KEYS` with ``train/`` and ``eval/`` prefixes), used
-by the loops, the plots, tune and ``dashboards/``.
+Metric names are shared constants (`raydpo.metric_names`: ``METRIC_KEYS`` with ``train/`` and
+``eval/`` prefixes), used by the loops, the plots, tune and ``dashboards/``.
 
 Artifacts of a sqlite store live next to the database, in ``<db dir>/mlartifacts/<experiment>/
 <run id>/artifacts``. MLflow's own default for a sqlite store is ``./mlruns`` relative to the
@@ -43,12 +43,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-REWARD_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-               "logps/chosen", "logps/rejected")
-TOKENS_PER_S = "train/tokens_per_s"
-LR = "train/lr"
-STEP_TIME = "train/step_time_s"
-PLOT_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+from raydpo.metric_names import LOSS, REWARDS_ACCURACIES, REWARDS_CHOSEN, REWARDS_MARGINS, REWARDS_REJECTED, SPLITS
+
+# the panels of reward_curves.png, in order
+PLOT_KEYS = (LOSS, REWARDS_CHOSEN, REWARDS_REJECTED, REWARDS_MARGINS, REWARDS_ACCURACIES)
 
 SFT_RUN_TAG = "raydpo.sft_run_id"
 STAGE_TAG = "raydpo.stage"
@@ -63,8 +61,6 @@ MAX_PARAM_LEN = 6000
 MAX_PARAMS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
 
-
-SPLITS = ("train", "eval")
 
 # eval generations (raydpo.train.generate): one MLflow table per run, appended at each evaluation
 GENERATIONS_TABLE = "eval_generations.json"

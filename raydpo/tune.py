@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from raydpo.config import Config, SearchSpace
+from raydpo.metric_names import EVAL_ACCURACY, EVAL_MARGINS
 
 BEST_TAG = "raydpo.best_trial"
 
@@ -73,6 +74,11 @@ class TrialRow:
     steps: int
     status: str
     run_id: str | None = None
+
+    def score(self, metric: str) -> float:
+        """The value ``metric`` (``tune.metric``: eval reward accuracy or margins) ranks this trial
+        by; higher is better. The one place that maps the metric's name to a column."""
+        return self.accuracy if metric == EVAL_ACCURACY else self.margins
 
 
 def run_tune(cfg: Config, *, resume: bool = False, progress=print) -> tuple[list[TrialRow], TrialRow | None]:
@@ -169,10 +175,10 @@ def run_tune(cfg: Config, *, resume: bool = False, progress=print) -> tuple[list
         )
     grid = tuner.fit()
     rows = _rows(grid, cfg.dpo.max_steps, uri, cfg.tracking.experiment_name, parent)
-    scored = [r for r in rows if not math.isnan(r.accuracy if "acc" in t.metric else r.margins)]
+    scored = [r for r in rows if not math.isnan(r.score(t.metric))]
     # the best finished trial (it has an adapter to register); a stopped one only if none finished
     best = max([r for r in scored if r.status == "DONE"] or scored,
-               key=lambda r: r.accuracy if "acc" in t.metric else r.margins, default=None)
+               key=lambda r: r.score(t.metric), default=None)
     _finish(uri, parent, cfg, rows, best, t.metric)
     return rows, best
 
@@ -208,8 +214,8 @@ def _rows(grid, max_steps: int, uri: str, experiment: str, parent: str) -> list[
         done = run_status == "FINISHED" if run_status else steps >= max_steps
         status = "ERROR" if res.error else ("DONE" if done else "STOPPED")
         rows.append(TrialRow(trial_id=tid, beta=float(c.get("beta", math.nan)), lr=float(c.get("lr", math.nan)),
-                             accuracy=float(m.get("eval/rewards/accuracies", math.nan)),
-                             margins=float(m.get("eval/rewards/margins", math.nan)),
+                             accuracy=float(m.get(EVAL_ACCURACY, math.nan)),
+                             margins=float(m.get(EVAL_MARGINS, math.nan)),
                              steps=steps, status=status, run_id=run_id))
     return rows
 
@@ -231,7 +237,7 @@ def plot_trials(rows: list[TrialRow], metric: str, path: str) -> str:
 
     ok = [r for r in rows if not math.isnan(r.accuracy)]
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    vals = [r.accuracy if "acc" in metric else r.margins for r in ok]
+    vals = [r.score(metric) for r in ok]
     sc = ax.scatter([r.beta for r in ok], [r.lr for r in ok], c=vals, cmap="viridis", s=80, edgecolors="k")
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -267,7 +273,7 @@ def _finish(uri: str, parent: str, cfg: Config, rows: list[TrialRow], best: Tria
     if best is not None and best.run_id:
         client.set_tag(best.run_id, BEST_TAG, "true")
         client.set_tag(parent, "raydpo.best_run_id", best.run_id)
-        client.log_metric(parent, f"best/{metric}", best.accuracy if "acc" in metric else best.margins)
+        client.log_metric(parent, f"best/{metric}", best.score(metric))
         if best.status == "DONE":
             name = cfg.tracking.register_model_name or f"{cfg.tracking.experiment_name}-dpo"
             sft_run = client.get_run(parent).data.tags.get(tracking.SFT_RUN_TAG, "")

@@ -7,8 +7,9 @@ import sys
 import pytest
 import torch
 
-from raydpo.losses import (LOSS_FNS, METRIC_KEYS, NLL_ONLY, REFERENCE_FREE, chosen_nll, dpo_loss, dpo_metric_sums,
+from raydpo.losses import (LOSS_FNS, NLL_ONLY, REFERENCE_FREE, chosen_nll, dpo_loss, dpo_metric_sums,
                            finalize_metrics, reads_chosen_nll, sequence_logps, sft_loss)
+from raydpo.metric_names import METRIC_KEYS
 
 t = lambda *v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
 

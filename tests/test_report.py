@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from raydpo import report, tracking
+from raydpo.metric_names import TOKENS_PER_S
 from raydpo.tune import BEST_TAG
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -74,7 +75,7 @@ def _build_store(d: Path) -> SimpleNamespace:
     tracking.log_params(uri, sft, {"sft.lr": 1e-4, "sft.max_steps": 6})
     log = tracking.RunLogger(uri, sft)
     for step in (3, 6):
-        log.log_metrics({"train/loss": 2.0 / step, tracking.TOKENS_PER_S: 1000.0 + step}, step)
+        log.log_metrics({"train/loss": 2.0 / step, TOKENS_PER_S: 1000.0 + step}, step)
         log.log_metrics({"eval/loss": 2.5 / step}, step)
     tracking.end_run(uri, sft)
     ids["demo-sft"] = sft
@@ -84,7 +85,7 @@ def _build_store(d: Path) -> SimpleNamespace:
                                    "generations.max_new_tokens": 64})
     log = tracking.RunLogger(uri, dpo)
     for step in (2, 4, 6):
-        log.log_metrics({**_dpo_step(step, "train"), tracking.TOKENS_PER_S: 500.0}, step)
+        log.log_metrics({**_dpo_step(step, "train"), TOKENS_PER_S: 500.0}, step)
         log.log_metrics(_dpo_step(step, "eval"), step)
         if step in GEN_STEPS:
             log.log_generations(_generations(step), step)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import os
 import shutil
 import subprocess
@@ -14,6 +13,7 @@ import pytest
 
 from raydpo import tracking
 from raydpo.config import Config, flatten
+from raydpo.metric_names import LR, METRIC_KEYS, TOKENS_PER_S
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -50,8 +50,8 @@ def _run(store, name="run", **kw):
 
 
 def _dpo_metrics(step: int) -> dict[str, float]:
-    base = {k: step / 10 + i for i, k in enumerate(tracking.REWARD_KEYS)}
-    return {**tracking.prefixed(base, "train"), tracking.LR: 1e-4, tracking.TOKENS_PER_S: 1234.5}
+    base = {k: step / 10 + i for i, k in enumerate(METRIC_KEYS)}
+    return {**tracking.prefixed(base, "train"), LR: 1e-4, TOKENS_PER_S: 1234.5}
 
 
 # -- light import ------------------------------------------------------------------------
@@ -67,16 +67,6 @@ def test_prefixed_builds_the_shared_metric_names():
         "eval/loss": 1.0, "eval/rewards/accuracies": 0.5}
     with pytest.raises(ValueError, match="split"):
         tracking.prefixed({"loss": 1.0}, "validation")  # would log a series no plot or dashboard reads
-
-
-def test_reward_keys_are_the_strings_losses_computes():
-    # raydpo.losses names its metrics with module constants; read them without importing torch.
-    src = Path(tracking.__file__).with_name("losses.py").read_text()
-    consts = {t.id: n.value.value for n in ast.parse(src).body if isinstance(n, ast.Assign)
-              for t in n.targets if isinstance(t, ast.Name) and isinstance(n.value, ast.Constant)}
-    names = ("LOSS", "REWARDS_CHOSEN", "REWARDS_REJECTED", "REWARDS_ACCURACIES", "REWARDS_MARGINS",
-             "LOGPS_CHOSEN", "LOGPS_REJECTED")
-    assert tuple(consts.get(n) for n in names) == tracking.REWARD_KEYS
 
 
 # -- where the store is ------------------------------------------------------------------
@@ -136,7 +126,7 @@ def test_metric_names_round_trip_and_become_search_runs_columns(store):
     runs = tracking.find_runs(store.uri, "raydpo-test")
     row = runs.set_index("run_id").loc[run_id]
     assert row["metrics.eval/rewards/accuracies"] == 0.75
-    assert row["metrics.train/rewards/margins"] == pytest.approx(0.3 + tracking.REWARD_KEYS.index("rewards/margins"))
+    assert row["metrics.train/rewards/margins"] == pytest.approx(0.3 + METRIC_KEYS.index("rewards/margins"))
     assert row["metrics.train/tokens_per_s"] == 1234.5
     assert row["metrics.train/lr"] == 1e-4
     # find_runs must not leak its URI into the environment (resolve_tracking_uri reads it)
