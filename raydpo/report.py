@@ -28,16 +28,14 @@ from typing import Any
 
 from raydpo import tracking
 from raydpo.metric_names import EVAL_ACCURACY, EVAL_MARGINS, TOKENS_PER_S
-from raydpo.tune import BEST_TAG, TrialRow
+from raydpo.tune import BEST_TAG, TRIAL_TAG, TrialRow
 
 EXIT_USAGE = 2
-TRIAL_TAG = "raydpo.trial_id"
 # eval first (what runs are compared on), margins and accuracy leading; train curves follow for diagnosis
 _LEAD = ("rewards/margins", "rewards/accuracies", "loss")
 CHART_KEYS = tuple(f"{split}/{k}" for split in ("eval", "train")
                    for k in sorted(tracking.PLOT_KEYS, key=lambda k: _LEAD.index(k) if k in _LEAD else len(_LEAD)))
 _FETCH_KEYS = list(CHART_KEYS) + [TOKENS_PER_S]
-_MAX_RESULTS = 1000
 
 
 class ReportError(ValueError):
@@ -92,18 +90,9 @@ def load_runs(uri: str, experiment_name: str) -> list[RunInfo]:
     db = tracking._sqlite_path(uri)
     if db is not None and not db.exists():
         raise ReportError(f"no MLflow store at {db} (set --tracking-uri or MLFLOW_TRACKING_URI)")
-    client = tracking._client(uri)
-    exp = client.get_experiment_by_name(experiment_name)
-    if exp is None or exp.lifecycle_stage == "deleted":
+    found = tracking.find_runs(uri, experiment_name)
+    if found is None:
         raise ReportError(f"no experiment named {experiment_name!r} in {uri}")
-    found, token = [], None
-    while True:
-        page = client.search_runs([exp.experiment_id], max_results=_MAX_RESULTS, order_by=["attributes.start_time ASC"],
-                                  page_token=token)
-        found.extend(page)
-        token = page.token
-        if not token:
-            break
     if not found:
         raise ReportError(f"experiment {experiment_name!r} in {uri} has no runs")
     runs = []

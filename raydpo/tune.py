@@ -21,6 +21,7 @@ from raydpo.config import Config, SearchSpace
 from raydpo.metric_names import EVAL_ACCURACY, EVAL_MARGINS
 
 BEST_TAG = "raydpo.best_trial"
+TRIAL_TAG = "raydpo.trial_id"
 
 
 def _space(s: SearchSpace):
@@ -60,7 +61,7 @@ def _trial(config: dict[str, Any], datasets: tuple[Any, Any] | None = None, *, b
     })
     fit_stage(cfg, "dpo", parent_run_id=parent_run_id, base=base, datasets=datasets, callbacks=[TuneReportCallback()],
               report_eval_only=True,
-              tags={"raydpo.trial_id": trial_id},
+              tags={TRIAL_TAG: trial_id},
               params={"beta": str(cfg.dpo.beta), "lr": str(cfg.dpo.lr), "trial_id": trial_id})
 
 
@@ -184,25 +185,20 @@ def run_tune(cfg: Config, *, resume: bool = False, progress=print) -> tuple[list
 
 
 def _find_parent(uri: str, experiment: str, name: str) -> str | None:
-    runs = tracking_runs(uri, experiment)
-    if runs.empty or "tags.mlflow.runName" not in runs:
-        return None
-    hits = runs[(runs["tags.mlflow.runName"] == name) & (runs.get("tags.raydpo.stage") == "tune")]
-    return None if hits.empty else str(hits.iloc[0]["run_id"])
-
-
-def tracking_runs(uri: str, experiment: str):
+    """The newest search parent run called ``name`` (what ``--resume`` continues)."""
     from raydpo import tracking
 
-    return tracking.find_runs(uri, experiment)
+    hits = [r for r in tracking.find_runs(uri, experiment) or []
+            if r.info.run_name == name and r.data.tags.get(tracking.STAGE_TAG) == "tune"]
+    return hits[-1].info.run_id if hits else None
 
 
 def _rows(grid, max_steps: int, uri: str, experiment: str, parent: str) -> list[TrialRow]:
-    runs = tracking_runs(uri, experiment)
-    by_trial: dict[str, tuple[str, str]] = {}
-    if not runs.empty and "tags.raydpo.trial_id" in runs and "tags.mlflow.parentRunId" in runs:
-        children = runs[runs["tags.mlflow.parentRunId"] == parent]
-        by_trial = {r["tags.raydpo.trial_id"]: (r["run_id"], r["status"]) for _, r in children.iterrows()}
+    from raydpo import tracking
+
+    runs = tracking.find_runs(uri, experiment) or []
+    by_trial = {r.data.tags[TRIAL_TAG]: (r.info.run_id, r.info.status) for r in runs
+                if r.data.tags.get(tracking.PARENT_TAG) == parent and TRIAL_TAG in r.data.tags}
     rows = []
     for res in grid:
         m, c = res.metrics or {}, res.config or {}

@@ -601,7 +601,3 @@ def env_from_torch(use_gpu: bool) -> WorkerEnv:
     else:
         device = torch.device("cpu")
     return WorkerEnv(rank=rank, world_size=world, device=device, use_gpu=use_gpu)
-
-
-def as_dict(m: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in m.items()}
