@@ -62,3 +62,12 @@ def test_every_run_ends_with_the_tally_line_of_its_own_folder():
                         str(TESTS / "test_tally.py")], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "raydpo suite: 0 TorchTrainer fits, 0 Ray instances, 0 browser launches" in r.stdout.splitlines()
+
+
+def test_the_pytest_process_itself_counts_what_in_process_tests_start():
+    # the integration tier's ray.init fixtures and fit_stage calls run in this process
+    import ray._private.node as node
+    import ray.train.v2.api.data_parallel_trainer as dpt
+
+    assert getattr(node.Node.__init__, "_raydpo_tally", False)
+    assert getattr(dpt.DataParallelTrainer.fit, "_raydpo_tally", False)
