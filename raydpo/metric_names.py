@@ -22,10 +22,16 @@ METRIC_KEYS = (LOSS, REWARDS_CHOSEN, REWARDS_REJECTED, REWARDS_ACCURACIES, REWAR
                LOGPS_CHOSEN, LOGPS_REJECTED)
 SPLITS = ("train", "eval")
 
-# train-only throughput and schedule metrics
+# train-only throughput, memory and schedule metrics (each has a Prometheus gauge)
 TOKENS_PER_S = "train/tokens_per_s"
-LR = "train/lr"
+SAMPLES_PER_S = "train/samples_per_s"
+SCORED_TOKENS_PER_S = "train/scored_tokens_per_s"
+PADDING_FRACTION = "train/padding_fraction"
 STEP_TIME = "train/step_time_s"
+PEAK_MEMORY_GB = "train/peak_memory_gb"
+PEAK_RSS_MIB = "train/peak_rss_mib"
+NONFINITE_STEPS = "train/nonfinite_steps"
+LR = "train/lr"
 
 # what a Tune search (``tune.metric``) and ``raydpo report`` rank DPO runs on
 EVAL_ACCURACY = f"eval/{REWARDS_ACCURACIES}"

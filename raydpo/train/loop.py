@@ -27,7 +27,8 @@ from raydpo import losses
 from raydpo.config import Config, Stage, TrainStageConfig
 from raydpo.data.collate import pair_tokens
 from raydpo.deepspeed import build_ds_config
-from raydpo.metric_names import EVAL_ACCURACY, EVAL_MARGINS, LR, STEP_TIME, TOKENS_PER_S
+from raydpo.metric_names import (EVAL_ACCURACY, EVAL_MARGINS, LR, NONFINITE_STEPS, PADDING_FRACTION, PEAK_MEMORY_GB,
+                                 PEAK_RSS_MIB, SAMPLES_PER_S, SCORED_TOKENS_PER_S, STEP_TIME, TOKENS_PER_S)
 from raydpo.models import packed_attention, pair_logps, reference_disabled
 from raydpo.train import generate
 from raydpo.train.faults import Faults
@@ -357,15 +358,15 @@ def run_stage(stage: Stage, cfg: Config, model, tokenizer, env: WorkerEnv, hooks
             totals = all_reduce_sum(torch.stack([tokens, samples, slots, pad, scored, rss]).float())
             metrics.update({f"train/{k}": v for k, v in train.items()})
             metrics[TOKENS_PER_S] = float(totals[0]) / max(elapsed, 1e-9)
-            metrics["train/peak_rss_mib"] = float(totals[5])  # all workers' high-water marks, summed
+            metrics[PEAK_RSS_MIB] = float(totals[5])  # all workers' high-water marks, summed
             if float(totals[2]) > 0:
-                metrics["train/padding_fraction"] = float(totals[3]) / float(totals[2])
-                metrics["train/scored_tokens_per_s"] = float(totals[4]) / max(elapsed, 1e-9)
-            metrics["train/samples_per_s"] = float(totals[1]) / max(elapsed, 1e-9)
+                metrics[PADDING_FRACTION] = float(totals[3]) / float(totals[2])
+                metrics[SCORED_TOKENS_PER_S] = float(totals[4]) / max(elapsed, 1e-9)
+            metrics[SAMPLES_PER_S] = float(totals[1]) / max(elapsed, 1e-9)
             metrics[STEP_TIME] = elapsed / max(window_steps, 1)
-            metrics["train/nonfinite_steps"] = float(nonfinite_total)
+            metrics[NONFINITE_STEPS] = float(nonfinite_total)
             if env.use_gpu:
-                metrics["train/peak_memory_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30
+                metrics[PEAK_MEMORY_GB] = torch.cuda.max_memory_allocated(env.device) / 2**30
             metrics[LR] = float(sched.get_last_lr()[0])
             window, t_window, window_steps = {}, time.perf_counter(), 0
             tokens, samples = torch.zeros((), device=env.device), torch.zeros((), device=env.device)
