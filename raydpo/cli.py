@@ -226,7 +226,7 @@ def _tune(cfg: Config, resume: bool) -> int:
     uri = tracking.resolve_tracking_uri(cfg.tracking)
     if best is not None:
         echo(f"best: beta={best.beta:.4g} lr={best.lr:.3g} {cfg.tune.metric}="
-             f"{best.accuracy if 'acc' in cfg.tune.metric else best.margins:.4f} (MLflow run {best.run_id})")
+             f"{best.score(cfg.tune.metric):.4f} (MLflow run {best.run_id})")
     echo(f"MLflow: {uri}\n  view:  {tracking.ui_command(uri)}")
     return 0
 

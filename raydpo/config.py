@@ -21,6 +21,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 DTYPES = Literal["float32", "bfloat16", "float16"]
+# a training stage: what the data pipeline, the loops and the driver are called for
+Stage = Literal["sft", "dpo"]
 # the names of raydpo.losses.LOSS_FNS (a test keeps them equal; this module must not import torch)
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "bco_pair", "exo_pair", "nca_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft", "simpo", "orpo")
@@ -177,6 +179,32 @@ class ScalingConfig(_Section):
         1.0, ge=1.0, description="CPUs left to Ray Data; checked against the cluster before training. At least "
         "1: Ray 2.60 file reads plan listing/sampling tasks of one whole CPU, which never run on less"
     )
+
+    # -- Ray resources: the one place that turns these fields into reservations and counts ----
+    def worker_resources(self) -> dict[str, float]:
+        """What one training worker reserves in Ray: its CPUs, and its GPUs on GPU."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.use_gpu else {})}
+
+    def trainer_resources(self) -> dict[str, float]:
+        """What one TorchTrainer (``num_workers`` workers) reserves: one Tune trial's share."""
+        return {k: v * self.num_workers for k, v in self.worker_resources().items()}
+
+    def replica_resources(self) -> dict[str, float]:
+        """What one reference-model replica (`raydpo.reference`) reserves: a worker's GPUs and no
+        CPU on GPU; on CPU a worker's CPUs, at least half a CPU."""
+        if self.use_gpu:
+            return {"CPU": 0.0, "GPU": self.gpus_per_worker}
+        return {"CPU": max(self.cpus_per_worker, 0.5)}
+
+    def slots(self, cluster: dict[str, float], per_slot: dict[str, float]) -> int:
+        """How many ``per_slot`` reservations fit at once in ``cluster`` (what
+        ``ray.cluster_resources()`` returns) while Ray Data keeps ``data_cpus`` CPUs; 0 when
+        none fits. The one resource formula: the CPU budget check (`raydpo.launch`), concurrent
+        Tune trials (`raydpo.tune`) and reference replicas (`raydpo.reference`) count with it."""
+        free = {**cluster, "CPU": cluster.get("CPU", 0.0) - self.data_cpus}
+        # the epsilon: CPU counts are floats (0.5 per worker); 2.9999999 CPUs hold 3 slots of 1
+        fits = [int((free.get(k, 0.0) + 1e-9) // v) for k, v in per_slot.items() if v > 0]
+        return max(0, min(fits, default=0))
 
 
 class TrainStageConfig(_Section):
@@ -408,9 +436,7 @@ class Config(_Section):
         if q.mode == "4bit" and self.deepspeed.enabled:
             # DeepSpeed bf16/fp16 casts every floating tensor of the module; 4-bit weights packed
             # into a float storage of another dtype are reinterpreted and destroyed silently.
-            p = self.deepspeed.precision
-            if p == "auto":
-                p = "bf16" if self.scaling.use_gpu else "fp32"
+            p = resolve_precision(self, self.scaling.use_gpu)
             want = {"bf16": "bfloat16", "fp16": "float16"}.get(p)
             storage = q.quant_storage or q.compute_dtype
             if want and storage != want:
@@ -480,6 +506,16 @@ RESUME_FREE = ("tracking.", "run.max_failures", "run.timeout_s", "run.keep_check
                "sft.save_every", "sft.max_steps", "sft.max_nonfinite_steps", "sft.enabled", "dpo.log_every",
                "dpo.eval_every", "dpo.eval_max_batches", "dpo.save_every", "dpo.max_steps", "dpo.max_nonfinite_steps",
                "dpo.enabled", "tune.", "generations.")
+
+
+def resolve_precision(cfg: Config, use_gpu: bool) -> str:
+    """DeepSpeed's precision: ``auto`` means bf16 on GPU (what the QLoRA recipe trains in) and
+    fp32 on CPU. The one rule: validation (`Config`), `raydpo.deepspeed` and the memory estimate
+    all call it."""
+    p = cfg.deepspeed.precision
+    if p == "auto":
+        return "bf16" if use_gpu else "fp32"
+    return p
 
 
 def resume_fingerprint(cfg: Config) -> dict[str, Any]:

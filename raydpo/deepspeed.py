@@ -8,18 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from raydpo.config import Config, TrainStageConfig
+from raydpo.config import Config, TrainStageConfig, resolve_precision
 
 # elements per ZeRO gradient bucket (the memory estimate counts these buckets on GPU)
 REDUCE_BUCKET_SIZE = 5e7
-
-
-def resolve_precision(cfg: Config, use_gpu: bool) -> str:
-    """``auto`` means bf16 on GPU (what the QLoRA recipe trains in) and fp32 on CPU."""
-    p = cfg.deepspeed.precision
-    if p == "auto":
-        return "bf16" if use_gpu else "fp32"
-    return p
 
 
 def build_ds_config(cfg: Config, stage: TrainStageConfig, *, use_gpu: bool, world_size: int) -> dict[str, Any]:
@@ -66,4 +58,7 @@ def build_ds_config(cfg: Config, stage: TrainStageConfig, *, use_gpu: bool, worl
 
 
 def comm_backend(use_gpu: bool) -> str:
+    """The torch.distributed backend: NCCL between GPUs, gloo on CPU. The one rule: the Ray
+    TorchTrainer (`raydpo.launch`), the torchrun runner (`raydpo.train.standalone`) and the
+    memory benchmark all call it."""
     return "nccl" if use_gpu else "gloo"

@@ -11,13 +11,11 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from raydpo.config import Config
+from raydpo.config import Config, Stage
 from raydpo.console import echo
 from raydpo.data.sources import DataSourceError
-
-Stage = Literal["sft", "dpo"]
 
 
 class ResourceError(RuntimeError):
@@ -42,8 +40,9 @@ def check_cpu_budget(cfg: Config) -> None:
 
     total = ray.cluster_resources().get("CPU", 0.0)
     s = cfg.scaling
-    needed = s.num_workers * s.cpus_per_worker + s.data_cpus
-    if total + 1e-9 < needed:
+    trainer_cpus = s.trainer_resources()["CPU"]
+    if s.slots({"CPU": total}, {"CPU": trainer_cpus}) < 1:
+        needed = trainer_cpus + s.data_cpus
         raise ResourceError(
             f"the cluster has {total:g} CPUs; {s.num_workers} workers x {s.cpus_per_worker:g} CPU "
             f"+ {s.data_cpus:g} for Ray Data = {needed:g}. Lower scaling.cpus_per_worker or "
@@ -251,6 +250,7 @@ def fit_stage(
 
     from raydpo import tracking
     from raydpo.config import fingerprint_hash, resume_fingerprint
+    from raydpo.deepspeed import comm_backend
     from raydpo.raycluster import ensure_ray
     from raydpo.train.ingest import data_config, eval_prompts, ordered_execution, ordered_stream
     from raydpo.train.loop import SCORE_KEY
@@ -334,9 +334,6 @@ def fit_stage(
         stream = ordered_stream(train_ds, n_train, seed=cfg.data.seed, global_batch=global_batch,
                                 micro_batches=stage_cfg.max_steps * stage_cfg.gradient_accumulation_steps,
                                 num_cpus=cfg.data.tokenize_num_cpus)  # sorted once, read whole by every worker
-        resources = {"CPU": s.cpus_per_worker}
-        if s.use_gpu:
-            resources["GPU"] = s.gpus_per_worker
         trainer = fatal_trainer()(
             train_loop_per_worker=train_loop_per_worker,
             train_loop_config={
@@ -349,9 +346,9 @@ def fit_stage(
                 if stage == "dpo" and cfg.generations.enabled and eval_ds is not None else [],
             },
             scaling_config=ray.train.ScalingConfig(
-                num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
+                num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=s.worker_resources()
             ),
-            torch_config=ray.train.torch.TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+            torch_config=ray.train.torch.TorchConfig(backend=comm_backend(s.use_gpu)),
             datasets={"train": stream, **({"eval": eval_ds} if eval_ds is not None else {})},
             dataset_config=data_config(),
             run_config=ray.train.RunConfig(

@@ -36,7 +36,7 @@ Deliberate notes against TRL 1.16:
   term (and the ORPO paper's L_SFT); TRL 1.16's ORPOTrainer also counts the prompt tokens. The
   odds-ratio term is TRL's exactly.
 
-Imports nothing but torch.
+Imports nothing but torch (and the metric names of `raydpo.metric_names`).
 """
 
 from __future__ import annotations
@@ -47,17 +47,10 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-LOSS = "loss"
-REWARDS_CHOSEN = "rewards/chosen"
-REWARDS_REJECTED = "rewards/rejected"
-REWARDS_ACCURACIES = "rewards/accuracies"
-REWARDS_MARGINS = "rewards/margins"
-LOGPS_CHOSEN = "logps/chosen"
-LOGPS_REJECTED = "logps/rejected"
-NLL_LOSS = "nll_loss"  # only for losses with a chosen-NLL term (sft, orpo, simpo with cpo_alpha), as TRL names it
-METRIC_KEYS = (LOSS, REWARDS_CHOSEN, REWARDS_REJECTED, REWARDS_ACCURACIES, REWARDS_MARGINS,
-               LOGPS_CHOSEN, LOGPS_REJECTED)
-COUNT = "count"
+from raydpo.metric_names import (LOGPS_CHOSEN, LOGPS_REJECTED, LOSS, NLL_LOSS, REWARDS_ACCURACIES, REWARDS_CHOSEN,
+                                 REWARDS_MARGINS, REWARDS_REJECTED)
+
+COUNT = "count"  # the divisor summed beside the metrics; never logged
 
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,8 @@ import os
 import threading
 from typing import Any, Callable
 
-from raydpo.tracking import LR, REWARD_KEYS, SPLITS, STEP_TIME, TOKENS_PER_S
+from raydpo.metric_names import (LR, METRIC_KEYS, NONFINITE_STEPS, PADDING_FRACTION, PEAK_MEMORY_GB, PEAK_RSS_MIB,
+                                 SAMPLES_PER_S, SCORED_TOKENS_PER_S, SPLITS, STEP_TIME, TOKENS_PER_S)
 
 RAY_PROMETHEUS_PREFIX = "ray_"  # what Ray's metrics agent prepends to every metric name
 GB = 2**30
@@ -32,21 +33,21 @@ GB = 2**30
 # Quantities logged for both splits: the key after the ``train/`` or ``eval/`` prefix -> gauge.
 SPLIT_GAUGES: dict[str, tuple[str, str]] = {
     k: ("raydpo_" + k.replace("/", "_"), f"{k} of the latest logged step (label split: train or eval)")
-    for k in REWARD_KEYS
+    for k in METRIC_KEYS
 }
 # Train-only loop keys -> (gauge name, description, factor to Prometheus base units).
 TRAIN_GAUGES: dict[str, tuple[str, str, float]] = {
     TOKENS_PER_S: ("raydpo_tokens_per_second", "training tokens per second, all workers", 1.0),
-    "train/samples_per_s": ("raydpo_samples_per_second", "training samples (DPO pairs) per second, all workers", 1.0),
+    SAMPLES_PER_S: ("raydpo_samples_per_second", "training samples (DPO pairs) per second, all workers", 1.0),
     STEP_TIME: ("raydpo_step_time_seconds", "wall time per optimizer step over the logging window", 1.0),
-    "train/peak_memory_gb": ("raydpo_gpu_peak_memory_bytes", "peak GPU memory allocated by torch on rank 0", GB),
+    PEAK_MEMORY_GB: ("raydpo_gpu_peak_memory_bytes", "peak GPU memory allocated by torch on rank 0", GB),
     LR: ("raydpo_learning_rate", "learning rate after the step", 1.0),
-    "train/scored_tokens_per_s": ("raydpo_scored_tokens_per_second", "DPO response tokens scored per second, all workers",
+    SCORED_TOKENS_PER_S: ("raydpo_scored_tokens_per_second", "DPO response tokens scored per second, all workers",
                                   1.0),
-    "train/padding_fraction": ("raydpo_padding_fraction", "share of the DPO batch positions that are padding", 1.0),
-    "train/peak_rss_mib": ("raydpo_workers_peak_rss_bytes", "peak resident memory of all training workers, summed",
+    PADDING_FRACTION: ("raydpo_padding_fraction", "share of the DPO batch positions that are padding", 1.0),
+    PEAK_RSS_MIB: ("raydpo_workers_peak_rss_bytes", "peak resident memory of all training workers, summed",
                            2**20),
-    "train/nonfinite_steps": ("raydpo_nonfinite_steps", "optimizer steps skipped for a non-finite loss, so far", 1.0),
+    NONFINITE_STEPS: ("raydpo_nonfinite_steps", "optimizer steps skipped for a non-finite loss, so far", 1.0),
 }
 STEP_GAUGE = ("raydpo_step", "optimizer step of the latest logged metrics")
 RSS_GAUGE = ("raydpo_process_rss_bytes", "resident memory of the rank-0 training process")

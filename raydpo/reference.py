@@ -189,10 +189,8 @@ def inference_actors(cfg: Config) -> int:
     as many as training workers fit (every GPU, or every CPU Ray Data does not keep)."""
     import ray
 
-    s, res = cfg.scaling, ray.cluster_resources()
-    if s.use_gpu:
-        return max(1, int(res.get("GPU", 0) // s.gpus_per_worker))
-    return max(1, int((res.get("CPU", 1.0) - s.data_cpus) // max(s.cpus_per_worker, 0.5)))
+    s = cfg.scaling
+    return max(1, s.slots(ray.cluster_resources(), s.replica_resources()))
 
 
 def reference_datasets(cfg: Config, base_path: str, tok_path: str, progress=echo):
@@ -216,10 +214,10 @@ def reference_datasets(cfg: Config, base_path: str, tok_path: str, progress=echo
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         train, evals = build_datasets(cfg, "dpo", tok_path)
-        s = cfg.scaling
+        s, replica = cfg.scaling, cfg.scaling.replica_resources()
         kw = dict(fn_constructor_args=(cfg.to_dict(), base_path, s.use_gpu), batch_size=cfg.dpo.per_device_batch_size * 4,
                   batch_format="pyarrow", compute=ActorPoolStrategy(min_size=1, max_size=inference_actors(cfg)),
-                  num_cpus=0 if s.use_gpu else max(s.cpus_per_worker, 0.5), num_gpus=s.gpus_per_worker if s.use_gpu else 0)
+                  num_cpus=replica["CPU"], num_gpus=replica.get("GPU", 0))
         rows = {}
         for name, ds in (("train", train), ("eval", evals)):
             ds.map_batches(RefLogps, **kw).write_parquet(str(tmp / name))

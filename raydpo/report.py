@@ -27,18 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from raydpo import tracking
-from raydpo.tune import BEST_TAG, TrialRow
+from raydpo.metric_names import EVAL_ACCURACY, EVAL_MARGINS, TOKENS_PER_S
+from raydpo.tune import BEST_TAG, TRIAL_TAG, TrialRow
 
 EXIT_USAGE = 2
-TRIAL_TAG = "raydpo.trial_id"
-ACCURACY = "eval/rewards/accuracies"
-MARGINS = "eval/rewards/margins"
 # eval first (what runs are compared on), margins and accuracy leading; train curves follow for diagnosis
 _LEAD = ("rewards/margins", "rewards/accuracies", "loss")
 CHART_KEYS = tuple(f"{split}/{k}" for split in ("eval", "train")
                    for k in sorted(tracking.PLOT_KEYS, key=lambda k: _LEAD.index(k) if k in _LEAD else len(_LEAD)))
-_FETCH_KEYS = list(CHART_KEYS) + [tracking.TOKENS_PER_S]
-_MAX_RESULTS = 1000
+_FETCH_KEYS = list(CHART_KEYS) + [TOKENS_PER_S]
 
 
 class ReportError(ValueError):
@@ -93,18 +90,9 @@ def load_runs(uri: str, experiment_name: str) -> list[RunInfo]:
     db = tracking._sqlite_path(uri)
     if db is not None and not db.exists():
         raise ReportError(f"no MLflow store at {db} (set --tracking-uri or MLFLOW_TRACKING_URI)")
-    client = tracking._client(uri)
-    exp = client.get_experiment_by_name(experiment_name)
-    if exp is None or exp.lifecycle_stage == "deleted":
+    found = tracking.find_runs(uri, experiment_name)
+    if found is None:
         raise ReportError(f"no experiment named {experiment_name!r} in {uri}")
-    found, token = [], None
-    while True:
-        page = client.search_runs([exp.experiment_id], max_results=_MAX_RESULTS, order_by=["attributes.start_time ASC"],
-                                  page_token=token)
-        found.extend(page)
-        token = page.token
-        if not token:
-            break
     if not found:
         raise ReportError(f"experiment {experiment_name!r} in {uri} has no runs")
     runs = []
@@ -128,8 +116,8 @@ def trial_rows(parent: RunInfo, runs: list[RunInfo]) -> tuple[list[TrialRow], Tr
         if r.parent_id != parent.run_id:
             continue
         row = TrialRow(trial_id=r.tags.get(TRIAL_TAG) or r.params.get("trial_id") or r.name,
-                       beta=_nan(r.beta), lr=_nan(r.lr), accuracy=_nan(r.metrics.get(ACCURACY)),
-                       margins=_nan(r.metrics.get(MARGINS)), steps=r.last_step, status=r.status, run_id=r.run_id)
+                       beta=_nan(r.beta), lr=_nan(r.lr), accuracy=_nan(r.metrics.get(EVAL_ACCURACY)),
+                       margins=_nan(r.metrics.get(EVAL_MARGINS)), steps=r.last_step, status=r.status, run_id=r.run_id)
         rows.append(row)
         if r.tags.get(BEST_TAG) == "true" or r.run_id == best_id:
             best = row
@@ -178,7 +166,7 @@ def trials_scatter(rows: list[TrialRow], metric: str, best: TrialRow | None) -> 
     pts = [r for r in rows if not (math.isnan(r.beta) or math.isnan(r.lr))]
     if not pts:
         return None
-    vals = [_metric_of(r, metric) for r in pts]
+    vals = [r.score(metric) for r in pts]
     fig = _figure((5.6, 4.0))
     ax = fig.subplots()
     sc = ax.scatter([r.beta for r in pts], [r.lr for r in pts], c=[v if not math.isnan(v) else 0.0 for v in vals],
@@ -239,10 +227,6 @@ def _short(name: str, n: int = 40) -> str:
     return name if len(name) <= n else name[: n - 1] + "…"
 
 
-def _metric_of(r: TrialRow, metric: str) -> float:
-    return r.accuracy if "acc" in metric else r.margins
-
-
 def _when(ms: int | None) -> str:
     if not ms:
         return "—"
@@ -282,10 +266,10 @@ def _runs_table(runs: list[RunInfo]) -> str:
                "eval loss", "tokens/s (mean)", "run id"]
     rows = []
     for r in runs:
-        tps = r.mean(tracking.TOKENS_PER_S)
+        tps = r.mean(TOKENS_PER_S)
         cells = [_td(r.name), _td(r.stage or "—"), _td(r.status, cls=f"status-{r.status}"), _td(_when(r.start_ms)),
                  _td(_duration(r), num=True), _td(_fmt(r.beta), num=True), _td(_fmt(r.lr, ".3g"), num=True),
-                 _td(_fmt(r.metrics.get(ACCURACY)), num=True), _td(_fmt(r.metrics.get(MARGINS)), num=True),
+                 _td(_fmt(r.metrics.get(EVAL_ACCURACY)), num=True), _td(_fmt(r.metrics.get(EVAL_MARGINS)), num=True),
                  _td(_fmt(r.metrics.get("eval/loss")), num=True), _td(_fmt(tps, ".1f"), num=True),
                  f"<td><code>{_e(r.run_id)}</code></td>"]
         cls = ' class="child"' if r.parent_id else ""
@@ -295,7 +279,7 @@ def _runs_table(runs: list[RunInfo]) -> str:
 
 def _tune_section(parent: RunInfo, runs: list[RunInfo]) -> str:
     rows, best = trial_rows(parent, runs)
-    metric = parent.params.get("tune.metric", ACCURACY)
+    metric = parent.params.get("tune.metric", EVAL_ACCURACY)
     out = [f"<h2>Tune search: {_e(parent.name)}</h2>",
            f'<p class="meta">parent run <a href="#{_run_anchor(parent.run_id)}"><code>{_e(parent.run_id)}</code></a>'
            f" &middot; {len(rows)} trials &middot; metric <code>{_e(metric)}</code>"
@@ -305,7 +289,7 @@ def _tune_section(parent: RunInfo, runs: list[RunInfo]) -> str:
         return "\n".join(out)
     max_steps = _num(parent.params.get("dpo.max_steps"))
     def rank(r: TrialRow) -> tuple[float, str]:  # best metric first, trials without one last
-        v = _metric_of(r, metric)
+        v = r.score(metric)
         return (math.inf if math.isnan(v) else -v, r.trial_id)
 
     table_rows = []

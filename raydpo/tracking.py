@@ -13,8 +13,8 @@ Who does what:
   curves (`log_final_artifacts`), optionally registers the adapter (`register_model`) and ends
   the run (`end_run`).
 
-Metric names are shared constants (`REWARD_KEYS` with ``train/`` and ``eval/`` prefixes), used
-by the loops, the plots, tune and ``dashboards/``.
+Metric names are shared constants (`raydpo.metric_names`: ``METRIC_KEYS`` with ``train/`` and
+``eval/`` prefixes), used by the loops, the plots, tune and ``dashboards/``.
 
 Artifacts of a sqlite store live next to the database, in ``<db dir>/mlartifacts/<experiment>/
 <run id>/artifacts``. MLflow's own default for a sqlite store is ``./mlruns`` relative to the
@@ -25,7 +25,8 @@ Artifacts of a sqlite store live next to the database, in ``<db dir>/mlartifacts
 MLflow 3.17 behaviours this module works around (measured against the pinned version):
 
 * ``mlflow.set_tracking_uri`` also exports ``$MLFLOW_TRACKING_URI`` and its restoring helper
-  unsets it, so nothing here touches the fluent API's URI except `find_runs` (see there);
+  unsets it, so nothing here touches the fluent API: every call goes through an ``MlflowClient``
+  bound to one store;
 * ``mlflow.register_model("runs:/<id>/adapter")`` fails for a plain artifact folder ("Unable to
   find a logged_model") *after* creating the registered model; `register_model` uses the client;
 * creating a fresh sqlite database runs every migration (seconds), and concurrent creators race.
@@ -43,12 +44,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-REWARD_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-               "logps/chosen", "logps/rejected")
-TOKENS_PER_S = "train/tokens_per_s"
-LR = "train/lr"
-STEP_TIME = "train/step_time_s"
-PLOT_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+from raydpo.metric_names import LOSS, REWARDS_ACCURACIES, REWARDS_CHOSEN, REWARDS_MARGINS, REWARDS_REJECTED
+
+# the panels of reward_curves.png, in order
+PLOT_KEYS = (LOSS, REWARDS_CHOSEN, REWARDS_REJECTED, REWARDS_MARGINS, REWARDS_ACCURACIES)
 
 SFT_RUN_TAG = "raydpo.sft_run_id"
 STAGE_TAG = "raydpo.stage"
@@ -64,18 +63,9 @@ MAX_PARAMS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
 
 
-SPLITS = ("train", "eval")
-
 # eval generations (raydpo.train.generate): one MLflow table per run, appended at each evaluation
 GENERATIONS_TABLE = "eval_generations.json"
 GENERATION_COLUMNS = ("step", "prompt_index", "prompt", "policy", "reference", "chosen")
-
-
-def prefixed(metrics: dict[str, float], split: str) -> dict[str, float]:
-    """``{"loss": 0.6}, "eval"`` -> ``{"eval/loss": 0.6}``."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return {f"{split}/{k}": v for k, v in metrics.items()}
 
 
 # -- where the store is ------------------------------------------------------------------
@@ -264,17 +254,6 @@ class RunLogger:
         for i in range(0, len(ms), MAX_METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=ms[i:i + MAX_METRICS_PER_BATCH])
 
-    def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
-        self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
-
-    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        from mlflow.entities import RunTag
-
-        _log_tags(self.client, self.run_id, [RunTag(k, str(v)) for k, v in tags.items()])
-
     def log_generations(self, rows: list[dict[str, Any]], step: int) -> None:
         _log_generations(self.client, self.run_id, rows)
 
@@ -283,15 +262,6 @@ class NullLogger:
     """What ranks other than 0 get: the same methods, no MLflow import, no traffic."""
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        pass
-
-    def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
-        pass
-
-    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
-        pass
-
-    def set_tags(self, tags: dict[str, str]) -> None:
         pass
 
     def log_generations(self, rows: list[dict[str, Any]], step: int) -> None:
@@ -454,32 +424,27 @@ def register_model(uri: str, run_id: str, artifact_path: str, name: str, tags: d
     return str(mv.version)
 
 
-def find_runs(uri: str, experiment_name: str):
-    """All runs of an experiment as a pandas DataFrame (``mlflow.search_runs`` columns:
-    ``run_id``, ``status``, ``metrics.eval/rewards/accuracies``, ``params.dpo.beta``,
-    ``tags.mlflow.parentRunId``, ...); empty when the experiment does not exist."""
-    import mlflow
-    import pandas as pd
+SEARCH_PAGE = 1000  # runs per search_runs page (MLflow's own default maximum)
 
+
+def find_runs(uri: str, experiment_name: str) -> list | None:
+    """Every run of an experiment, oldest first, as MLflow ``Run`` objects (``.info.run_id``,
+    ``.info.status``, ``.data.tags``, ``.data.metrics``, ...), read page by page through the
+    public ``MlflowClient`` of this store -- never the fluent API, whose process-wide tracking URI
+    another thread or the environment may hold. None when the experiment does not exist or is
+    deleted. What ``raydpo tune`` (parents, trials) and ``raydpo report`` read."""
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment_name)
-    if exp is None:
-        return pd.DataFrame()
-    # mlflow.search_runs only reads the process-wide tracking URI. mlflow.set_tracking_uri
-    # would also export $MLFLOW_TRACKING_URI (leaking into resolve_tracking_uri, subprocesses and
-    # Ray workers) and its own restore helper unsets a user's env var: swap the global alone.
-    from mlflow.tracking._tracking_service import utils as service
-
-    with _FLUENT_URI_LOCK:  # two driver threads must not see each other's store
-        saved = service._tracking_uri
-        service._tracking_uri = uri
-        try:
-            return mlflow.search_runs(experiment_ids=[exp.experiment_id])
-        finally:
-            service._tracking_uri = saved
-
-
-_FLUENT_URI_LOCK = threading.Lock()
+    if exp is None or exp.lifecycle_stage == "deleted":
+        return None
+    found, token = [], None
+    while True:
+        page = client.search_runs([exp.experiment_id], max_results=SEARCH_PAGE,
+                                  order_by=["attributes.start_time ASC"], page_token=token)
+        found.extend(page)
+        token = page.token
+        if not token:
+            return found
 
 
 # -- outages: preflight check, buffered worker logging, spill and replay -------------------
@@ -708,8 +673,7 @@ class BufferedLogger:
     process) so that each attempt fails in seconds instead of minutes.
 
     Call `close` at the end: it flushes within a timeout and spills what is left to JSONL
-    (`replay_buffer`). Tags are queued the same way; artifacts are uploaded at once, and an
-    upload that fails only warns (the files stay where they are).
+    (`replay_buffer`). Tags are queued the same way.
     """
 
     def __init__(self, uri: str, run_id: str, skip_through_step: int | None = None, *,
@@ -777,20 +741,6 @@ class BufferedLogger:
                 return
             self._tags.update({str(k): str(v) for k, v in tags.items()})
         self._wake.set()
-
-    def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
-        try:
-            self._get_client().log_artifacts(self.run_id, str(local_dir), artifact_path)
-        except Exception as e:  # noqa: BLE001 -- an outage must not kill training
-            _warn(f"warning: could not log artifacts {local_dir} to MLflow store {self.uri} ({_short(e)}); "
-                  "they stay where they are")
-
-    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
-        try:
-            self._get_client().log_artifact(self.run_id, str(path), artifact_path)
-        except Exception as e:  # noqa: BLE001
-            _warn(f"warning: could not log artifact {path} to MLflow store {self.uri} ({_short(e)}); "
-                  "it stays where it is")
 
     def log_generations(self, rows: list[dict[str, Any]], step: int) -> None:
         """Best effort, at once: a step already in the run (a resumed job) is not logged again;

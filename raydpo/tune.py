@@ -19,8 +19,10 @@ from typing import Any
 
 from raydpo.config import Config, SearchSpace
 from raydpo.console import echo
+from raydpo.metric_names import EVAL_ACCURACY, EVAL_MARGINS
 
 BEST_TAG = "raydpo.best_trial"
+TRIAL_TAG = "raydpo.trial_id"
 
 
 def _space(s: SearchSpace):
@@ -42,11 +44,7 @@ def max_concurrent(cfg: Config) -> int:
     if cfg.tune.max_concurrent_trials:
         return cfg.tune.max_concurrent_trials
     s = cfg.scaling
-    cpus = ray.cluster_resources().get("CPU", 1.0) - s.data_cpus
-    n = int(cpus // (s.num_workers * s.cpus_per_worker))
-    if s.use_gpu:
-        n = min(n, int(ray.cluster_resources().get("GPU", 0) // (s.num_workers * s.gpus_per_worker)))
-    return max(1, n)
+    return max(1, s.slots(ray.cluster_resources(), s.trainer_resources()))
 
 
 def _trial(config: dict[str, Any], datasets: tuple[Any, Any] | None = None, *, base_cfg: dict, base: tuple[str, str],
@@ -64,7 +62,7 @@ def _trial(config: dict[str, Any], datasets: tuple[Any, Any] | None = None, *, b
     })
     fit_stage(cfg, "dpo", parent_run_id=parent_run_id, base=base, datasets=datasets, callbacks=[TuneReportCallback()],
               report_eval_only=True,
-              tags={"raydpo.trial_id": trial_id},
+              tags={TRIAL_TAG: trial_id},
               params={"beta": str(cfg.dpo.beta), "lr": str(cfg.dpo.lr), "trial_id": trial_id})
 
 
@@ -78,6 +76,11 @@ class TrialRow:
     steps: int
     status: str
     run_id: str | None = None
+
+    def score(self, metric: str) -> float:
+        """The value ``metric`` (``tune.metric``: eval reward accuracy or margins) ranks this trial
+        by; higher is better. The one place that maps the metric's name to a column."""
+        return self.accuracy if metric == EVAL_ACCURACY else self.margins
 
 
 def run_tune(cfg: Config, *, resume: bool = False, progress=echo) -> tuple[list[TrialRow], TrialRow | None]:
@@ -174,34 +177,29 @@ def run_tune(cfg: Config, *, resume: bool = False, progress=echo) -> tuple[list[
         )
     grid = tuner.fit()
     rows = _rows(grid, cfg.dpo.max_steps, uri, cfg.tracking.experiment_name, parent)
-    scored = [r for r in rows if not math.isnan(r.accuracy if "acc" in t.metric else r.margins)]
+    scored = [r for r in rows if not math.isnan(r.score(t.metric))]
     # the best finished trial (it has an adapter to register); a stopped one only if none finished
     best = max([r for r in scored if r.status == "DONE"] or scored,
-               key=lambda r: r.accuracy if "acc" in t.metric else r.margins, default=None)
+               key=lambda r: r.score(t.metric), default=None)
     _finish(uri, parent, cfg, rows, best, t.metric)
     return rows, best
 
 
 def _find_parent(uri: str, experiment: str, name: str) -> str | None:
-    runs = tracking_runs(uri, experiment)
-    if runs.empty or "tags.mlflow.runName" not in runs:
-        return None
-    hits = runs[(runs["tags.mlflow.runName"] == name) & (runs.get("tags.raydpo.stage") == "tune")]
-    return None if hits.empty else str(hits.iloc[0]["run_id"])
-
-
-def tracking_runs(uri: str, experiment: str):
+    """The newest search parent run called ``name`` (what ``--resume`` continues)."""
     from raydpo import tracking
 
-    return tracking.find_runs(uri, experiment)
+    hits = [r for r in tracking.find_runs(uri, experiment) or []
+            if r.info.run_name == name and r.data.tags.get(tracking.STAGE_TAG) == "tune"]
+    return hits[-1].info.run_id if hits else None
 
 
 def _rows(grid, max_steps: int, uri: str, experiment: str, parent: str) -> list[TrialRow]:
-    runs = tracking_runs(uri, experiment)
-    by_trial: dict[str, tuple[str, str]] = {}
-    if not runs.empty and "tags.raydpo.trial_id" in runs and "tags.mlflow.parentRunId" in runs:
-        children = runs[runs["tags.mlflow.parentRunId"] == parent]
-        by_trial = {r["tags.raydpo.trial_id"]: (r["run_id"], r["status"]) for _, r in children.iterrows()}
+    from raydpo import tracking
+
+    runs = tracking.find_runs(uri, experiment) or []
+    by_trial = {r.data.tags[TRIAL_TAG]: (r.info.run_id, r.info.status) for r in runs
+                if r.data.tags.get(tracking.PARENT_TAG) == parent and TRIAL_TAG in r.data.tags}
     rows = []
     for res in grid:
         m, c = res.metrics or {}, res.config or {}
@@ -213,8 +211,8 @@ def _rows(grid, max_steps: int, uri: str, experiment: str, parent: str) -> list[
         done = run_status == "FINISHED" if run_status else steps >= max_steps
         status = "ERROR" if res.error else ("DONE" if done else "STOPPED")
         rows.append(TrialRow(trial_id=tid, beta=float(c.get("beta", math.nan)), lr=float(c.get("lr", math.nan)),
-                             accuracy=float(m.get("eval/rewards/accuracies", math.nan)),
-                             margins=float(m.get("eval/rewards/margins", math.nan)),
+                             accuracy=float(m.get(EVAL_ACCURACY, math.nan)),
+                             margins=float(m.get(EVAL_MARGINS, math.nan)),
                              steps=steps, status=status, run_id=run_id))
     return rows
 
@@ -236,7 +234,7 @@ def plot_trials(rows: list[TrialRow], metric: str, path: str) -> str:
 
     ok = [r for r in rows if not math.isnan(r.accuracy)]
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    vals = [r.accuracy if "acc" in metric else r.margins for r in ok]
+    vals = [r.score(metric) for r in ok]
     sc = ax.scatter([r.beta for r in ok], [r.lr for r in ok], c=vals, cmap="viridis", s=80, edgecolors="k")
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -272,7 +270,7 @@ def _finish(uri: str, parent: str, cfg: Config, rows: list[TrialRow], best: Tria
     if best is not None and best.run_id:
         client.set_tag(best.run_id, BEST_TAG, "true")
         client.set_tag(parent, "raydpo.best_run_id", best.run_id)
-        client.log_metric(parent, f"best/{metric}", best.accuracy if "acc" in metric else best.margins)
+        client.log_metric(parent, f"best/{metric}", best.score(metric))
         if best.status == "DONE":
             name = cfg.tracking.register_model_name or f"{cfg.tracking.experiment_name}-dpo"
             sft_run = client.get_run(parent).data.tags.get(tracking.SFT_RUN_TAG, "")

@@ -3,9 +3,48 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
+
+TALLY = Path(__file__).resolve().parent / "_tally"
+sys.path.insert(0, str(TALLY))
+import raydpo_suite_tally as tally  # noqa: E402
+
+_saved_env: dict[str, str | None] = {}
+
+
+def pytest_configure(config):
+    """Count what the run pays for (`raydpo_suite_tally`): a fresh tally folder for this run, and
+    the tally's sitecustomize first on $PYTHONPATH so every Python process a test starts counts
+    into it too (CLI subprocesses, `ray start`, the workers of a Ray instance a test starts)."""
+    for name in (tally.ENV, "PYTHONPATH"):
+        _saved_env[name] = os.environ.get(name)
+    os.environ[tally.ENV] = tempfile.mkdtemp(prefix="raydpo-suite-tally-")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(TALLY), os.environ.get("PYTHONPATH")) if p)
+    tally.install()
+
+
+@pytest.hookimpl(trylast=True)  # after the durations table: the run's last lines
+def pytest_terminal_summary(terminalreporter):
+    folder = os.environ.get(tally.ENV)
+    if folder:
+        terminalreporter.write_line(tally.summary_line(tally.counts(folder)))
+
+
+def pytest_unconfigure(config):
+    folder = os.environ.get(tally.ENV)
+    for name, value in _saved_env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from raydpo.config import Config, ConfigError, check_resources, load_config, parse_override, resume_fingerprint
-from raydpo.deepspeed import build_ds_config
+from raydpo.deepspeed import build_ds_config, comm_backend
 
 
 def write(tmp_path, text, name="c.yaml"):
@@ -151,6 +151,8 @@ def test_ds_config_cpu_and_gpu():
     assert cpu["zero_optimization"]["stage"] == 3
     assert cpu["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert cpu["gradient_clipping"] == c.dpo.max_grad_norm
+    # the same laptop/cluster split picks the process-group backend
+    assert (comm_backend(False), comm_backend(True)) == ("gloo", "nccl")
 
 
 def test_light_imports():
@@ -234,3 +236,16 @@ def test_a_checkpoint_made_before_a_new_setting_resumes_while_it_keeps_its_defau
     old = {k: v for k, v in resume_fingerprint(Config()).items() if k != "dpo.simpo_gamma"}  # written by an older raydpo
     assert fingerprint_diff(old, resume_fingerprint(Config())) == []
     assert fingerprint_diff(old, resume_fingerprint(load_config(None, ["dpo.simpo_gamma=1.0"]))) == ["dpo.simpo_gamma"]
+
+
+def test_one_resource_formula_counts_trainers_and_replicas_while_ray_data_keeps_its_cpus():
+    cpu = Config().with_overrides({"scaling.num_workers": 2, "scaling.cpus_per_worker": 1.0}).scaling
+    assert cpu.worker_resources() == {"CPU": 1.0} and cpu.trainer_resources() == {"CPU": 2.0}
+    assert cpu.slots({"CPU": 5.0}, cpu.trainer_resources()) == 2  # (5 - 1 kept for Ray Data) // 2
+    assert cpu.slots({"CPU": 2.0}, cpu.trainer_resources()) == 0  # Ray Data's CPU is never lent out
+    assert cpu.slots({"CPU": 2.0}, cpu.replica_resources()) == 1
+    gpu = Config().with_overrides({"scaling.use_gpu": True, "scaling.num_workers": 2}).scaling
+    assert gpu.trainer_resources() == {"CPU": 1.0, "GPU": 2.0}
+    assert gpu.slots({"CPU": 64.0, "GPU": 8.0}, gpu.trainer_resources()) == 4  # the GPUs bound it
+    assert gpu.slots({"CPU": 2.0, "GPU": 8.0}, gpu.trainer_resources()) == 1  # here the CPUs do
+    assert gpu.replica_resources() == {"CPU": 0.0, "GPU": 1.0}  # a replica takes no CPU from Ray Data

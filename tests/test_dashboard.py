@@ -263,14 +263,19 @@ def test_a_failing_refresh_stops_the_thread_without_raising(caplog):
 
 
 def test_every_metric_the_loop_logs_has_a_gauge():
-    # train-only keys the loop writes as metrics["train/..."] = ...
+    # train-only keys the loop writes as metrics["train/..."] = ... or metrics[NAME] = ... with a
+    # name from raydpo.metric_names
+    from raydpo import metric_names
+
     loop_keys = set()
     for node in ast.walk(ast.parse(LOOP.read_text())):
         if isinstance(node, ast.Assign):
             for t in node.targets:
-                if (isinstance(t, ast.Subscript) and isinstance(t.value, ast.Name) and t.value.id == "metrics"
-                        and isinstance(t.slice, ast.Constant)):
-                    loop_keys.add(t.slice.value)
+                if isinstance(t, ast.Subscript) and isinstance(t.value, ast.Name) and t.value.id == "metrics":
+                    if isinstance(t.slice, ast.Constant):
+                        loop_keys.add(t.slice.value)
+                    elif isinstance(t.slice, ast.Name):
+                        loop_keys.add(getattr(metric_names, t.slice.id))  # AttributeError: a name not shared
     assert {"train/tokens_per_s", "train/step_time_s", "train/peak_memory_gb", "train/lr"} <= loop_keys
     assert loop_keys - {"step"} <= set(metrics.TRAIN_GAUGES)
     # per-split keys: what the DPO and SFT loops finalize (prefixed train/ or eval/)

@@ -530,8 +530,8 @@ def test_gpu_worker_groups_fit_the_gpu_recipe():
             assert s.gpus_per_worker <= pod_gpu and s.cpus_per_worker <= pod_cpu, f"{which}: a train worker fits no pod"
             gpus += pod_gpu * g["maxReplicas"]
             cpus += pod_cpu * g["maxReplicas"]
-        assert gpus >= s.num_workers * s.gpus_per_worker, which
-        assert cpus >= s.num_workers * s.cpus_per_worker + s.data_cpus, which
+        # counted as the driver counts before training (launch.check_cpu_budget, tune)
+        assert s.slots({"CPU": cpus, "GPU": gpus}, s.trainer_resources()) >= 1, which
 
 
 def test_rayjob_runs_the_gpu_recipe_with_the_pinned_runtime_env():
@@ -616,7 +616,7 @@ def test_local_recipe():
                  "    raydpo pipeline --config jobs/demo_cpu.yaml"):
         assert line in text, line
     s = load_config(REPO / "jobs" / "demo_cpu.yaml").scaling
-    assert s.num_workers * s.cpus_per_worker + s.data_cpus <= 2  # fits `--num-cpus 2`
+    assert s.slots({"CPU": 2.0}, s.trainer_resources()) >= 1  # fits `--num-cpus 2`
 
 
 # ---------------------------------------------------------------------------------------------

@@ -65,6 +65,22 @@ def test_reference_pass_uses_every_free_replica_slot(monkeypatch, resources, ove
     assert inference_actors(Config().with_overrides(overrides)) == expected
 
 
+def test_the_driver_refuses_a_trainer_that_leaves_ray_data_no_cpu_and_tune_runs_what_fits(monkeypatch):
+    import ray
+
+    from raydpo.launch import ResourceError, check_cpu_budget
+    from raydpo.tune import max_concurrent
+
+    cfg = Config().with_overrides({"scaling.num_workers": 2, "scaling.cpus_per_worker": 1.0})
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    with pytest.raises(ResourceError, match="2 workers x 1 CPU \\+ 1 for Ray Data = 3"):
+        check_cpu_budget(cfg)
+    assert max_concurrent(cfg) == 1  # never fewer than one trial
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 7.0})
+    check_cpu_budget(cfg)
+    assert max_concurrent(cfg) == 3  # (7 - 1) // (2 x 1)
+
+
 # -- the cache is keyed by content -------------------------------------------------------------
 
 

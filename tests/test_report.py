@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from raydpo import report, tracking
+from raydpo.metric_names import TOKENS_PER_S
 from raydpo.tune import BEST_TAG
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -38,7 +39,7 @@ def _dpo_step(step: int, split: str, scale: float = 1.0) -> dict[str, float]:
     vals = {"loss": 0.69 - 0.05 * step, "rewards/chosen": 0.1 * step, "rewards/rejected": -0.1 * step,
             "rewards/accuracies": min(1.0, 0.5 + 0.1 * step * scale), "rewards/margins": 0.2 * step * scale,
             "logps/chosen": -50.0 + step, "logps/rejected": -55.0 - step}
-    return tracking.prefixed(vals, split)
+    return {f"{split}/{k}": v for k, v in vals.items()}  # as the loops prefix them
 
 
 GEN_STEPS = (4, 6)
@@ -74,7 +75,7 @@ def _build_store(d: Path) -> SimpleNamespace:
     tracking.log_params(uri, sft, {"sft.lr": 1e-4, "sft.max_steps": 6})
     log = tracking.RunLogger(uri, sft)
     for step in (3, 6):
-        log.log_metrics({"train/loss": 2.0 / step, tracking.TOKENS_PER_S: 1000.0 + step}, step)
+        log.log_metrics({"train/loss": 2.0 / step, TOKENS_PER_S: 1000.0 + step}, step)
         log.log_metrics({"eval/loss": 2.5 / step}, step)
     tracking.end_run(uri, sft)
     ids["demo-sft"] = sft
@@ -84,7 +85,7 @@ def _build_store(d: Path) -> SimpleNamespace:
                                    "generations.max_new_tokens": 64})
     log = tracking.RunLogger(uri, dpo)
     for step in (2, 4, 6):
-        log.log_metrics({**_dpo_step(step, "train"), tracking.TOKENS_PER_S: 500.0}, step)
+        log.log_metrics({**_dpo_step(step, "train"), TOKENS_PER_S: 500.0}, step)
         log.log_metrics(_dpo_step(step, "eval"), step)
         if step in GEN_STEPS:
             log.log_generations(_generations(step), step)
@@ -308,3 +309,22 @@ def test_module_entry_point_and_light_import(store, tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert r.stdout.strip().splitlines()[-1] == "[] 0 False", r.stdout + r.stderr
     assert _images((tmp_path / "m.html").read_text())["eval/rewards/margins"].startswith(PNG_MAGIC)
+
+
+def test_tune_reads_the_same_runs_through_the_same_client(store):
+    # `raydpo tune --resume` finds its parent and matches Tune's trials to their MLflow runs
+    # through tracking.find_runs, the reader `raydpo report` uses
+    from raydpo import tune
+
+    assert tune._find_parent(store.uri, EXP, "demo-tune") == store.ids["demo-tune"]
+    assert tune._find_parent(store.uri, EXP, "demo-dpo") is None  # a run of that name that is no search
+    grid = [SimpleNamespace(metrics={"trial_id": tid, "step": steps, "eval/rewards/accuracies": acc,
+                                     "eval/rewards/margins": margin}, config={"beta": beta, "lr": lr}, error=None)
+            for tid, beta, lr, acc, margin, steps, _ in TRIALS]
+    rows = tune._rows(grid, 4, store.uri, EXP, store.ids["demo-tune"])
+    assert [(r.trial_id, r.run_id, r.status) for r in rows] == [
+        ("t1", store.ids["trial-t1-dpo"], "STOPPED"),  # KILLED in MLflow: ASHA stopped it
+        ("t2", store.ids["trial-t2-dpo"], "DONE"), ("t3", store.ids["trial-t3-dpo"], "DONE")]
+    # the search metric picks the column it ranks on
+    assert [r.score("eval/rewards/accuracies") for r in rows] == [0.55, 0.9, 0.7]
+    assert [r.score("eval/rewards/margins") for r in rows] == [0.12, 1.7, 0.4]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ast
-import os
 import shutil
 import subprocess
 import sys
@@ -14,6 +12,7 @@ import pytest
 
 from raydpo import tracking
 from raydpo.config import Config, flatten
+from raydpo.metric_names import EVAL_ACCURACY, LR, METRIC_KEYS, TOKENS_PER_S
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -50,8 +49,8 @@ def _run(store, name="run", **kw):
 
 
 def _dpo_metrics(step: int) -> dict[str, float]:
-    base = {k: step / 10 + i for i, k in enumerate(tracking.REWARD_KEYS)}
-    return {**tracking.prefixed(base, "train"), tracking.LR: 1e-4, tracking.TOKENS_PER_S: 1234.5}
+    # as the DPO loop logs them: train/ + every METRIC_KEYS name, plus the train-only keys
+    return {**{f"train/{k}": step / 10 + i for i, k in enumerate(METRIC_KEYS)}, LR: 1e-4, TOKENS_PER_S: 1234.5}
 
 
 # -- light import ------------------------------------------------------------------------
@@ -60,23 +59,6 @@ def test_importing_tracking_does_not_load_mlflow_or_matplotlib():
     code = "import sys, raydpo.tracking; print(sorted(m for m in ('mlflow', 'matplotlib') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
-
-
-def test_prefixed_builds_the_shared_metric_names():
-    assert tracking.prefixed({"loss": 1.0, "rewards/accuracies": 0.5}, "eval") == {
-        "eval/loss": 1.0, "eval/rewards/accuracies": 0.5}
-    with pytest.raises(ValueError, match="split"):
-        tracking.prefixed({"loss": 1.0}, "validation")  # would log a series no plot or dashboard reads
-
-
-def test_reward_keys_are_the_strings_losses_computes():
-    # raydpo.losses names its metrics with module constants; read them without importing torch.
-    src = Path(tracking.__file__).with_name("losses.py").read_text()
-    consts = {t.id: n.value.value for n in ast.parse(src).body if isinstance(n, ast.Assign)
-              for t in n.targets if isinstance(t, ast.Name) and isinstance(n.value, ast.Constant)}
-    names = ("LOSS", "REWARDS_CHOSEN", "REWARDS_REJECTED", "REWARDS_ACCURACIES", "REWARDS_MARGINS",
-             "LOGPS_CHOSEN", "LOGPS_REJECTED")
-    assert tuple(consts.get(n) for n in names) == tracking.REWARD_KEYS
 
 
 # -- where the store is ------------------------------------------------------------------
@@ -125,22 +107,23 @@ def test_setup_experiment_is_idempotent_and_keeps_artifacts_next_to_the_db(store
 
 # -- metrics -----------------------------------------------------------------------------
 
-def test_metric_names_round_trip_and_become_search_runs_columns(store):
+def test_metric_names_round_trip_through_find_runs(store, monkeypatch):
     run_id = _run(store)
     log = tracking.make_logger(store.uri, run_id, rank=0)
     assert isinstance(log, tracking.RunLogger)
     for step in (1, 2, 3):
         log.log_metrics(_dpo_metrics(step), step=step)
-    log.log_metrics(tracking.prefixed({"loss": 0.5, "rewards/accuracies": 0.75}, "eval"), step=3)
+    log.log_metrics({"eval/loss": 0.5, EVAL_ACCURACY: 0.75}, step=3)
+    # another store in the environment (a shell's server) does not redirect the search
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store.cwd / 'elsewhere.db'}")
 
-    runs = tracking.find_runs(store.uri, "raydpo-test")
-    row = runs.set_index("run_id").loc[run_id]
-    assert row["metrics.eval/rewards/accuracies"] == 0.75
-    assert row["metrics.train/rewards/margins"] == pytest.approx(0.3 + tracking.REWARD_KEYS.index("rewards/margins"))
-    assert row["metrics.train/tokens_per_s"] == 1234.5
-    assert row["metrics.train/lr"] == 1e-4
-    # find_runs must not leak its URI into the environment (resolve_tracking_uri reads it)
-    assert "MLFLOW_TRACKING_URI" not in os.environ
+    (run,) = tracking.find_runs(store.uri, "raydpo-test")
+    assert run.info.run_id == run_id
+    m = run.data.metrics
+    assert m[EVAL_ACCURACY] == 0.75
+    assert m["train/rewards/margins"] == pytest.approx(0.3 + METRIC_KEYS.index("rewards/margins"))
+    assert m[TOKENS_PER_S] == 1234.5 and m[LR] == 1e-4
+    assert not (store.cwd / "elsewhere.db").exists()
 
 
 def test_fetch_history_merges_train_and_eval_per_step(store):
@@ -166,10 +149,8 @@ def test_null_logger_for_other_ranks_touches_no_store(tmp_path):
     for log in (tracking.make_logger(uri, "abc", rank=1), tracking.make_logger(None, "abc", rank=0),
                 tracking.make_logger(uri, None, rank=0)):
         assert isinstance(log, tracking.NullLogger)
-        log.log_metrics({"train/loss": 1.0}, step=1)
-        log.set_tags({"a": "b"})
-        log.log_artifact(__file__)
-        log.log_artifacts(str(tmp_path))
+        log.log_metrics({"train/loss": 1.0}, step=1)  # what the worker calls on every rank
+        log.log_generations([{"step": 1, "prompt": "p"}], step=1)
     assert not (tmp_path / "never.db").exists()
 
 
@@ -248,24 +229,27 @@ def test_child_run_links_to_parent_and_statuses_are_recorded(store):
     tracking.set_tags(store.uri, child, {tracking.ADAPTER_TAG: "/ckpt/adapter"})
     tracking.end_run(store.uri, child, "KILLED")
 
-    runs = tracking.find_runs(store.uri, "raydpo-test").set_index("run_id")
-    assert runs.loc[child, "tags.mlflow.parentRunId"] == parent
-    assert runs.loc[child, "tags.mlflow.runName"] == "trial-1"
-    assert runs.loc[child, "status"] == "KILLED"
-    assert runs.loc[parent, "status"] == "RUNNING"  # stays open until the driver ends it
+    def runs():
+        return {r.info.run_id: r for r in tracking.find_runs(store.uri, "raydpo-test")}
+
+    assert set(runs()) == {parent, child}
+    assert runs()[child].data.tags[tracking.PARENT_TAG] == parent
+    assert runs()[child].info.run_name == "trial-1"
+    assert runs()[child].info.status == "KILLED"
+    assert runs()[parent].info.status == "RUNNING"  # stays open until the driver ends it
     assert tracking.run_for_adapter(store.uri, "raydpo-test", "/ckpt/adapter") == child
     dpo = _run(store, "dpo", sft_run_id=child)
-    runs = tracking.find_runs(store.uri, "raydpo-test").set_index("run_id")
-    assert runs.loc[dpo, "tags.raydpo.sft_run_id"] == child  # lineage, without nesting under it
-    assert not isinstance(runs.loc[dpo, "tags.mlflow.parentRunId"], str)  # missing: None/NaN
+    assert runs()[dpo].data.tags[tracking.SFT_RUN_TAG] == child  # lineage, without nesting under it
+    assert tracking.PARENT_TAG not in runs()[dpo].data.tags
     tracking.end_run(store.uri, parent)
-    assert tracking.find_runs(store.uri, "raydpo-test").set_index("run_id").loc[parent, "status"] == "FINISHED"
+    assert runs()[parent].info.status == "FINISHED"
     with pytest.raises(ValueError, match="status"):
         tracking.end_run(store.uri, parent, "DONE")
 
 
-def test_find_runs_of_a_missing_experiment_is_empty(store):
-    assert tracking.find_runs(store.uri, "no-such-experiment").empty
+def test_find_runs_tells_a_missing_experiment_from_one_without_runs(store):
+    assert tracking.find_runs(store.uri, "no-such-experiment") is None
+    assert tracking.find_runs(store.uri, "raydpo-test") == []
 
 
 # -- plots and artifacts -----------------------------------------------------------------

@@ -22,8 +22,9 @@ from types import SimpleNamespace
 import pytest
 
 from raydpo import tracking
+from raydpo.metric_names import LR
 
-KEYS = ("train/loss", "train/rewards/margins", tracking.LR)
+KEYS = ("train/loss", "train/rewards/margins", LR)
 
 
 @pytest.fixture(autouse=True)

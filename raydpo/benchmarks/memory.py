@@ -165,6 +165,7 @@ def measure_one(spec: dict) -> dict:
     import torch
     import torch.distributed as dist
 
+    from raydpo.deepspeed import comm_backend
     from raydpo.models import load_model, packed_attention
     from raydpo.train.loop import WorkerEnv, build_engine, dpo_forward
 
@@ -174,7 +175,7 @@ def measure_one(spec: dict) -> dict:
     torch.set_num_threads(int(os.environ.get("RAYDPO_BENCH_THREADS", os.cpu_count() or 1)))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(spec["port"]), RANK="0", WORLD_SIZE="1",
                       LOCAL_RANK="0")
-    dist.init_process_group("nccl" if use_gpu else "gloo", rank=0, world_size=1)
+    dist.init_process_group(comm_backend(use_gpu), rank=0, world_size=1)
     device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
     env = WorkerEnv(rank=0, world_size=1, device=device, use_gpu=use_gpu)
 

@@ -10,15 +10,14 @@ hub-sized data. Callers that iterate eval many times ``materialize()`` it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
-from raydpo.config import Config, DataConfig
+from raydpo.config import Config, DataConfig, Stage
 from raydpo.data.rows import VALID
 
 if TYPE_CHECKING:
     import ray.data
 
-Stage = Literal["sft", "dpo"]
 
 
 def validated(cfg: DataConfig, stage: Stage = "dpo", tokenizer_name_or_path: str | None = None,

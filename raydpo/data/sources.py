@@ -32,16 +32,15 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from raydpo.config import BUILTIN_SOURCE, CANONICAL_COLUMNS, HUB_ID, DataConfig
+from raydpo.config import BUILTIN_SOURCE, CANONICAL_COLUMNS, HUB_ID, DataConfig, Stage
 from raydpo.data.formats import PEEK_ROWS, FormatError, first_match
 from raydpo.data.rows import decode_line, encode_row, parse_json_line, prepare_rows
 
 if TYPE_CHECKING:
     from raydpo.data.chat import ChatRenderer
 
-Stage = Literal["sft", "dpo"]
 KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
 COLUMNS = ("reason", "prompt", "chosen", "rejected", "is_eval", "templated")
 LINES_PER_BLOCK = 8192  # JSONL rows per output block: bounds worker memory on big files

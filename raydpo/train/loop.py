@@ -18,22 +18,22 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from raydpo import losses
-from raydpo.config import Config, TrainStageConfig
+from raydpo.config import Config, Stage, TrainStageConfig
 from raydpo.data.collate import pair_tokens
 from raydpo.deepspeed import build_ds_config
-from raydpo.train.progress import format_progress
+from raydpo.metric_names import (EVAL_ACCURACY, LR, NONFINITE_STEPS, PADDING_FRACTION, PEAK_MEMORY_GB,
+                                 PEAK_RSS_MIB, SAMPLES_PER_S, SCORED_TOKENS_PER_S, STEP_TIME, TOKENS_PER_S)
 from raydpo.models import packed_attention, pair_logps, reference_disabled
 from raydpo.train import generate
 from raydpo.train.faults import Faults
+from raydpo.train.progress import format_progress
 
-Stage = Literal["sft", "dpo"]
-LN2 = math.log(2.0)
 
 
 class SanityCheckError(RuntimeError):
@@ -207,7 +207,7 @@ def checkpoint_score(stage: Stage, last_eval: dict[str, float]) -> float:
     """The number Ray keeps the best checkpoint by (higher is better): the latest eval reward
     accuracy for DPO, minus the latest eval loss for SFT. A checkpoint taken between evaluations
     carries the latest one; before the first, a floor (never missing, never NaN)."""
-    key = "eval/rewards/accuracies" if stage == "dpo" else "eval/loss"
+    key = EVAL_ACCURACY if stage == "dpo" else f"eval/{losses.LOSS}"
     if key not in last_eval or not math.isfinite(last_eval[key]):
         return SCORE_FLOOR
     return last_eval[key] if stage == "dpo" else -last_eval[key]
@@ -367,17 +367,17 @@ def run_stage(stage: Stage, cfg: Config, model, tokenizer, env: WorkerEnv, hooks
             rss = torch.tensor(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, device=env.device)
             totals = all_reduce_sum(torch.stack([tokens, samples, slots, pad, scored, rss]).float())
             metrics.update({f"train/{k}": v for k, v in train.items()})
-            metrics["train/tokens_per_s"] = float(totals[0]) / max(elapsed, 1e-9)
-            metrics["train/peak_rss_mib"] = float(totals[5])  # all workers' high-water marks, summed
+            metrics[TOKENS_PER_S] = float(totals[0]) / max(elapsed, 1e-9)
+            metrics[PEAK_RSS_MIB] = float(totals[5])  # all workers' high-water marks, summed
             if float(totals[2]) > 0:
-                metrics["train/padding_fraction"] = float(totals[3]) / float(totals[2])
-                metrics["train/scored_tokens_per_s"] = float(totals[4]) / max(elapsed, 1e-9)
-            metrics["train/samples_per_s"] = float(totals[1]) / max(elapsed, 1e-9)
-            metrics["train/step_time_s"] = elapsed / max(window_steps, 1)
-            metrics["train/nonfinite_steps"] = float(nonfinite_total)
+                metrics[PADDING_FRACTION] = float(totals[3]) / float(totals[2])
+                metrics[SCORED_TOKENS_PER_S] = float(totals[4]) / max(elapsed, 1e-9)
+            metrics[SAMPLES_PER_S] = float(totals[1]) / max(elapsed, 1e-9)
+            metrics[STEP_TIME] = elapsed / max(window_steps, 1)
+            metrics[NONFINITE_STEPS] = float(nonfinite_total)
             if env.use_gpu:
-                metrics["train/peak_memory_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30
-            metrics["train/lr"] = float(sched.get_last_lr()[0])
+                metrics[PEAK_MEMORY_GB] = torch.cuda.max_memory_allocated(env.device) / 2**30
+            metrics[LR] = float(sched.get_last_lr()[0])
             window, t_window, window_steps = {}, time.perf_counter(), 0
             tokens, samples = torch.zeros((), device=env.device), torch.zeros((), device=env.device)
             slots, pad, scored = (torch.zeros((), device=env.device) for _ in range(3))
@@ -606,7 +606,3 @@ def env_from_torch(use_gpu: bool) -> WorkerEnv:
     else:
         device = torch.device("cpu")
     return WorkerEnv(rank=rank, world_size=world, device=device, use_gpu=use_gpu)
-
-
-def as_dict(m: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in m.items()}

@@ -9,8 +9,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-SHOWN = ("train/loss", "train/rewards/accuracies", "train/rewards/margins", "eval/loss",
-         "eval/rewards/accuracies", "eval/rewards/margins", "train/tokens_per_s")
+from raydpo.metric_names import EVAL_ACCURACY, EVAL_MARGINS, LOSS, REWARDS_ACCURACIES, REWARDS_MARGINS, TOKENS_PER_S
+
+SHOWN = (f"train/{LOSS}", f"train/{REWARDS_ACCURACIES}", f"train/{REWARDS_MARGINS}", f"eval/{LOSS}",
+         EVAL_ACCURACY, EVAL_MARGINS, TOKENS_PER_S)
 _PREFIX = {"t": "train", "e": "eval"}
 _LINE = re.compile(r"^\[(?P<stage>[a-z0-9_-]+)\] step (?P<step>\d+)/(?P<total>\d+)(?P<rest>(?: \S+=\S+)*)\s*$")
 

@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     from raydpo.train.generate import held_out_prompts
     from raydpo.train.ingest import rank_batches
     from raydpo.models import load_model, load_tokenizer, resolve_model_path
+    from raydpo.deepspeed import comm_backend
     from raydpo.train.loop import Hooks, env_from_torch, run_stage
 
     p = argparse.ArgumentParser()
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     use_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
-    dist.init_process_group("nccl" if use_gpu else "gloo")
+    dist.init_process_group(comm_backend(use_gpu))
     env = env_from_torch(use_gpu)
 
     path = resolve_model_path(cfg.model) if env.rank == 0 else None

@@ -44,6 +44,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import pytest
+import raydpo_suite_tally as tally  # tests/_tally, on sys.path by tests/conftest.py
 
 pytestmark = [pytest.mark.integration]
 
@@ -133,6 +134,7 @@ class Browser:
             ["bash", "-c", f'exec "$0" "$@" {fds}', chromium, *args],
             pass_fds=(to_browser_r, from_browser_w), stdin=subprocess.DEVNULL, stdout=self._log,
             stderr=subprocess.STDOUT, start_new_session=True)
+        tally.record("browser")  # the suite's cost line counts every launch
         os.close(to_browser_r)
         os.close(from_browser_w)
         self._w, self._r = to_browser_w, from_browser_r
