@@ -19,7 +19,7 @@ def _config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
 
 
 def _print_errors(errors: list[tuple[str, str]], header: str = "config errors") -> None:
-    from raydpo.console import echo
+    from raydpo.tracking.terminal import echo
 
     echo(f"{header} ({len(errors)}):", err=True)
     for path, msg in errors:
@@ -60,7 +60,7 @@ def cmd_validate(args) -> int:
     if not args.estimate:
         print(f"{args.config or '<defaults>'}: OK")
         return 0
-    from raydpo.estimate import EstimateError, estimate, format_estimate
+    from raydpo.train.estimate import EstimateError, estimate, format_estimate
 
     try:
         est = estimate(cfg, gpu=args.gpu, tflops=args.tflops)
@@ -89,7 +89,7 @@ def _stdout_for_json():
 def cmd_data_stats(args) -> int:
     from raydpo.data.sources import DataSourceError
     from raydpo.data.stats import compute_stats, format_stats
-    from raydpo.models import resolve_model_path
+    from raydpo.models.factory import resolve_model_path
 
     out = _stdout_for_json() if args.json else sys.stdout
     try:
@@ -101,6 +101,9 @@ def cmd_data_stats(args) -> int:
     if errs:
         print(f"error: {errs[0][1]}", file=sys.stderr)
         return EXIT_USAGE
+    from raydpo.orchestration.ray_connect import ensure_ray
+
+    ensure_ray()
     try:
         stats = compute_stats(cfg, resolve_model_path(cfg.model))
     except DataSourceError as e:
@@ -116,10 +119,10 @@ def guarded(fn, resume_hint: str | None = None, console=None) -> int:
     Setup problems (storage, tracking store, data too small, hub token, a changed config) exit 2
     before any training; a preemption exits 0 once its checkpoint is written, saying how to
     resume; a failed stage exits 1 with its worker's message, after the end of the run's log
-    (``console``: `raydpo.console.Console`), which it names."""
-    from raydpo import launch
+    (``console``: `raydpo.orchestration.console.Console`), which it names."""
+    from raydpo.orchestration import launch
     from raydpo.config import ConfigError
-    from raydpo.console import echo
+    from raydpo.tracking.terminal import echo
 
     def failed(line: str) -> None:
         if console is not None and not console.verbose:
@@ -157,7 +160,7 @@ def guarded(fn, resume_hint: str | None = None, console=None) -> int:
 def _with_console(cfg: Config, args, fn, resume_hint: str | None = None, bars: bool = True) -> int:
     """``guarded(fn)`` with the run's console: raydpo's lines and a progress bar per stage on the
     terminal, everything else in ``<run.storage_path>/<run.name>/raydpo.log``."""
-    from raydpo.console import Console, log_path
+    from raydpo.orchestration.console import Console, log_path
 
     with Console(log_path(cfg.run.storage_path, cfg.run.name), verbose=args.verbose, bars=bars) as console:
         return guarded(fn, resume_hint, console)
@@ -170,8 +173,9 @@ def _command_line() -> str:
 
 
 def _train(args, stage: str) -> int:
-    from raydpo import launch, tracking
-    from raydpo.console import echo
+    from raydpo import tracking
+    from raydpo.orchestration import launch
+    from raydpo.tracking.terminal import echo
 
     cfg = _load_checked(args)
     if cfg is None:
@@ -217,8 +221,8 @@ def summary(results, uri: str) -> str:
 
 def _tune(cfg: Config, resume: bool) -> int:
     from raydpo import tracking
-    from raydpo.console import echo
-    from raydpo.tune import format_table, run_tune
+    from raydpo.tracking.terminal import echo
+    from raydpo.orchestration.tune import format_table, run_tune
 
     rows, best = run_tune(cfg, resume=resume)
     echo("\n== raydpo tune ==")
@@ -239,9 +243,10 @@ def cmd_tune(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from raydpo import launch, tracking
-    from raydpo.console import echo
-    from raydpo.presets import demo_config
+    from raydpo import tracking
+    from raydpo.orchestration import launch
+    from raydpo.tracking.terminal import echo
+    from raydpo.config.presets import demo_config
 
     try:
         cfg = demo_config(quick=args.quick, tune=args.tune, overrides=args.overrides)
@@ -266,7 +271,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from raydpo.launch import export_adapter
+    from raydpo.models.factory import export_adapter
 
     try:
         out = export_adapter(args.adapter, args.out, merge=args.merge, dtype=args.dtype)
@@ -320,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     _verbose_arg(dm)
     dm.set_defaults(fn=cmd_demo)
 
-    from raydpo.submit import add_parsers as add_submit_parsers
+    from raydpo.orchestration.submit import add_parsers as add_submit_parsers
 
     add_submit_parsers(sub)
 

@@ -58,7 +58,7 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     ``[B, S]`` -> ``[B, S]``, as ``logit[target] - logsumexp(logits)``, one row at a time, so
     without grad at most one fp32 ``[S, V]`` row is live and never a full ``log_softmax``
     beside the logits. The one rule for a token's log-prob: `sequence_logps` and
-    `raydpo.models.pair_logps` both use it."""
+    `raydpo.models.factory.pair_logps` both use it."""
     rows = []
     for b in range(logits.shape[0]):
         row = logits[b].float()

@@ -1,9 +1,9 @@
 """Metric names, written once: what `raydpo.losses` computes, the loops log with a ``train/`` or
-``eval/`` prefix, `raydpo.tracking` plots, the Prometheus exporter (`raydpo.metrics`) and
+``eval/`` prefix, `raydpo.tracking` plots, the Prometheus exporter (`raydpo.tracking.prometheus`) and
 ``dashboards/`` read, and Tune and ``raydpo report`` rank runs on.
 
 A leaf module that imports nothing: `raydpo.losses` (torch) and the torch-free modules
-(`raydpo.tracking`, `raydpo.metrics`) both import it, and neither may import the other — the
+(`raydpo.tracking`, `raydpo.tracking.prometheus`) both import it, and neither may import the other — the
 losses stay below tracking, and tracking, the exporter and ``raydpo report`` load no torch.
 """
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from raydpo import tracking
 from raydpo.metric_names import EVAL_ACCURACY, EVAL_MARGINS, TOKENS_PER_S
-from raydpo.tune import BEST_TAG, TRIAL_TAG, TrialRow
+from raydpo.orchestration.tune import BEST_TAG, TRIAL_TAG, TrialRow
 
 EXIT_USAGE = 2
 # eval first (what runs are compared on), margins and accuracy leading; train curves follow for diagnosis
@@ -108,7 +108,7 @@ def load_runs(uri: str, experiment_name: str) -> list[RunInfo]:
 
 
 def trial_rows(parent: RunInfo, runs: list[RunInfo]) -> tuple[list[TrialRow], TrialRow | None]:
-    """The trials (child runs) of a Tune parent as `raydpo.tune.TrialRow`, and the best one: the
+    """The trials (child runs) of a Tune parent as `raydpo.orchestration.tune.TrialRow`, and the best one: the
     child tagged ``raydpo.best_trial`` or named by the parent's ``raydpo.best_run_id``."""
     rows, best = [], None
     best_id = parent.tags.get("raydpo.best_run_id")

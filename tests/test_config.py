@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from raydpo.config import Config, ConfigError, check_resources, load_config, parse_override, resume_fingerprint
-from raydpo.deepspeed import build_ds_config, comm_backend
+from raydpo.train.deepspeed import build_ds_config, comm_backend
 
 
 def write(tmp_path, text, name="c.yaml"):
@@ -156,7 +156,7 @@ def test_ds_config_cpu_and_gpu():
 
 
 def test_light_imports():
-    code = ("import sys, raydpo.config, raydpo.losses, raydpo.deepspeed, raydpo.estimate;"
+    code = ("import sys, raydpo.config, raydpo.losses, raydpo.train.deepspeed, raydpo.train.estimate;"
             "bad=[m for m in ('ray','deepspeed','bitsandbytes','mlflow') if m in sys.modules];"
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -1,4 +1,4 @@
-"""The console of a training command (`raydpo.console`): raydpo's lines and a progress bar on the
+"""The console of a training command (`raydpo.orchestration.console`): raydpo's lines and a progress bar on the
 terminal, everyone else's output in the run folder's log, all of it back with ``--verbose``."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from raydpo import cli
-from raydpo.console import Console, echo, log_path
+from raydpo.orchestration.console import Console, log_path
+from raydpo.tracking.terminal import echo
 from raydpo.train.progress import format_progress, parse_progress
 
 REPORT = "Reporting training result 3: TrainingReport(checkpoint=None, metrics={'train/loss': 0.69})"
@@ -65,7 +66,7 @@ def test_library_output_goes_to_the_log_and_raydpo_lines_to_the_terminal(tmp_pat
 def test_progress_lines_become_lines_with_an_eta_when_not_a_terminal(tmp_path, monkeypatch):
     out = io.StringIO()
     clock = iter([100.0, 110.0, 130.0])
-    monkeypatch.setattr("raydpo.console.time.monotonic", lambda: next(clock))
+    monkeypatch.setattr("raydpo.orchestration.console.time.monotonic", lambda: next(clock))
     with Console(tmp_path / "raydpo.log", out=out, err=io.StringIO()) as con:
         for step, loss in ((1, 0.69), (3, 0.68), (6, 0.66)):
             con.on_worker_lines(_batch(format_progress("dpo", step, 6, {"train/loss": loss})))

@@ -1,5 +1,5 @@
 """dashboards/raydpo.json queries only metrics that raydpo or the installed Ray exports, and
-raydpo.metrics maps every metric the loop logs onto a gauge (fake gauges here: no Ray).
+raydpo.tracking.prometheus maps every metric the loop logs onto a gauge (fake gauges here: no Ray).
 
 The live counterpart, scraping a real node, is tests/integration/test_metrics_export.py."""
 
@@ -27,8 +27,9 @@ from promql import (
     ray_defines,
     unknown_metrics,
 )
-from raydpo import losses, metrics
-from raydpo.metrics import EXPORTED_METRICS, GAUGE_NAMES, TrainMetricsExporter
+from raydpo import losses
+from raydpo.tracking import prometheus as metrics
+from raydpo.tracking.prometheus import EXPORTED_METRICS, GAUGE_NAMES, TrainMetricsExporter
 
 LOOP = Path(__file__).resolve().parents[1] / "raydpo" / "train" / "loop.py"
 
@@ -133,7 +134,7 @@ def test_variable_queries_are_checked_too():
     assert DASHBOARD.read_text().endswith("\n")
 
 
-# -- raydpo.metrics ------------------------------------------------------------------------
+# -- raydpo.tracking.prometheus ------------------------------------------------------------------------
 
 class FakeGauge:
     def __init__(self, name, description, tag_keys):
@@ -292,7 +293,7 @@ def test_gauge_names_are_valid_and_exported_with_rays_prefix():
 
 
 def test_import_is_light():
-    code = ("import sys, raydpo.metrics;"
+    code = ("import sys, raydpo.tracking.prometheus;"
             "print(sorted(m for m in ('ray', 'torch', 'psutil', 'mlflow') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "[]"

@@ -35,7 +35,7 @@ CONV = {"prompt": [user("Why?")], "chosen": [assistant("Because.")], "rejected":
 
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory):
-    from raydpo.models import resolve_model_path
+    from raydpo.models.factory import resolve_model_path
 
     cfg = Config().with_overrides({"model.cache_dir": str(tmp_path_factory.mktemp("cache"))})
     return resolve_model_path(cfg.model)
@@ -43,7 +43,7 @@ def tiny_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tok(tiny_path):
-    from raydpo.models import load_tokenizer
+    from raydpo.data.tokenizer import load_tokenizer
 
     return load_tokenizer(tiny_path)
 
@@ -205,7 +205,7 @@ def test_resolve_format_per_source_and_the_chat_template_error(tmp_path, tiny_pa
     forced = cfg.model_copy(update={"format": "standard"})
     assert resolve_format(forced, iter([{"input": "x"}]), "src") == ("standard", None)
     # message rows and no chat template anywhere: one line, before any training
-    from raydpo.models import load_tokenizer
+    from raydpo.data.tokenizer import load_tokenizer
 
     bare = tmp_path / "bare"
     t = load_tokenizer(tiny_path)

@@ -180,7 +180,8 @@ def test_prompt_without_bos_keeps_its_last_tokens():
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from raydpo.models import load_tokenizer, resolve_model_path
+    from raydpo.models.factory import resolve_model_path
+    from raydpo.data.tokenizer import load_tokenizer
 
     cfg = Config().with_overrides({"model.cache_dir": str(tmp_path_factory.mktemp("cache"))})
     return load_tokenizer(resolve_model_path(cfg.model))
@@ -282,7 +283,7 @@ def test_collate_dpo_padding_free_puts_every_pair_in_one_row_with_its_span():
 
 
 def test_pair_attention_mask_keeps_rejected_from_chosen_and_sequences_apart():
-    from raydpo.models import pair_attention_mask
+    from raydpo.models.factory import pair_attention_mask
 
     # one row: pair A = prompt p, chosen c, rejected r; then pair B = prompt q, chosen d; then padding
     seq = torch.tensor([[0, 0, 0, 1, 1, -1]])
@@ -322,7 +323,7 @@ def test_collate_sft_labels_are_inputs_without_padding():
 def test_data_modules_import_no_ray_torch_or_transformers():
     code = ("import sys, raydpo.data, raydpo.data.rows, raydpo.data.sample, raydpo.data.sources, "
             "raydpo.data.formats, raydpo.data.chat, "
-            "raydpo.data.pipeline, raydpo.data.stats, raydpo.data.tokenize, raydpo.tiny, raydpo.raycluster; "
+            "raydpo.data.pipeline, raydpo.data.stats, raydpo.data.tokenize, raydpo.models.tiny, raydpo.orchestration.ray_connect; "
             "print(sorted(m for m in ('ray', 'torch', 'transformers', 'datasets') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -15,7 +15,8 @@ from raydpo.data.order import epoch_order, epochs_needed, usable_rows
 from raydpo.data.rows import format_prompt
 from raydpo.data.sample import generate_rows
 from raydpo.data.tokenize import tokenize_dpo
-from raydpo.models import load_model, load_tokenizer, resolve_model_path
+from raydpo.models.factory import load_model, resolve_model_path
+from raydpo.data.tokenizer import load_tokenizer
 from raydpo.train import generate
 from raydpo.train.ingest import rank_batches
 from raydpo.train.loop import Hooks, WorkerEnv, run_stage

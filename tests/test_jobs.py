@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from raydpo.config import load_config
-from raydpo.presets import demo_config, demo_config_path
+from raydpo.config.presets import demo_config, demo_config_path
 
 REPO = Path(__file__).resolve().parents[1]
 JOB_CONFIGS = sorted((REPO / "jobs").rglob("*.yaml"))

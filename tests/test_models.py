@@ -9,12 +9,12 @@ import torch
 from raydpo.config import Config
 from raydpo.data.collate import collate_dpo
 from raydpo.data.tokenize import tokenize_dpo
+from raydpo.data.tokenizer import load_tokenizer
 from raydpo.losses import sequence_logps
-from raydpo.models import (
+from raydpo.models.factory import (
     bnb_config,
     count_parameters,
     load_model,
-    load_tokenizer,
     merge_adapter,
     pair_logps,
     reference_disabled,
@@ -281,7 +281,7 @@ def test_models_module_imports_no_ray_and_nothing_heavy():
     import sys
 
     # heavy libraries load on first use, so `raydpo validate` / the CLI stay fast
-    code = ("import sys, raydpo.models;"
+    code = ("import sys, raydpo.models.factory;"
             "bad=[m for m in ('ray','mlflow','deepspeed','peft','transformers','bitsandbytes') if m in sys.modules];"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -291,7 +291,7 @@ def test_models_module_imports_no_ray_and_nothing_heavy():
 def test_pair_attention_equals_masked_attention_over_the_padding_free_row(groups):
     import torch.nn.functional as F
 
-    from raydpo.models import pair_attention, pair_attention_mask
+    from raydpo.models.factory import pair_attention, pair_attention_mask
 
     torch.manual_seed(0)
     spans = [(0, 3, 2, 2), (7, 1, 3, 0), (11, 2, 1, 3)]  # shared prefix, a lone sequence, shared again

@@ -10,8 +10,9 @@ from raydpo.data.collate import collate_dpo
 from raydpo.data.rows import format_prompt
 from raydpo.data.sample import generate_rows
 from raydpo.data.tokenize import tokenize_dpo
-from raydpo.models import load_model, load_tokenizer, resolve_model_path
-from raydpo.reference import RefLogps
+from raydpo.models.factory import load_model, resolve_model_path
+from raydpo.data.tokenizer import load_tokenizer
+from raydpo.train.reference import RefLogps
 from raydpo.train.loop import dpo_forward
 
 
@@ -59,7 +60,7 @@ def test_precomputed_reference_matches_on_the_fly(tmp_path, quant, loss_type):
 def test_reference_pass_uses_every_free_replica_slot(monkeypatch, resources, overrides, expected):
     import ray
 
-    from raydpo.reference import inference_actors
+    from raydpo.train.reference import inference_actors
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
     assert inference_actors(Config().with_overrides(overrides)) == expected
@@ -68,8 +69,8 @@ def test_reference_pass_uses_every_free_replica_slot(monkeypatch, resources, ove
 def test_the_driver_refuses_a_trainer_that_leaves_ray_data_no_cpu_and_tune_runs_what_fits(monkeypatch):
     import ray
 
-    from raydpo.launch import ResourceError, check_cpu_budget
-    from raydpo.tune import max_concurrent
+    from raydpo.orchestration.launch import ResourceError, check_cpu_budget
+    from raydpo.orchestration.tune import max_concurrent
 
     cfg = Config().with_overrides({"scaling.num_workers": 2, "scaling.cpus_per_worker": 1.0})
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
@@ -85,7 +86,7 @@ def test_the_driver_refuses_a_trainer_that_leaves_ray_data_no_cpu_and_tune_runs_
 
 
 def test_files_digest_follows_content_not_path_and_is_remembered(tmp_path):
-    from raydpo.reference import files_digest
+    from raydpo.train.reference import files_digest
 
     d = tmp_path / "adapter"
     d.mkdir()
@@ -103,7 +104,7 @@ def test_files_digest_follows_content_not_path_and_is_remembered(tmp_path):
 def test_cache_key_changes_with_the_reference_the_tokenizer_and_the_data(tmp_path):
     import shutil
 
-    from raydpo.reference import MERGED_MARKER, cache_key
+    from raydpo.train.reference import MERGED_MARKER, cache_key
 
     cfg = Config().with_overrides({"model.cache_dir": str(tmp_path / "cache"), "run.storage_path": str(tmp_path / "runs")})
     path = resolve_model_path(cfg.model)
@@ -141,7 +142,7 @@ def test_a_cache_folder_is_trusted_only_with_a_marker_matching_its_files(tmp_pat
 
     import pyarrow.parquet as pq
 
-    from raydpo.reference import MARKER, valid_cache
+    from raydpo.train.reference import MARKER, valid_cache
 
     root = tmp_path / "key"
     for split, n in (("train", 3), ("eval", 0)):

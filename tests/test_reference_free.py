@@ -79,7 +79,8 @@ def test_tiny_model_simpo_forward_is_one_pass(tmp_path, monkeypatch):
     from raydpo.data.rows import format_prompt
     from raydpo.data.sample import generate_rows
     from raydpo.data.tokenize import tokenize_dpo
-    from raydpo.models import load_model, load_tokenizer, resolve_model_path
+    from raydpo.models.factory import load_model, resolve_model_path
+    from raydpo.data.tokenizer import load_tokenizer
 
     cfg = Config().with_overrides({"model.cache_dir": str(tmp_path), "dpo.loss_type": "simpo",
                                    "dpo.reference": "adapter_disabled", "lora.dropout": 0.0})
@@ -135,17 +136,17 @@ def test_sanity_check_compares_the_preference_part_only():
 
 def test_no_reference_pass_for_reference_free_losses(monkeypatch):
     import raydpo.data.pipeline
-    import raydpo.launch
-    import raydpo.reference
+    import raydpo.orchestration.launch
+    import raydpo.train.reference
 
     def boom(*_a, **_k):
         raise AssertionError("the reference pass ran")
 
-    monkeypatch.setattr(raydpo.reference, "reference_datasets", boom)
+    monkeypatch.setattr(raydpo.train.reference, "reference_datasets", boom)
     monkeypatch.setattr(raydpo.data.pipeline, "build_datasets", lambda cfg, stage, tok: ("train", "eval"))
     for lt, name in (("simpo", "simpo"), ("orpo", "orpo"), ("[simpo, sft]", "simpo+sft")):
         lines = []
-        assert raydpo.launch.stage_datasets(_cfg(loss_type=lt), "dpo", "base", "tok", lines.append) == ("train", "eval")
+        assert raydpo.orchestration.launch.stage_datasets(_cfg(loss_type=lt), "dpo", "base", "tok", lines.append) == ("train", "eval")
         assert lines == [f"[dpo] loss {name} reads no reference: no reference pass and no reference forward in any step"]
     with pytest.raises(AssertionError, match="reference pass"):
-        raydpo.launch.stage_datasets(_cfg(loss_type="[sigmoid, sft]"), "dpo", "base", "tok")
+        raydpo.orchestration.launch.stage_datasets(_cfg(loss_type="[sigmoid, sft]"), "dpo", "base", "tok")

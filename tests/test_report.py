@@ -15,7 +15,7 @@ import pytest
 
 from raydpo import report, tracking
 from raydpo.metric_names import TOKENS_PER_S
-from raydpo.tune import BEST_TAG
+from raydpo.orchestration.tune import BEST_TAG
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPO = Path(__file__).resolve().parents[1]
@@ -314,7 +314,7 @@ def test_module_entry_point_and_light_import(store, tmp_path):
 def test_tune_reads_the_same_runs_through_the_same_client(store):
     # `raydpo tune --resume` finds its parent and matches Tune's trials to their MLflow runs
     # through tracking.find_runs, the reader `raydpo report` uses
-    from raydpo import tune
+    from raydpo.orchestration import tune
 
     assert tune._find_parent(store.uri, EXP, "demo-tune") == store.ids["demo-tune"]
     assert tune._find_parent(store.uri, EXP, "demo-dpo") is None  # a run of that name that is no search

@@ -96,7 +96,7 @@ def test_sample_texts_are_deterministic_strings():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from raydpo.tiny import ensure_tiny_model
+    from raydpo.models.tiny import ensure_tiny_model
 
     cfg = Config().with_overrides({"model.cache_dir": str(tmp_path_factory.mktemp("cache"))})
     return cfg, ensure_tiny_model(cfg.model)
@@ -138,7 +138,7 @@ def test_tiny_tokenizer_is_byte_level_any_text_round_trips(tiny):
 
 
 def test_tiny_is_built_once_keyed_by_its_config_and_deterministic(tiny, tmp_path):
-    from raydpo.tiny import ensure_tiny_model
+    from raydpo.models.tiny import ensure_tiny_model
 
     cfg, path = tiny
     stamp = (path / "model.safetensors").stat().st_mtime_ns
@@ -156,7 +156,7 @@ def test_tiny_is_built_once_keyed_by_its_config_and_deterministic(tiny, tmp_path
 
 def test_tiny_build_that_loses_the_race_keeps_the_winners_folder(tmp_path, monkeypatch):
     """Another process renames its finished folder into place while we are still building."""
-    import raydpo.tiny as tiny
+    import raydpo.models.tiny as tiny
 
     real_build = tiny.build_tiny
     cfg = Config().with_overrides({"model.cache_dir": str(tmp_path)}).model

@@ -25,7 +25,7 @@ def test_a_subprocess_counts_its_torchtrainer_fits_and_the_ray_instances_it_star
     # the real classes, driven without Ray: the count is taken at the call, before the body runs
     code = """
 import ray.train.torch, ray._private.node as node
-trainer = object.__new__(ray.train.torch.TorchTrainer)  # the class raydpo.launch fits
+trainer = object.__new__(ray.train.torch.TorchTrainer)  # the class raydpo.orchestration.launch fits
 try:
     trainer.fit()
 except Exception:

@@ -371,7 +371,7 @@ def test_driver_sends_the_workers_spill_when_the_store_is_back(store, tmp_path, 
     """The store came back after the workers closed: the driver (`launch.replay_spill`, called by
     fit_stage after the fit) sends their spilled points, so the run is whole without the replay
     command; while the store is still down the file stays for that command."""
-    from raydpo.launch import replay_spill
+    from raydpo.orchestration.launch import replay_spill
 
     run_id = tracking.start_run(store.uri, store.exp_id, "driver-replay")
     folder = tmp_path / "run-dpo"

@@ -1,10 +1,10 @@
-"""Peak memory of DPO training steps, measured, against `raydpo.estimate`.
+"""Peak memory of DPO training steps, measured, against `raydpo.train.estimate`.
 
     python -m raydpo.benchmarks.memory [--shape hidden,layers,heads,intermediate,vocab] [--batch B]
         [--max-length L] [--quant none|4bit|8bit] [--checkpointing on|off] [--json]
 
 Each row runs in a fresh process (so each high-water mark is its own): a random-init Llama of the
-shape is saved once, then loaded the way training loads it (`raydpo.models.load_model`: bitsandbytes
+shape is saved once, then loaded the way training loads it (`raydpo.models.factory.load_model`: bitsandbytes
 on load, LoRA r8 on q/v), wrapped by the loop's DeepSpeed engine (`raydpo.train.loop.build_engine`,
 one gloo rank, ZeRO-2, fp32 on CPU) and trained for `STEPS` DPO steps (`dpo_forward`, backward,
 step) on pairs at the estimate's worst case (a 1-token prompt, two responses of ``L - 1`` tokens),
@@ -84,7 +84,8 @@ def _build_folder(cfg: Config, out: str, tokenizer_from: Config | None = None) -
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(out)
     if tokenizer_from is not None:
-        from raydpo.models import load_tokenizer, resolve_model_path
+        from raydpo.models.factory import resolve_model_path
+        from raydpo.data.tokenizer import load_tokenizer
 
         tok = load_tokenizer(resolve_model_path(tokenizer_from.model))
         if tok.pad_token_id != config.pad_token_id or len(tok) > t.vocab_size:
@@ -127,13 +128,14 @@ def _batch(cfg: Config, pad_id: int = 3):
 
 def _loop_steps(c: Config, folder: str, env) -> list[float]:
     """`STEPS` DPO steps through the training loop itself (`raydpo.train.loop.run_stage`, as the
-    standalone runner calls it): the model loaded by `raydpo.models.load_model`, the reference
+    standalone runner calls it): the model loaded by `raydpo.models.factory.load_model`, the reference
     log-probs of the pairs computed first (`raydpo.train.standalone.add_reference`, adapter
     disabled, so the step-0 loss is ln 2), the loop's engine, step-0 sanity check, final save.
     Token ids stay within the folder's tokenizer. Returns the logged train losses, one per step."""
     import torch
 
-    from raydpo.models import load_model, load_tokenizer
+    from raydpo.models.factory import load_model
+    from raydpo.data.tokenizer import load_tokenizer
     from raydpo.train.loop import Hooks, run_stage
     from raydpo.train.standalone import add_reference
 
@@ -165,8 +167,8 @@ def measure_one(spec: dict) -> dict:
     import torch
     import torch.distributed as dist
 
-    from raydpo.deepspeed import comm_backend
-    from raydpo.models import load_model, packed_attention
+    from raydpo.train.deepspeed import comm_backend
+    from raydpo.models.factory import load_model, packed_attention
     from raydpo.train.loop import WorkerEnv, build_engine, dpo_forward
 
     use_gpu = torch.cuda.is_available()
@@ -220,7 +222,7 @@ def run_row(shape, batch: int, max_length: int, quant: str, checkpointing: bool,
             port: int, loop: bool = False) -> dict:
     """A row: the estimate here, the measurement in a fresh process. ``loop``: the steps run through
     the training loop (`_loop_steps`; both folders need a tokenizer), else the engine's calls alone."""
-    from raydpo.estimate import GIB, estimate
+    from raydpo.train.estimate import GIB, estimate
 
     spec = {"shape": list(shape), "batch": batch, "max_length": max_length, "quant": quant,
             "checkpointing": checkpointing, "folder": folder, "warmup_folder": warmup_folder, "port": port,
@@ -235,7 +237,7 @@ def run_row(shape, batch: int, max_length: int, quant: str, checkpointing: bool,
     est = estimate(row_config(shape, batch, max_length, quant, checkpointing, use_gpu))
     parts = dict(est.parts)
     if use_gpu:  # the CUDA context is outside the allocator's statistics
-        from raydpo.estimate import CUDA_CONTEXT_GIB
+        from raydpo.train.estimate import CUDA_CONTEXT_GIB
 
         parts["overhead"] -= CUDA_CONTEXT_GIB
     est_mib = sum(parts.values()) * GIB / 2**20

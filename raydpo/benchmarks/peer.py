@@ -126,7 +126,7 @@ def steady_state(history: list[dict]) -> dict:
 
 def run_raydpo(args, base: dict, extra: dict, tmp: Path, tag: str) -> dict:
     from raydpo.config import Config
-    from raydpo.launch import fit_stage
+    from raydpo.orchestration.launch import fit_stage
 
     cfg = Config().with_overrides({**base, "run.name": f"peer-{tag}", "run.storage_path": str(tmp / f"runs-{tag}"),
                                    **extra})
@@ -163,9 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from raydpo.config import DataConfig, ModelConfig, TinyModelConfig
-    from raydpo.models import load_tokenizer
-    from raydpo.raycluster import ensure_ray
-    from raydpo.tiny import build_tiny
+    from raydpo.data.tokenizer import load_tokenizer
+    from raydpo.orchestration.ray_connect import ensure_ray
+    from raydpo.models.tiny import build_tiny
 
     tmp = Path(tempfile.mkdtemp(prefix="raydpo-peer-"))
     rows = load_rows(args.rows, args.pairs, 0, args.repeat)

@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     from raydpo.data.rows import format_prompt
     from raydpo.data.sample import generate_rows
     from raydpo.data.tokenize import tokenize_dpo
-    from raydpo.models import load_tokenizer, resolve_model_path
+    from raydpo.models.factory import resolve_model_path
+    from raydpo.data.tokenizer import load_tokenizer
 
     overrides = [f"data.tokenize_batch_size={args.batch_size}", "data.tokenize_num_cpus=1"]
     if args.cache_dir:

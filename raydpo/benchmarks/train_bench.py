@@ -24,8 +24,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import ray
 
-    from raydpo.launch import fit_stage
-    from raydpo.presets import demo_config
+    from raydpo.orchestration.launch import fit_stage
+    from raydpo.config.presets import demo_config
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     tmp = tempfile.mkdtemp(prefix="raydpo-bench-")

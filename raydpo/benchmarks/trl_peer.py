@@ -134,7 +134,7 @@ def run_trl(model_dir: str, pairs: list[dict], *, fastest: bool, steps: int, bat
     CPU, LoRA, sigmoid loss, batch ``batch_size`` without accumulation, no eval, no checkpoints;
     the final adapter goes to ``out_dir/adapter``. ``disable_dropout`` is TRL's own option (default
     True, which zeroes ``lora_dropout`` too). The GPU check (`raydpo.benchmarks.gpu_check`) sets
-    ``device="cuda"``, ``quant="4bit"`` (raydpo's own `raydpo.models.bnb_config`: NF4, no double
+    ``device="cuda"``, ``quant="4bit"`` (raydpo's own `raydpo.models.factory.bnb_config`: NF4, no double
     quant, compute in bf16 when ``bf16``), ``bf16=True`` (TRL's autocast, bf16 weights) and
     ``gradient_checkpointing=True`` beside the precomputed reference; ``cuda_peak_gib`` is then
     ``torch.cuda.max_memory_allocated`` of the training (reset after the trainer is built: model load
@@ -226,7 +226,7 @@ def run_trl(model_dir: str, pairs: list[dict], *, fastest: bool, steps: int, bat
     dtype = torch.bfloat16 if bf16 else torch.float32
     if quant != "none":
         from raydpo.config import QuantizationConfig
-        from raydpo.models import bnb_config, keep_bnb_cpu_layout
+        from raydpo.models.factory import bnb_config, keep_bnb_cpu_layout
 
         qc = bnb_config(QuantizationConfig(mode=quant, quant_type="nf4", double_quant=False,
                                            compute_dtype="bfloat16" if bf16 else "float32"))
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--disable-dropout", action=argparse.BooleanOptionalAction, default=True,
                    help="TRL's disable_dropout (default on, as in TRL; it zeroes lora_dropout too)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--quant", choices=["none", "4bit"], default="none", help="4bit: NF4 (raydpo.models.bnb_config)")
+    p.add_argument("--quant", choices=["none", "4bit"], default="none", help="4bit: NF4 (raydpo.models.factory.bnb_config)")
     p.add_argument("--bf16", action="store_true", help="bf16 weights and TRL's bf16 autocast")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="default: off with --fastest, on without (TRL's default)")

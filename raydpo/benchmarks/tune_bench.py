@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> None:
 
     import ray
 
-    from raydpo.launch import fit_stage
-    from raydpo.presets import demo_config
-    from raydpo.tune import format_table, run_tune
+    from raydpo.orchestration.launch import fit_stage
+    from raydpo.config.presets import demo_config
+    from raydpo.orchestration.tune import format_table, run_tune
 
     ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)  # State API: frees stopped trials
     tmp = tempfile.mkdtemp(prefix="raydpo-tune-bench-")

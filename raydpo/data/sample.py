@@ -28,7 +28,7 @@ import random
 from collections.abc import Iterator
 
 # Bump when the generated text changes: the tiny model's tokenizer is trained on it, so its
-# cache key (`raydpo.tiny`) includes this.
+# cache key (`raydpo.models.tiny`) includes this.
 SAMPLE_VERSION = 2
 
 # topic -> site, language of its code blocks, and (question, answer, code or None) items

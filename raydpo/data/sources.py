@@ -139,7 +139,7 @@ def chat_renderer(cfg: DataConfig, fmt: str, tokenizer: str | None, revision: st
 
     tok = None
     if tokenizer is not None:
-        from raydpo.models import load_tokenizer
+        from raydpo.data.tokenizer import load_tokenizer
 
         tok = load_tokenizer(tokenizer, revision=revision)
     try:

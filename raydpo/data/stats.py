@@ -25,7 +25,7 @@ class _Measure:
 
     def __init__(self, tokenizer_name_or_path: str, max_length: int, max_prompt_length: int, block_size: int,
                  revision: str | None = None):
-        from raydpo.models import load_tokenizer
+        from raydpo.data.tokenizer import load_tokenizer
 
         self.tokenizer = load_tokenizer(tokenizer_name_or_path, revision=revision)
         self.max_length, self.max_prompt_length, self.block_size = max_length, max_prompt_length, block_size
@@ -66,15 +66,13 @@ def compute_stats(cfg: Config, tokenizer_name_or_path: str) -> dict[str, Any]:
     (``{"prompt"|"chosen"|"rejected": {"p50", "p90", "p99", "max"}}``, DPO ids after
     truncation, special tokens included) and ``example`` (one formatted pair, shortened).
     A hub source is read from ``dpo_data_dir``. Raises `DataSourceError` when the source cannot
-    be read at all.
+    be read at all. Runs on the Ray the caller connected to (`raydpo.orchestration.ray_connect`).
     """
     from ray.data import ActorPoolStrategy
     from ray.data.aggregate import Count, Max, Quantile, Sum
 
     from raydpo.data.sources import read
-    from raydpo.raycluster import ensure_ray
 
-    ensure_ray()
     d = cfg.data
     rows_ds, fmt = read(d, "dpo", tokenizer_name_or_path, cfg.model.revision)
     rows_ds = rows_ds.materialize()  # read + validate once, reused below

@@ -105,7 +105,7 @@ def templated(batch) -> list[bool] | None:
 
 class _Tokenizing:
     def __init__(self, tokenizer_name_or_path: str, revision: str | None = None):
-        from raydpo.models import load_tokenizer
+        from raydpo.data.tokenizer import load_tokenizer
 
         self.tokenizer = load_tokenizer(tokenizer_name_or_path, revision=revision)
 

@@ -26,10 +26,10 @@ import torch.distributed as dist
 from raydpo import losses
 from raydpo.config import Config, Stage, TrainStageConfig
 from raydpo.data.collate import pair_tokens
-from raydpo.deepspeed import build_ds_config
+from raydpo.train.deepspeed import build_ds_config
 from raydpo.metric_names import (EVAL_ACCURACY, LR, NONFINITE_STEPS, PADDING_FRACTION, PEAK_MEMORY_GB,
                                  PEAK_RSS_MIB, SAMPLES_PER_S, SCORED_TOKENS_PER_S, STEP_TIME, TOKENS_PER_S)
-from raydpo.models import packed_attention, pair_logps, reference_disabled
+from raydpo.models.factory import packed_attention, pair_logps, reference_disabled
 from raydpo.train import generate
 from raydpo.train.faults import Faults
 from raydpo.train.progress import format_progress
@@ -148,7 +148,7 @@ def dpo_forward(engine, model, batch: dict[str, torch.Tensor], cfg: Config) -> t
     pol_c, pol_r, n_c, n_r = pair_logps(engine, batch, completion_only=d.completion_only_logits)
     if not d.needs_reference:  # the loss never reads them
         ref_c = ref_r = torch.zeros_like(pol_c)
-    elif "ref_chosen_logps" in batch:  # precomputed sums (raydpo.reference)
+    elif "ref_chosen_logps" in batch:  # precomputed sums (raydpo.train.reference)
         ref_c, ref_r = batch["ref_chosen_logps"].float(), batch["ref_rejected_logps"].float()
     else:
         with reference_disabled(model):

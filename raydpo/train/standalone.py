@@ -51,7 +51,7 @@ def add_reference(model, cols: dict[str, list], pad_token_id: int, cfg, device) 
     import numpy as np
 
     from raydpo.data.collate import collate_dpo
-    from raydpo.models import pair_logps, reference_disabled
+    from raydpo.models.factory import pair_logps, reference_disabled
 
     keys = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
     n, step = len(cols[keys[0]]), cfg.dpo.per_device_batch_size * 4
@@ -77,8 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     from raydpo.data.tokenize import block_row_ids, pack_sft, tokenize_dpo
     from raydpo.train.generate import held_out_prompts
     from raydpo.train.ingest import rank_batches
-    from raydpo.models import load_model, load_tokenizer, resolve_model_path
-    from raydpo.deepspeed import comm_backend
+    from raydpo.models.factory import load_model, resolve_model_path
+    from raydpo.data.tokenizer import load_tokenizer
+    from raydpo.train.deepspeed import comm_backend
     from raydpo.train.loop import Hooks, env_from_torch, run_stage
 
     p = argparse.ArgumentParser()

@@ -98,7 +98,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from raydpo.config import Config
     from raydpo.data.ray_collate import DPOCollate, SFTCollate
-    from raydpo.models import load_model, load_tokenizer
+    from raydpo.models.factory import load_model
+    from raydpo.data.tokenizer import load_tokenizer
     from raydpo.tracking import make_logger, spill_path
     from raydpo.train.ingest import rank_batches
     from raydpo.train.loop import Hooks, env_from_torch, run_stage, set_torch_threads
@@ -161,7 +162,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                          skip_through_step=skip_through or None)
     log, exporter = logger.log_metrics, None
     if env.rank == 0:  # metrics are already all-reduced: one exporter, as one MLflow logger
-        from raydpo.metrics import TrainMetricsExporter
+        from raydpo.tracking.prometheus import TrainMetricsExporter
 
         exporter = TrainMetricsExporter(stage, cfg.tracking.experiment_name, cfg.tracking.run_name or cfg.run.name)
         log = exporter.wrap(log)

@@ -1,7 +1,7 @@
 """Llama-2-7B's layer shape through the real code on CPU: what a GPU run will meet, minus the GPU.
 
 One decoder layer of Llama-2-7B (hidden 4096, 32 heads, intermediate 11008) with its 32,000-row
-vocabulary, random-init, loaded as `jobs/stack_llama_2_gpu.yaml` loads it (`raydpo.models.load_model`:
+vocabulary, random-init, loaded as `jobs/stack_llama_2_gpu.yaml` loads it (`raydpo.models.factory.load_model`:
 NF4 4-bit, LoRA r8 alpha 16 on q_proj/v_proj, dropout 0.05, gradient checkpointing; fp32 compute
 on CPU where the recipe says bf16), trained 2 DPO steps at batch 1, accumulation 1, max_length 512
 by the training loop itself (`raydpo.train.loop.run_stage` on DeepSpeed ZeRO-2 fp32, one gloo

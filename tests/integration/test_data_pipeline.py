@@ -48,7 +48,7 @@ def ray_local():
 
 @pytest.fixture(scope="module")
 def cfg_tok(tmp_path_factory):
-    from raydpo.models import resolve_model_path
+    from raydpo.models.factory import resolve_model_path
 
     cfg = Config().with_overrides({"model.cache_dir": str(tmp_path_factory.mktemp("cache")), "data.max_chars": 200,
                                    "data.tokenize_num_cpus": 0.25})
@@ -240,7 +240,7 @@ def test_ray_workers_racing_to_build_the_tiny_model_share_one_folder(ray_local, 
 
     @ray.remote(num_cpus=0.5)
     def build(cache_dir: str) -> str:
-        from raydpo.tiny import ensure_tiny_model
+        from raydpo.models.tiny import ensure_tiny_model
 
         return str(ensure_tiny_model(Config().with_overrides({"model.cache_dir": cache_dir}).model))
 

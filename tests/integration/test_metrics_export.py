@@ -15,7 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: promql.py, shared with test_dashboard.py
 from promql import dashboard_metrics, load_dashboard  # noqa: E402
 
-from raydpo.metrics import EXPORTED_METRICS  # noqa: E402
+from raydpo.tracking.prometheus import EXPORTED_METRICS  # noqa: E402
 
 pytestmark = [pytest.mark.integration]
 
@@ -52,7 +52,7 @@ def _rank0_class():
         its own process and stays alive, as a worker does between two logged steps."""
 
         def export(self, metrics: dict[str, float], step: int, tags: dict[str, str]) -> None:
-            from raydpo.metrics import TrainMetricsExporter
+            from raydpo.tracking.prometheus import TrainMetricsExporter
 
             self.exporter = TrainMetricsExporter(tags["stage"], tags["experiment"], tags["run"])
             self.exporter.export(metrics, step)

@@ -21,7 +21,7 @@ def ray_local():
 
 
 def _cfg(tmp_path, *extra):
-    from raydpo.presets import demo_config
+    from raydpo.config.presets import demo_config
 
     return demo_config(quick=True, overrides=[
         f"run.storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
@@ -30,7 +30,8 @@ def _cfg(tmp_path, *extra):
 
 def _sft_adapter(cfg, base_path, out, seed):
     """Stands in for an SFT run writing its adapter to the run's (fixed) path."""
-    from raydpo.models import load_model, load_tokenizer
+    from raydpo.models.factory import load_model
+    from raydpo.data.tokenizer import load_tokenizer
 
     model = load_model(cfg.model, cfg.quantization, cfg.lora, base_path=base_path)
     g = torch.Generator().manual_seed(seed)
@@ -48,8 +49,8 @@ def _ref(ds):
 
 @pytest.mark.timeout(600)
 def test_a_new_sft_adapter_under_the_same_run_name_gets_fresh_reference_logps(tmp_path, ray_local):
-    from raydpo.launch import merged_sft_base, resolve_base
-    from raydpo.reference import reference_datasets
+    from raydpo.orchestration.launch import merged_sft_base, resolve_base
+    from raydpo.train.reference import reference_datasets
 
     cfg = _cfg(tmp_path).with_absolute_paths()
     base_path, _ = resolve_base(cfg)
@@ -72,7 +73,7 @@ def test_a_new_sft_adapter_under_the_same_run_name_gets_fresh_reference_logps(tm
     assert len(caches) == 2
 
     # a damaged cache (a lost part file) is rebuilt, not trusted
-    from raydpo.reference import cache_key
+    from raydpo.train.reference import cache_key
 
     victim = tmp_path / "runs" / "reference" / cache_key(cfg, merged2, merged2)[0]
     next((victim / "train").glob("*.parquet")).unlink()
@@ -84,7 +85,7 @@ def test_a_new_sft_adapter_under_the_same_run_name_gets_fresh_reference_logps(tm
 
 @pytest.mark.timeout(600)
 def test_dpo_with_an_empty_eval_split_trains_with_a_warning(tmp_path, ray_local):
-    from raydpo.launch import fit_stage
+    from raydpo.orchestration.launch import fit_stage
 
     # a tiny eval fraction of a small sample: no question hashes into the eval split
     cfg = _cfg(tmp_path, "data.sample_size=40", "data.eval_fraction=0.0001", "dpo.max_steps=2", "dpo.log_every=1",

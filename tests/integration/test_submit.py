@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from raydpo.presets import QUICK
+from raydpo.config.presets import QUICK
 
 pytestmark = [pytest.mark.integration]
 

@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _quick(tmp_path, *extra):
-    from raydpo.presets import demo_config
+    from raydpo.config.presets import demo_config
 
     return demo_config(quick=True, overrides=[
         f"run.storage_path={tmp_path / 'runs'}",
@@ -113,7 +113,7 @@ def test_zero3_4bit_sft_then_dpo_loads_and_generates(tmp_path, ray_local):
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoTokenizer
 
-    from raydpo.launch import run_pipeline
+    from raydpo.orchestration.launch import run_pipeline
 
     cfg = _quick(tmp_path, "deepspeed.stage=3", "deepspeed.stage3_param_persistence_threshold=0",
                  "run.name=z3")
@@ -146,7 +146,7 @@ def test_zero3_4bit_sft_then_dpo_loads_and_generates(tmp_path, ray_local):
 
 @pytest.mark.timeout(600)
 def test_rerun_resumes_from_latest_checkpoint(tmp_path, ray_local):
-    from raydpo.launch import fit_stage
+    from raydpo.orchestration.launch import fit_stage
 
     first = _quick(tmp_path, "run.name=resume", "sft.max_steps=2", "sft.save_every=2", "sft.log_every=1",
                    "sft.eval_every=2")
@@ -169,7 +169,7 @@ def test_rerun_resumes_from_latest_checkpoint(tmp_path, ray_local):
     assert client.get_run(r1.run_id).info.status == "FINISHED"  # nothing left RUNNING
     assert sorted(m.step for m in client.get_metric_history(r1.run_id, "train/loss")) == [1, 2, 3, 4]
     # a changed config is refused, naming the keys; --restart starts over and keeps the old folder
-    from raydpo.launch import ResumeConfigError
+    from raydpo.orchestration.launch import ResumeConfigError
 
     with pytest.raises(ResumeConfigError, match=r"sft\.lr .*--restart"):
         fit_stage(second.with_overrides({"sft.lr": 1e-3}), "sft", progress=lambda s: None)

@@ -59,6 +59,6 @@ def build_ds_config(cfg: Config, stage: TrainStageConfig, *, use_gpu: bool, worl
 
 def comm_backend(use_gpu: bool) -> str:
     """The torch.distributed backend: NCCL between GPUs, gloo on CPU. The one rule: the Ray
-    TorchTrainer (`raydpo.launch`), the torchrun runner (`raydpo.train.standalone`) and the
+    TorchTrainer (`raydpo.orchestration.launch`), the torchrun runner (`raydpo.train.standalone`) and the
     memory benchmark all call it."""
     return "nccl" if use_gpu else "gloo"

@@ -69,7 +69,7 @@ from pathlib import Path
 from typing import Any
 
 from raydpo.config import BUILTIN_MODEL, BUILTIN_SOURCE, Config
-from raydpo.deepspeed import REDUCE_BUCKET_SIZE, resolve_precision
+from raydpo.train.deepspeed import REDUCE_BUCKET_SIZE, resolve_precision
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -77,7 +77,7 @@ PROMPT_TOKENS = 1  # the worst case: a 1-token prompt leaves both responses L - 
 # Saved activations per token per layer, in units of s: what autograd keeps in a LlamaDecoderLayer
 # whose base weights are frozen (a frozen linear, nn.Linear or bitsandbytes, keeps no input):
 # the two norms' inputs (x, x2) 2h, rotary q 1h, attention output 1h; k, v and the rejected
-# response's copies of them (padding-free attention, `raydpo.models.pair_attention`) 3·kv; MLP
+# response's copies of them (padding-free attention, `raydpo.models.factory.pair_attention`) 3·kv; MLP
 # gate, SiLU(gate) and up 3i. Plus the LoRA adapters' inputs (`_layer_saved_bytes`).
 ACT_H = 4
 ACT_KV = 3
@@ -236,7 +236,7 @@ def model_shape(cfg: Config, env: dict[str, str] | None = None) -> tuple[Shape, 
 
 
 def precision(cfg: Config) -> str:
-    """DeepSpeed's precision as `raydpo.deepspeed.resolve_precision` resolves it, or ``none``."""
+    """DeepSpeed's precision as `raydpo.train.deepspeed.resolve_precision` resolves it, or ``none``."""
     return resolve_precision(cfg, cfg.scaling.use_gpu) if cfg.deepspeed.enabled else "none"
 
 

@@ -469,7 +469,7 @@ def spill_path(folder: str | Path, stage: str) -> Path:
 
 
 def _warn(line: str) -> None:
-    from raydpo.console import echo
+    from raydpo.tracking.terminal import echo
 
     echo(line, err=True)
 

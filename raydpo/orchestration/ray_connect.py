@@ -43,7 +43,7 @@ def ensure_ray(num_cpus: float | None = None) -> None:
         kwargs.pop("num_cpus")
         ray.init(address=address, **kwargs)
 
-    from raydpo.console import attach_ray
+    from raydpo.orchestration.console import attach_ray
 
     attach_ray()  # the active console, if any, routes the workers' output from now on
 

@@ -1,9 +1,9 @@
 """``raydpo tune``: a Ray Tune search over DPO beta and learning rate (driver side).
 
 Ray 2.60 is Train V2: each trial is a function that builds and fits its own `TorchTrainer`
-(through `raydpo.launch.fit_stage`) with `TuneReportCallback`, so every ``ray.train.report``
+(through `raydpo.orchestration.launch.fit_stage`) with `TuneReportCallback`, so every ``ray.train.report``
 — one per evaluation — reaches Tune and the ASHA scheduler. The reference log-probs are
-computed once before the search (`raydpo.reference`) and every trial reads them; a
+computed once before the search (`raydpo.train.reference`) and every trial reads them; a
 reference-free loss (simpo, orpo, sft: `DPOConfig.needs_reference`) has no reference pass at all.
 MLflow: a parent run for the search, one child run per trial, the best trial tagged and its
 adapter registered in the Model Registry with lineage tags.
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from raydpo.config import Config, SearchSpace
-from raydpo.console import echo
+from raydpo.tracking.terminal import echo
 from raydpo.metric_names import EVAL_ACCURACY, EVAL_MARGINS
 
 BEST_TAG = "raydpo.best_trial"
@@ -52,7 +52,7 @@ def _trial(config: dict[str, Any], datasets: tuple[Any, Any] | None = None, *, b
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raydpo.launch import fit_stage
+    from raydpo.orchestration.launch import fit_stage
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = Config.from_dict(base_cfg).with_overrides({
@@ -90,10 +90,10 @@ def run_tune(cfg: Config, *, resume: bool = False, progress=echo) -> tuple[list[
     from ray.tune.schedulers import ASHAScheduler
 
     from raydpo import tracking
-    from raydpo.launch import check_cpu_budget, merged_sft_base, resolve_base, stage_datasets
-    from raydpo.raycluster import ensure_ray
+    from raydpo.orchestration.launch import check_cpu_budget, merged_sft_base, resolve_base, stage_datasets
+    from raydpo.orchestration.ray_connect import ensure_ray
 
-    from raydpo.launch import preflight
+    from raydpo.orchestration.launch import preflight
 
     preflight(cfg)
     ensure_ray()
@@ -122,7 +122,7 @@ def run_tune(cfg: Config, *, resume: bool = False, progress=echo) -> tuple[list[
         shared = tuple(ds.materialize() for ds in datasets)
         need = cfg.dpo.per_device_batch_size * cfg.scaling.num_workers
         if shared[0].count() < need:
-            from raydpo.launch import DataError
+            from raydpo.orchestration.launch import DataError
 
             raise DataError(f"tune: {shared[0].count()} training pairs remain after filtering and the eval split, fewer "
                             f"than one batch per worker ({cfg.scaling.num_workers} workers x "

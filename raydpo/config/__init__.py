@@ -190,7 +190,7 @@ class ScalingConfig(_Section):
         return {k: v * self.num_workers for k, v in self.worker_resources().items()}
 
     def replica_resources(self) -> dict[str, float]:
-        """What one reference-model replica (`raydpo.reference`) reserves: a worker's GPUs and no
+        """What one reference-model replica (`raydpo.train.reference`) reserves: a worker's GPUs and no
         CPU on GPU; on CPU a worker's CPUs, at least half a CPU."""
         if self.use_gpu:
             return {"CPU": 0.0, "GPU": self.gpus_per_worker}
@@ -199,8 +199,8 @@ class ScalingConfig(_Section):
     def slots(self, cluster: dict[str, float], per_slot: dict[str, float]) -> int:
         """How many ``per_slot`` reservations fit at once in ``cluster`` (what
         ``ray.cluster_resources()`` returns) while Ray Data keeps ``data_cpus`` CPUs; 0 when
-        none fits. The one resource formula: the CPU budget check (`raydpo.launch`), concurrent
-        Tune trials (`raydpo.tune`) and reference replicas (`raydpo.reference`) count with it."""
+        none fits. The one resource formula: the CPU budget check (`raydpo.orchestration.launch`), concurrent
+        Tune trials (`raydpo.orchestration.tune`) and reference replicas (`raydpo.train.reference`) count with it."""
         free = {**cluster, "CPU": cluster.get("CPU", 0.0) - self.data_cpus}
         # the epsilon: CPU counts are floats (0.5 per worker); 2.9999999 CPUs hold 3 slots of 1
         fits = [int((free.get(k, 0.0) + 1e-9) // v) for k, v in per_slot.items() if v > 0]
@@ -510,7 +510,7 @@ RESUME_FREE = ("tracking.", "run.max_failures", "run.timeout_s", "run.keep_check
 
 def resolve_precision(cfg: Config, use_gpu: bool) -> str:
     """DeepSpeed's precision: ``auto`` means bf16 on GPU (what the QLoRA recipe trains in) and
-    fp32 on CPU. The one rule: validation (`Config`), `raydpo.deepspeed` and the memory estimate
+    fp32 on CPU. The one rule: validation (`Config`), `raydpo.train.deepspeed` and the memory estimate
     all call it."""
     p = cfg.deepspeed.precision
     if p == "auto":

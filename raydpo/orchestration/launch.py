@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from raydpo.config import Config, Stage
-from raydpo.console import echo
+from raydpo.tracking.terminal import echo
 from raydpo.data.sources import DataSourceError
 
 
@@ -52,7 +52,7 @@ def check_cpu_budget(cfg: Config) -> None:
 
 def resolve_base(cfg: Config) -> tuple[str, str]:
     """(base model path, tokenizer path). 'tiny' is materialized here, once, on the driver."""
-    from raydpo.models import resolve_model_path
+    from raydpo.models.factory import resolve_model_path
 
     p = resolve_model_path(cfg.model)
     if Path(p).exists():
@@ -71,8 +71,8 @@ def merged_sft_base(cfg: Config, sft_adapter: str, base_path: str) -> str:
     path. The marker also records the base's identity, which keys the reference cache."""
     import ray
 
-    from raydpo.models import merge_adapter
-    from raydpo.reference import MERGED_MARKER, files_digest, model_identity
+    from raydpo.models.factory import merge_adapter
+    from raydpo.train.reference import MERGED_MARKER, files_digest, model_identity
 
     memo = Path(cfg.run.storage_path).resolve() / "reference"
     out = Path(cfg.run.storage_path).resolve() / cfg.run.name / "sft-merged"
@@ -98,10 +98,10 @@ def merged_sft_base(cfg: Config, sft_adapter: str, base_path: str) -> str:
 
 def stage_datasets(cfg: Config, stage: Stage, base_path: str, tok_path: str, progress=echo):
     """(train, eval) lazy Ray datasets of a stage: tokenized pairs, with the reference log-prob
-    columns (computed once, `raydpo.reference`) when DPO uses ``dpo.reference=precomputed`` and a
+    columns (computed once, `raydpo.train.reference`) when DPO uses ``dpo.reference=precomputed`` and a
     loss that reads a reference (`DPOConfig.precomputed_reference`: none for simpo, orpo, sft)."""
     if stage == "dpo" and cfg.dpo.precomputed_reference:
-        from raydpo.reference import reference_datasets
+        from raydpo.train.reference import reference_datasets
 
         return reference_datasets(cfg, base_path, tok_path, progress=progress)
     if stage == "dpo" and not cfg.dpo.needs_reference:
@@ -169,7 +169,7 @@ def preflight(cfg: Config) -> str:
     """What must hold before Ray starts, each failing with one line: run storage writable, the
     tracking store reachable (<= 5 s), a gated hub model's token present. Returns the store URI."""
     from raydpo import tracking
-    from raydpo.models import check_hub_access
+    from raydpo.models.factory import check_hub_access
 
     problem = check_storage(cfg)
     if problem:
@@ -250,8 +250,8 @@ def fit_stage(
 
     from raydpo import tracking
     from raydpo.config import fingerprint_hash, resume_fingerprint
-    from raydpo.deepspeed import comm_backend
-    from raydpo.raycluster import ensure_ray
+    from raydpo.train.deepspeed import comm_backend
+    from raydpo.orchestration.ray_connect import ensure_ray
     from raydpo.train.ingest import data_config, eval_prompts, ordered_execution, ordered_stream
     from raydpo.train.loop import SCORE_KEY
     from raydpo.train.preempt import STOP_FILE, install_driver_handler
@@ -467,18 +467,3 @@ def run_pipeline(cfg: Config, progress=echo, restart: bool = False) -> tuple[Sta
     dpo_cfg = cfg.with_overrides({"dpo.sft_adapter": sft.adapter_path})
     dpo = fit_stage(dpo_cfg, "dpo", tags={"raydpo.sft_run_id": sft.run_id or ""}, progress=progress, restart=restart)
     return sft, dpo
-
-
-def export_adapter(adapter_path: str, out_dir: str, merge: bool, dtype: str = "float32") -> str:
-    """Copy an adapter, or merge it into its base (``--merge``) as a plain HF model folder."""
-    from raydpo.models import merge_adapter
-
-    cfg_file = Path(adapter_path) / "adapter_config.json"
-    if not cfg_file.exists():
-        raise FileNotFoundError(f"{adapter_path} is not a PEFT adapter folder (no adapter_config.json)")
-    if not merge:
-        shutil.copytree(adapter_path, out_dir, dirs_exist_ok=True)
-        return out_dir
-    base = json.loads(cfg_file.read_text())["base_model_name_or_path"]
-    return merge_adapter(base, adapter_path, out_dir, dtype)
-

@@ -26,6 +26,8 @@ from collections import deque
 from pathlib import Path
 from typing import IO, Any
 
+from raydpo.tracking import terminal
+
 LOG_NAME = "raydpo.log"
 _RAY_HANDLER = "ray_print_logs"  # the name Ray registers its printer under (ray._private.worker)
 _OURS = re.compile(r"^(\[[a-z0-9_-]+\] |warning: |error: |raydpo: )")
@@ -36,14 +38,6 @@ _active: Console | None = None
 def log_path(storage_path: str | Path, run_name: str) -> Path:
     """The run folder's log: beside the stages' checkpoint folders and the merged SFT base."""
     return Path(storage_path).resolve() / run_name / LOG_NAME
-
-
-def echo(line: str, err: bool = False) -> None:
-    """Print one of raydpo's own lines: on the active console's terminal, or plain stdout/stderr."""
-    if _active is not None:
-        _active.say(line, err=err)
-    else:
-        print(line, file=sys.stderr if err else sys.stdout, flush=True)
 
 
 def _terminal(stream: IO[str], fd: int) -> tuple[IO[str], int | None]:
@@ -110,7 +104,7 @@ def _clock(seconds: float) -> str:
 
 class Console:
     """A training command's terminal (see the module doc). Use as a context manager; ``echo``
-    reaches the active one. ``out``/``err`` stand in for the terminal (tests); ``bars=False``
+    (`raydpo.tracking.terminal`) reaches the active one. ``out``/``err`` stand in for the terminal (tests); ``bars=False``
     prints progress lines as they come (a Tune search: several trials report at once)."""
 
     def __init__(self, path: str | Path, verbose: bool = False, bars: bool = True,
@@ -156,6 +150,7 @@ class Console:
                 self._saved[fd] = os.dup(fd)
                 os.dup2(self.log.fileno(), fd)
         _active = self
+        self._sink = terminal.set_sink(self.say)  # raydpo.tracking.terminal.echo reaches this console
         self.attach_ray()
         return self
 
@@ -187,6 +182,7 @@ class Console:
             self._copies.clear()
         if _active is self:
             _active = None
+            terminal.set_sink(self._sink)
         if self.log is not None:
             self.log.close()
         if not self.settled and not self.keep:

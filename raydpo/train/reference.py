@@ -5,7 +5,7 @@ model) and the tokenized pairs — never on beta or the learning rate — so DPO
 every Tune trial read them from parquet instead of running a second forward every step. The
 model is loaded exactly as the trainer loads it (same quantization, same k-bit preparation, a
 fresh adapter) and scored with the adapter disabled through the training forward itself
-(`raydpo.models.pair_logps`), so the stored values are the ones the on-the-fly path computes.
+(`raydpo.models.factory.pair_logps`), so the stored values are the ones the on-the-fly path computes.
 
 The cache key is content, never a path (TRL keys its precomputed reference on the weights and
 the dataset fingerprint the same way): a digest of the reference weights (for a merged SFT
@@ -27,7 +27,7 @@ import warnings
 from pathlib import Path
 
 from raydpo.config import BUILTIN_SOURCE, Config
-from raydpo.console import echo
+from raydpo.tracking.terminal import echo
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 SPLITS = ("train", "eval")
@@ -42,7 +42,8 @@ class RefLogps:
     def __init__(self, cfg_dict: dict, base_path: str, use_gpu: bool = False):
         import torch
 
-        from raydpo.models import load_model, load_tokenizer
+        from raydpo.models.factory import load_model
+        from raydpo.data.tokenizer import load_tokenizer
 
         cfg = Config.from_dict(cfg_dict)
         self.dpo = cfg.dpo
@@ -56,7 +57,7 @@ class RefLogps:
         import pyarrow as pa
 
         from raydpo.data.collate import collate_dpo
-        from raydpo.models import pair_logps, reference_disabled
+        from raydpo.models.factory import pair_logps, reference_disabled
 
         cols = {k: np.array(batch[k].to_pylist() + [None], dtype=object)[:-1]
                 for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")}

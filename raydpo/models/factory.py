@@ -21,7 +21,7 @@ from raydpo.config import BUILTIN_MODEL, LoraConfig, ModelConfig, QuantizationCo
 
 if TYPE_CHECKING:
     from peft import PeftModel
-    from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import BitsAndBytesConfig, PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def resolve_model_path(model_cfg: ModelConfig) -> str:
     """``"tiny"`` -> the materialized tiny Llama folder (built once); a local path or hub id -> itself."""
     if model_cfg.name_or_path == BUILTIN_MODEL:
-        from raydpo.tiny import ensure_tiny_model
+        from raydpo.models.tiny import ensure_tiny_model
 
         return str(ensure_tiny_model(model_cfg))
     return model_cfg.name_or_path
@@ -55,26 +55,6 @@ def check_hub_access(model_cfg: ModelConfig) -> str | None:
         return None
     return (f"model.name_or_path {name} is gated on the Hugging Face Hub and no token is set: accept its licence on "
             "huggingface.co, then `huggingface-cli login` or set HF_TOKEN (on the cluster: in the job's env)")
-
-
-def load_tokenizer(name_or_path: str, revision: str | None = None) -> PreTrainedTokenizerBase:
-    """A tokenizer with a pad token and right padding.
-
-    Llama 2 ships no pad token: like stack_llama_2 (``tokenizer.pad_token = tokenizer.eos_token``)
-    we fall back to EOS, or UNK when there is no EOS. That is safe here because the scored tokens
-    are the response tokens (`raydpo.data.collate`'s scoring index), never ``input_ids !=
-    pad_token_id``, so a real EOS is still learned, and padding is never scored.
-    """
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
-    if tok.pad_token_id is None:
-        fallback = tok.eos_token if tok.eos_token is not None else tok.unk_token
-        if fallback is None:
-            raise ValueError(f"tokenizer {name_or_path} has no pad, eos or unk token to pad with")
-        tok.pad_token = fallback
-    tok.padding_side = "right"
-    return tok
 
 
 def bnb_config(q: QuantizationConfig) -> BitsAndBytesConfig | None:
@@ -346,9 +326,26 @@ def merge_adapter(base_path: str, adapter_path: str, out_dir: str, dtype: str = 
     import peft
     from transformers import AutoModelForCausalLM
 
+    from raydpo.data.tokenizer import load_tokenizer
+
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=DTYPES[dtype])
     merged = peft.PeftModel.from_pretrained(base, adapter_path).merge_and_unload()
     merged.save_pretrained(out_dir)
     tok_src = adapter_path if (Path(adapter_path) / "tokenizer_config.json").exists() else base_path
     load_tokenizer(tok_src).save_pretrained(out_dir)
     return out_dir
+
+
+def export_adapter(adapter_path: str, out_dir: str, merge: bool, dtype: str = "float32") -> str:
+    """Copy an adapter, or merge it into its base (``--merge``) as a plain HF model folder."""
+    import json
+    import shutil
+
+    cfg_file = Path(adapter_path) / "adapter_config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{adapter_path} is not a PEFT adapter folder (no adapter_config.json)")
+    if not merge:
+        shutil.copytree(adapter_path, out_dir, dirs_exist_ok=True)
+        return out_dir
+    base = json.loads(cfg_file.read_text())["base_model_name_or_path"]
+    return merge_adapter(base, adapter_path, out_dir, dtype)

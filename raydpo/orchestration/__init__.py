@@ -1,0 +1,1 @@
+"""Orchestration, the driver side: Ray connection, stage launch, Tune, job submission, console."""
