@@ -89,9 +89,9 @@ def _build_model(out: Path, smoke: bool) -> None:
     """The model folder: Llama-2-7B's shape (GPU, bf16) or the tiny one (CPU, fp32), random-init,
     with the tiny local tokenizer."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from raydpo.config import Config
+    from raydpo.models.tiny import random_llama
     from raydpo.train.estimate import BUILTIN_SHAPES
     from raydpo.models.factory import resolve_model_path
     from raydpo.data.tokenizer import load_tokenizer
@@ -109,17 +109,8 @@ def _build_model(out: Path, smoke: bool) -> None:
         shape = dict(hidden_size=s.hidden, num_hidden_layers=s.layers, num_attention_heads=s.heads,
                      num_key_value_heads=s.kv_heads, intermediate_size=s.intermediate, vocab_size=s.vocab)
         device, dtype = "cuda", torch.bfloat16
-    config = LlamaConfig(**shape, max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
-                         rms_norm_eps=1e-5)
-    torch.manual_seed(0)
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # initialised in bf16 directly: no fp32 copy of 7B weights
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(before)
+    model = random_llama(0, dtype, device, **shape, max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, rms_norm_eps=1e-5)
     model.save_pretrained(str(out / "model"))
     tok.save_pretrained(str(out / "model"))
     del model
@@ -192,7 +183,7 @@ def _peak_tflops(tflops: float | None) -> tuple[float | None, str]:
 def report(out: Path, tflops: float | None) -> list[dict]:
     from raydpo.benchmarks.peer import steady_state
     from raydpo.config import load_config
-    from raydpo.train.estimate import CUDA_CONTEXT_GIB, estimate, model_shape, step_flops
+    from raydpo.train.estimate import CUDA_CONTEXT_GIB, error_pct, estimate, model_shape, step_flops
 
     cfg = load_config(out / "gpu_check.yaml")
     shape, _ = model_shape(cfg)
@@ -229,8 +220,7 @@ def report(out: Path, tflops: float | None) -> list[dict]:
     for r in rows:
         r["mfu"] = flops / r["step_s"] / (rate * 1e12) if rate else None
         r["estimate_gib"] = est_gib
-        r["error_pct"] = (100 * (est_gib - r["peak_gib"]) / r["peak_gib"]
-                          if r["peak_gib"] and r.get("estimated", True) else None)
+        r["error_pct"] = error_pct(est_gib, r["peak_gib"]) if r["peak_gib"] and r.get("estimated", True) else None
         mfu = f"{100 * r['mfu']:.3g}%" if r["mfu"] is not None else f"n/a ({rate_src})"
         mem = (f"{r['peak_gib']:.2f} GiB (torch.cuda.max_memory_allocated)" if r["peak_gib"] else
                "n/a (no CUDA allocator)")

@@ -73,16 +73,15 @@ def _status(key: str) -> int:
 def _build_folder(cfg: Config, out: str, tokenizer_from: Config | None = None) -> None:
     """A random-init Llama of ``cfg.model.tiny``'s shape (seeded) saved to ``out``; with
     ``tokenizer_from``, that config's tiny tokenizer beside it (the loop's checkpoint saves one)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from raydpo.models.tiny import random_llama
 
     t = cfg.model.tiny
-    config = LlamaConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+    model = random_llama(0, vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
                          num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
                          num_key_value_heads=t.num_key_value_heads, max_position_embeddings=t.max_position_embeddings,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
+                         bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    model.save_pretrained(out)
+    config = model.config
     if tokenizer_from is not None:
         from raydpo.models.factory import resolve_model_path
         from raydpo.data.tokenizer import load_tokenizer
@@ -222,7 +221,7 @@ def run_row(shape, batch: int, max_length: int, quant: str, checkpointing: bool,
             port: int, loop: bool = False) -> dict:
     """A row: the estimate here, the measurement in a fresh process. ``loop``: the steps run through
     the training loop (`_loop_steps`; both folders need a tokenizer), else the engine's calls alone."""
-    from raydpo.train.estimate import GIB, estimate
+    from raydpo.train.estimate import GIB, error_pct, estimate
 
     spec = {"shape": list(shape), "batch": batch, "max_length": max_length, "quant": quant,
             "checkpointing": checkpointing, "folder": folder, "warmup_folder": warmup_folder, "port": port,
@@ -245,7 +244,7 @@ def run_row(shape, batch: int, max_length: int, quant: str, checkpointing: bool,
     return {"shape": ",".join(map(str, shape)), "batch": batch, "max_length": max_length, "quant": quant,
             "checkpointing": "on" if checkpointing else "off", "tokens": est.tokens_per_micro_batch,
             "estimate_mib": round(est_mib, 1), "measured_mib": round(meas_mib, 1),
-            "error_pct": round(100 * (est_mib - meas_mib) / meas_mib, 1),
+            "error_pct": round(error_pct(est_mib, meas_mib), 1),
             "parts_mib": {k: round(v * GIB / 2**20, 1) for k, v in parts.items()},
             "seconds": round(got["seconds"], 1), "losses": got["losses"], "method": got["method"]}
 

@@ -108,13 +108,30 @@ def build_tokenizer(vocab_size: int, texts: Iterable[str]):
     return fast
 
 
+def random_llama(seed: int, dtype=None, device: str = "cpu", **config):
+    """A seeded random-init ``LlamaForCausalLM`` of ``LlamaConfig(**config)`` (untied embeddings),
+    built directly in ``dtype`` on ``device`` (a 7B model gets no fp32 copy), without touching the
+    caller's RNG. The tiny model, the memory benchmark's shapes and the GPU check's 7B use it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(tie_word_embeddings=False, **config)
+    before = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if dtype is not None:
+            torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                return LlamaForCausalLM(config)
+        finally:
+            torch.set_default_dtype(before)
+
+
 def build_tiny(model_cfg: ModelConfig, out: Path, extra_texts: Iterable[str] = ()) -> None:
     """Write the tokenizer and a randomly initialised ``LlamaForCausalLM`` (seeded) to ``out``.
     The tokenizer is trained on the generated sample, plus ``extra_texts`` (e.g. a benchmark's
     own rows, so a real-text vocabulary fills up to ``vocab_size``)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from raydpo.data.sample import sample_texts
 
     t = model_cfg.tiny
@@ -122,16 +139,13 @@ def build_tiny(model_cfg: ModelConfig, out: Path, extra_texts: Iterable[str] = (
     frame = DataConfig().prompt_template.format(question="")
     tokenizer = build_tokenizer(t.vocab_size, itertools.chain(sample_texts(3000, seed=t.seed), [frame] * 500,
                                                               extra_texts))
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+    model = random_llama(
+        t.seed, vocab_size=len(tokenizer), hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
         num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
         num_key_value_heads=t.num_key_value_heads, max_position_embeddings=t.max_position_embeddings,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
     )
-    with torch.random.fork_rng(devices=[]):  # seeded init, without touching the caller's RNG
-        torch.manual_seed(t.seed)
-        model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))

@@ -40,17 +40,26 @@ def log_path(storage_path: str | Path, run_name: str) -> Path:
     return Path(storage_path).resolve() / run_name / LOG_NAME
 
 
-def _terminal(stream: IO[str], fd: int) -> tuple[IO[str], int | None]:
-    """A stream that keeps reaching where ``stream`` reaches once ``fd`` is pointed elsewhere."""
+def _terminal(stream: IO[str], fd: int) -> IO[str]:
+    """A stream that keeps reaching where ``stream`` reaches once ``fd`` is pointed elsewhere:
+    ``stream`` itself when it does not write to ``fd`` (e.g. pytest's capture), else a new file on
+    a copy of ``fd``."""
     try:
         same = stream.fileno() == fd
     except (AttributeError, OSError, io.UnsupportedOperation):
         same = False
-    if not same:  # e.g. pytest's capture: it does not write to the fd
-        return stream, None
+    if not same:
+        return stream
     stream.flush()
-    copy = os.dup(fd)
-    return os.fdopen(copy, "w", buffering=1, closefd=True), copy
+    return os.fdopen(os.dup(fd), "w", buffering=1)
+
+
+def _flush(*streams: IO[str]) -> None:
+    for stream in streams:
+        try:
+            stream.flush()
+        except (AttributeError, ValueError):  # closed, or not a stream
+            pass
 
 
 class _Bar:
@@ -116,7 +125,7 @@ class Console:
         self._given = (out, err)
         self._lock = threading.RLock()
         self._bars: dict[str, _Bar] = {}
-        self._copies: list[int] = []
+        self._owned: list[IO[str]] = []  # the terminal copies this console opened (and closes)
         self._saved: dict[int, int] = {}
         self._ray_printer: Any = None
         self._seen: dict[tuple[Any, str], float] = {}
@@ -134,19 +143,12 @@ class Console:
         self.path = Path(tmp)
         self.log = open(self.path, "a", buffering=1)  # O_APPEND: fds 1/2 and this file interleave by line
         out, err = self._given
-        if out is None:
-            out, copy = _terminal(sys.stdout, 1)
-            self._copies += [copy] if copy is not None else []
-        if err is None:
-            err, copy = _terminal(sys.stderr, 2)
-            self._copies += [copy] if copy is not None else []
-        self.out, self.err = out, err
+        self.out = out if out is not None else _terminal(sys.stdout, 1)
+        self.err = err if err is not None else _terminal(sys.stderr, 2)
+        self._owned = [s for s in (self.out, self.err) if s not in (out, err, sys.stdout, sys.stderr)]
         if not self.verbose:
-            for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
-                try:
-                    stream.flush()
-                except (AttributeError, ValueError):
-                    pass
+            _flush(sys.stdout, sys.stderr)
+            for fd in (1, 2):
                 self._saved[fd] = os.dup(fd)
                 os.dup2(self.log.fileno(), fd)
         _active = self
@@ -161,25 +163,15 @@ class Console:
                 bar.close()
             self._bars.clear()
         self.detach_ray()
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (AttributeError, ValueError):
-                pass
+        _flush(sys.stdout, sys.stderr)
         for fd, saved in self._saved.items():
             os.dup2(saved, fd)
             os.close(saved)
         self._saved.clear()
-        for stream in (self.out, self.err):
-            try:
-                stream.flush()
-            except ValueError:
-                pass
-        if self._copies:
-            for stream in (self.out, self.err):
-                if stream not in self._given:
-                    stream.close()
-            self._copies.clear()
+        _flush(self.out, self.err)
+        for stream in self._owned:
+            stream.close()
+        self._owned.clear()
         if _active is self:
             _active = None
             terminal.set_sink(self._sink)

@@ -295,6 +295,12 @@ def _attention_flops(cfg: Config, shape: Shape) -> float:
     return 2.0 * shape.hidden * per_pair * B * shape.layers
 
 
+def error_pct(estimate_: float, measured: float) -> float:
+    """How far an estimate is from what was measured, in % of the measurement (the benchmarks'
+    ``error_pct``; its target is |error_pct| <= 25)."""
+    return 100 * (estimate_ - measured) / measured
+
+
 def step_flops(cfg: Config, shape: Shape) -> float:
     """FLOPs of one optimizer step on one worker (module docstring): the one formula for MFU."""
     T, _, Sl = tokens(cfg)
