@@ -29,6 +29,13 @@ def pytest_configure(config):
     tally.install()
 
 
+def pytest_collection_modifyitems(config, items):
+    """The unit tier first, then the integration tier (each in collection order): fast failures
+    come first, and the integration tier's session cluster (tests/integration/conftest.py) starts
+    with its first test and stops at the end of the session, right after its last."""
+    items.sort(key=lambda item: item.get_closest_marker("integration") is not None)
+
+
 @pytest.hookimpl(trylast=True)  # after the durations table: the run's last lines
 def pytest_terminal_summary(terminalreporter):
     folder = os.environ.get(tally.ENV)

@@ -64,8 +64,11 @@ class Row:
 
 
 class Suite:
-    def __init__(self, work: Path):
+    def __init__(self, work: Path, faults: str = ""):
+        """``faults``: injected into every run of the suite, the baseline included (``$RAYDPO_FAULTS``
+        syntax), so a row still compares like with like; a row's own fault is added to them."""
         self.work = work
+        self.faults = faults
         self.uri = f"sqlite:///{work / 'mlflow.db'}"
         cache = Path(__file__).resolve().parents[2] / ".raydpo_cache"
         self.config = work / "chaos.yaml"
@@ -78,8 +81,10 @@ class Suite:
         cmd = [sys.executable, "-m", "raydpo.cli", command, "--verbose", "--config", str(self.config),
                "--set", f"run.name={name}", *extra]  # --verbose: the rows read Ray's own lines too
 
+        run_env = {**os.environ, **(env or {})}
+        run_env["RAYDPO_FAULTS"] = ",".join(f for f in (self.faults, (env or {}).get("RAYDPO_FAULTS", "")) if f)
         t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, cwd=self.work, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+        p = subprocess.Popen(cmd, cwd=self.work, env=run_env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
         out = []
         try:
@@ -224,17 +229,22 @@ class Suite:
             row.error = "the damaged checkpoint was not noticed"
         return row
 
+    def nonfinite_steps(self, name: str) -> float | None:
+        """The run's ``train/nonfinite_steps`` (the steps it skipped), None without a run."""
+        c, runs = self.runs(name)
+        if not runs:
+            return None
+        return max((m.value for m in c.get_metric_history(runs[0].info.run_id, "train/nonfinite_steps")), default=0)
+
     def nan(self) -> Row:
         row = Row("NaN loss injected at step 4")
         name = "nan"
         rc, out, row.seconds = self.cli(name, env={"RAYDPO_FAULTS": "nan@4"})
         self.recoverable(row, rc, out, name, None, compare=False)  # a skipped update changes the end point
-        c, runs = self.runs(name)
-        if runs:
-            skipped = c.get_metric_history(runs[0].info.run_id, "train/nonfinite_steps")
-            n = max((m.value for m in skipped), default=0)
+        n = self.nonfinite_steps(name)
+        if n is not None:
             row.notes.append(f"train/nonfinite_steps={n:g}")
-            row.survived = row.survived and n == 1
+            row.survived = row.survived and n == 1 + self.faults.count("nan@")
         return row
 
     def oom(self) -> Row:
@@ -255,9 +265,10 @@ class Suite:
             port = s.getsockname()[1]
         rc, out, row.seconds = self.cli("down", "--set", f"tracking.tracking_uri=http://127.0.0.1:{port}")
         self.fatal(row, rc, out, seconds_max=10)
-        if "Started a local Ray instance" in out or (self.work / "runs" / "down-dpo").exists():
+        ray_markers = ("Started a local Ray instance", "Connecting to existing Ray cluster", "Connected to Ray cluster")
+        if any(m in out for m in ray_markers) or (self.work / "runs" / "down-dpo").exists():
             row.survived = False
-            row.notes.append("Ray started or storage written")
+            row.notes.append("Ray started or joined, or storage written")
         return row
 
     def mlflow_down_mid_run(self) -> Row:

@@ -1,21 +1,132 @@
 """Shared integration fixtures.
 
+``ray_cluster``: one real Ray cluster for the whole integration tier, a ``ray start --head`` on
+this machine (token auth, job API and Prometheus endpoint on 127.0.0.1) started once. Every
+integration test runs with ``RAY_ADDRESS`` pointing at it, so the CLI commands the tests run in
+subprocesses join it the way a user's command joins their cluster, and ``ray_connected`` joins
+the pytest process itself for the tests that call raydpo in-process. One start-up instead of one
+per module, and Ray's task workers stay warm between tests.
+
 ``demo_run`` runs the README's main command once (``raydpo demo --quick``) per test session in a
-temporary working directory with its own SQLite MLflow store; the training, report and MLflow-UI
-tests all read that one store instead of training again.
+temporary working directory with its own SQLite MLflow store; the training, console, report,
+MLflow-UI and Tune tests all read that one run instead of training again.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+# Ray's components push metrics to the node's agent every metrics_report_interval_ms (10 s by
+# default) and the agent drops a gauge not heard of for two intervals: 1 s keeps
+# test_metrics_export's "still exported between two logged steps" check short.
+METRICS_REPORT_MS = "1000"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Cluster:
+    address: str          # the GCS address clients join (RAY_ADDRESS)
+    dashboard: str        # the job-submission address
+    metrics_port: int     # the node's Prometheus endpoint
+    client_env: dict      # what a process needs in its environment to join
+    head_env: dict        # the head's environment (the job drivers' and workers' too)
+
+
+def _stop(group: int) -> None:
+    """Stop this cluster and nothing else (`ray stop` would stop every Ray on the machine, a
+    user's own included): its daemons are one process group (`ray start` ran in a session of its
+    own); the workers exit when their raylet goes."""
+    for sig, wait_s in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(group, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(group, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Cluster:
+    # its own short temp dir: Ray's unix sockets live there (a path limit of ~107 bytes) and no
+    # other Ray on the machine is touched
+    temp = tempfile.mkdtemp(prefix="rdpray-", dir="/tmp")
+    port, dash, metrics = free_port(), free_port(), free_port()
+    token = uuid.uuid4().hex
+    client_env = {"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    head_env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+                "RAY_AUTH_TOKEN": token, "RAY_metrics_report_interval_ms": METRICS_REPORT_MS}
+    for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
+        head_env.pop(k, None)
+    start = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--num-cpus", "2", "--port", str(port), "--temp-dir", temp,
+         "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+         "--metrics-export-port", str(metrics), "--disable-usage-stats"],
+        cwd=temp, env=head_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        out, _ = start.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        _stop(start.pid)
+        raise
+    if start.returncode != 0:
+        _stop(start.pid)
+        pytest.fail(f"ray start --head failed ({start.returncode}):\n{out[-5000:]}")
+    saved = {k: os.environ.get(k) for k in client_env}
+    os.environ.update(client_env)
+    try:
+        yield Cluster(client_env["RAY_ADDRESS"], f"http://127.0.0.1:{dash}", metrics, client_env, head_env)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        _stop(start.pid)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _on_the_cluster(request):
+    """Every integration test runs with the session's cluster in its environment (a test here
+    without the marker is a unit test and starts no cluster)."""
+    if request.node.get_closest_marker("integration") is not None:
+        request.getfixturevalue("ray_cluster")
+
+
+@pytest.fixture(scope="session")
+def ray_connected(ray_cluster):
+    """The pytest process joined to the cluster, as raydpo's own commands join one."""
+    import ray
+
+    from raydpo.orchestration.ray_connect import ensure_ray
+
+    ensure_ray()
+    yield ray_cluster
+    ray.shutdown()
 
 
 @dataclass
@@ -31,7 +142,7 @@ class DemoRun:
 
 
 @pytest.fixture(scope="session")
-def demo_run(tmp_path_factory) -> DemoRun:
+def demo_run(tmp_path_factory, ray_cluster) -> DemoRun:
     work = tmp_path_factory.mktemp("demo")
     uri = f"sqlite:///{work / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}

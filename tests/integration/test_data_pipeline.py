@@ -35,15 +35,9 @@ BAD = [  # (line, reason)
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-    from ray.data import DataContext
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    DataContext.get_current().enable_progress_bars = False
-    DataContext.get_current().print_on_execution_start = False
-    yield
-    ray.shutdown()
+def ray_local(ray_connected):
+    """The session's cluster (tests/integration/conftest.py), joined by this process."""
+    return ray_connected
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,9 @@
 """The metrics dashboards/raydpo.json queries really reach Prometheus: a real local Ray node, a
-`TrainMetricsExporter` in a Ray actor (as in the rank-0 Train worker), then a scrape of the
+`TrainMetricsExporter` in a Ray actor on the session's cluster (as in the rank-0 Train worker), then a scrape of the
 node's Prometheus endpoint. Names, labels and values are checked on what Prometheus would see."""
 
 from __future__ import annotations
 
-import socket
 import sys
 import time
 import urllib.request
@@ -60,12 +59,6 @@ def _rank0_class():
     return Rank0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _scrape(port: int) -> list:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -75,7 +68,7 @@ def _scrape(port: int) -> list:
 
 
 @pytest.mark.timeout(240)
-def test_dashboard_metrics_reach_prometheus(monkeypatch):
+def test_dashboard_metrics_reach_prometheus(ray_connected):
     import ray
 
     queried = dashboard_metrics(load_dashboard())
@@ -84,37 +77,34 @@ def test_dashboard_metrics_reach_prometheus(monkeypatch):
     assert set(EXPORTED_METRICS) <= expected
     assert {"ray_node_cpu_utilization", "ray_node_mem_used_host", "ray_object_store_memory"} <= expected
 
-    # Components push their metrics to the node's agent every metrics_report_interval_ms (10 s by
-    # default) and the agent drops a gauge not heard of for two intervals; 1 s keeps this test
-    # short and makes "still there later" (the exporter's refresh thread) quick to check.
-    monkeypatch.setenv("RAY_metrics_report_interval_ms", "1000")
-    port = _free_port()
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, _metrics_export_port=port)
-    try:
-        actor = ray.remote(num_cpus=0)(_rank0_class()).remote()
-        ray.get(actor.export.remote(SAMPLE, STEP, TAGS), timeout=60)  # once, as at one logged step
-        exported_at = time.monotonic()
+    # Components push their metrics to the node's agent every metrics_report_interval_ms; the
+    # session's cluster runs at 1 s (tests/integration/conftest.py) and the agent drops a gauge
+    # not heard of for two intervals, which makes "still there later" (the exporter's refresh
+    # thread) quick to check.
+    port = ray_connected.metrics_port
+    actor = ray.remote(num_cpus=0)(_rank0_class()).remote()
+    ray.get(actor.export.remote(SAMPLE, STEP, TAGS), timeout=60)  # once, as at one logged step
+    exported_at = time.monotonic()
 
-        deadline = exported_at + 60
-        while True:
-            samples = _scrape(port)
-            missing = expected - {s.name for s in samples}
-            if not missing or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-        assert not missing, f"queried by the dashboard but not exported by this node: {sorted(missing)}"
-        # node gauges come from the agent's own reporter loop, which may skip a beat under load:
-        # check their labels on this scrape, not the later one
-        node = [s for s in samples if s.name == "ray_node_cpu_utilization"]
-
-        # A gauge set once is gone two report intervals (2 s here) after its export; the next
-        # logged step may be minutes away, so the exporter keeps setting its last values.
-        time.sleep(max(0.0, exported_at + 8 - time.monotonic()))
+    deadline = exported_at + 60
+    while True:
         samples = _scrape(port)
-        gone = set(EXPORTED_METRICS) - {s.name for s in samples}
-        assert not gone, f"raydpo metrics dropped between logged steps: {sorted(gone)}"
-    finally:
-        ray.shutdown()
+        missing = expected - {s.name for s in samples}
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert not missing, f"queried by the dashboard but not exported by this node: {sorted(missing)}"
+    # node gauges come from the agent's own reporter loop, which may skip a beat under load:
+    # check their labels on this scrape, not the later one
+    node = [s for s in samples if s.name == "ray_node_cpu_utilization"]
+
+    # A gauge set once is gone two report intervals (2 s here) after its export; the next
+    # logged step may be minutes away, so the exporter keeps setting its last values.
+    time.sleep(max(0.0, exported_at + 8 - time.monotonic()))
+    samples = _scrape(port)
+    gone = set(EXPORTED_METRICS) - {s.name for s in samples}
+    assert not gone, f"raydpo metrics dropped between logged steps: {sorted(gone)}"
+    ray.kill(actor)
 
     ours = [s for s in samples if s.name in EXPORTED_METRICS and s.labels.get("run") == TAGS["run"]]
 

@@ -11,15 +11,6 @@ pytestmark = [pytest.mark.integration]
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _cfg(tmp_path, *extra):
     from raydpo.config.presets import demo_config
 
@@ -48,7 +39,7 @@ def _ref(ds):
 
 
 @pytest.mark.timeout(600)
-def test_a_new_sft_adapter_under_the_same_run_name_gets_fresh_reference_logps(tmp_path, ray_local):
+def test_a_new_sft_adapter_under_the_same_run_name_gets_fresh_reference_logps(tmp_path, ray_connected):
     from raydpo.orchestration.launch import merged_sft_base, resolve_base
     from raydpo.train.reference import reference_datasets
 
@@ -84,7 +75,7 @@ def test_a_new_sft_adapter_under_the_same_run_name_gets_fresh_reference_logps(tm
 
 
 @pytest.mark.timeout(600)
-def test_dpo_with_an_empty_eval_split_trains_with_a_warning(tmp_path, ray_local):
+def test_dpo_with_an_empty_eval_split_trains_with_a_warning(tmp_path, ray_connected):
     from raydpo.orchestration.launch import fit_stage
 
     # a tiny eval fraction of a small sample: no question hashes into the eval split

@@ -38,13 +38,20 @@ def _torchrun(tmp_path: Path, stage: str, nproc: int, extra: list[str], generati
     return lines
 
 
+@pytest.fixture(scope="module")
+def deepspeed_dpo(tmp_path_factory):
+    """DPO on 2 gloo ranks under DeepSpeed ZeRO-2 (the default engine): its metric lines and the
+    generations rank 0 printed. Checked on its own, then compared with the plain engine."""
+    gens: list = []
+    return _torchrun(tmp_path_factory.mktemp("ds"), "dpo", 2, [], gens), gens
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(900)
-def test_torchrun_two_cpu_ranks_sft_and_dpo_without_ray(tmp_path):
+def test_torchrun_two_cpu_ranks_sft_and_dpo_without_ray(tmp_path, deepspeed_dpo):
     sft = _torchrun(tmp_path, "sft", 2, [])
     assert all(math.isfinite(m["train/loss"]) for m in sft) and "eval/loss" in sft[-1]
-    gens: list = []
-    dpo = _torchrun(tmp_path, "dpo", 2, [], gens)
+    dpo, gens = deepspeed_dpo
     assert abs(dpo[0]["train/loss"] - math.log(2)) < 0.01  # step-0 sanity holds without Ray too
     assert [g["step"] for g in gens] == [3] and len(gens[0]["rows"]) == 4  # rank 0 alone prints the table
     assert {"eval/rewards/accuracies", "eval/rewards/margins"} <= set(dpo[-1])
@@ -66,13 +73,11 @@ def test_torchrun_gpu_bf16_4bit_dpo(tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.timeout(900)
-def test_two_ranks_without_deepspeed_train_like_deepspeed(tmp_path):
+def test_two_ranks_without_deepspeed_train_like_deepspeed(tmp_path, deepspeed_dpo):
     """``deepspeed.enabled=false`` across 2 gloo ranks (the plain engine under DDP): every step's
     global loss and reward margin equal DeepSpeed ZeRO-2's on the same stream."""
-    (tmp_path / "ds").mkdir()
-    (tmp_path / "plain").mkdir()
-    ds = _torchrun(tmp_path / "ds", "dpo", 2, [])
-    plain = _torchrun(tmp_path / "plain", "dpo", 2, ["deepspeed.enabled=false"])
+    ds, _ = deepspeed_dpo
+    plain = _torchrun(tmp_path, "dpo", 2, ["deepspeed.enabled=false"])
     assert abs(plain[0]["train/loss"] - math.log(2)) < 1e-4
     for a, b in zip(plain, ds):
         for k in ("train/loss", "train/rewards/margins", "eval/loss"):

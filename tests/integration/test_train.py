@@ -22,15 +22,6 @@ def _quick(tmp_path, *extra):
     ])
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
-    yield
-    ray.shutdown()
-
-
 def _runs(uri, experiment):
     import mlflow
 
@@ -108,16 +99,24 @@ def _assert_checkpoint(path, step, stage):
     assert verify_checkpoint(p)["world_size"] == 2  # every rank's manifest present and matching
 
 
+@pytest.fixture(scope="module")
+def zero3(tmp_path_factory, ray_connected):
+    """SFT then DPO under ZeRO-3 over 4-bit LoRA, in-process on the session cluster: checked by the
+    ZeRO-3 test, then resumed and rerun by the resume test."""
+    from raydpo.orchestration.launch import run_pipeline
+
+    tmp = tmp_path_factory.mktemp("z3")
+    cfg = _quick(tmp, "deepspeed.stage=3", "deepspeed.stage3_param_persistence_threshold=0", "run.name=z3")
+    sft, dpo = run_pipeline(cfg, progress=lambda s: None)
+    return cfg, sft, dpo
+
+
 @pytest.mark.timeout(900)
-def test_zero3_4bit_sft_then_dpo_loads_and_generates(tmp_path, ray_local):
+def test_zero3_4bit_sft_then_dpo_loads_and_generates(zero3):
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoTokenizer
 
-    from raydpo.orchestration.launch import run_pipeline
-
-    cfg = _quick(tmp_path, "deepspeed.stage=3", "deepspeed.stage3_param_persistence_threshold=0",
-                 "run.name=z3")
-    sft, dpo = run_pipeline(cfg, progress=lambda s: None)
+    cfg, sft, dpo = zero3
     _assert_checkpoint(sft.checkpoint_path, cfg.sft.max_steps, "sft")
     _assert_checkpoint(dpo.checkpoint_path, cfg.dpo.max_steps, "dpo")
     assert sft.metrics["eval/loss"] < math.log(cfg.model.tiny.vocab_size)  # learned something vs. uniform
@@ -145,31 +144,30 @@ def test_zero3_4bit_sft_then_dpo_loads_and_generates(tmp_path, ray_local):
 
 
 @pytest.mark.timeout(600)
-def test_rerun_resumes_from_latest_checkpoint(tmp_path, ray_local):
-    from raydpo.orchestration.launch import fit_stage
+def test_rerun_resumes_from_latest_checkpoint(zero3):
+    """On the ZeRO-3 run above: the same SFT command again reuses the finished stage; a longer run
+    resumes from its latest checkpoint (ZeRO-3 partitioned states) in the same MLflow run."""
+    from raydpo.orchestration.launch import ResumeConfigError, fit_stage
 
-    first = _quick(tmp_path, "run.name=resume", "sft.max_steps=2", "sft.save_every=2", "sft.log_every=1",
-                   "sft.eval_every=2")
-    r1 = fit_stage(first, "sft", progress=lambda s: None)
-    assert [h["step"] for h in r1.history] == [1, 2]
+    first, sft, _ = zero3
+    n = first.sft.max_steps
     again = fit_stage(first, "sft", progress=lambda s: None)  # the same command again: already finished
-    assert again.run_id == r1.run_id and again.checkpoint_path == r1.checkpoint_path
-    second = first.with_overrides({"sft.max_steps": 4})  # train longer: allowed on a resume
+    assert again.run_id == sft.run_id and again.checkpoint_path == sft.checkpoint_path
+    logged = [h["step"] for h in sft.history]
+    longer = first.with_overrides({"sft.max_steps": n + 2, "sft.save_every": n + 2, "sft.log_every": 1})  # allowed on a resume
     said: list[str] = []
-    r2 = fit_stage(second, "sft", progress=said.append)
-    # steps 1-2 were not repeated: training picked up the step-2 checkpoint, in the same MLflow run,
-    # which now holds each step once
-    assert any("resuming run 'resume' from step 2" in s for s in said), said
-    assert r2.run_id == r1.run_id
-    assert [h["step"] for h in r2.history] == [1, 2, 3, 4]
-    _assert_checkpoint(r2.checkpoint_path, 4, "sft")
+    r2 = fit_stage(longer, "sft", progress=said.append)
+    # steps 1..n were not repeated: training picked up the step-n checkpoint, in the same MLflow run,
+    # which now holds each logged step once
+    assert any(f"resuming run 'z3' from step {n}" in s for s in said), said
+    assert r2.run_id == sft.run_id
+    assert [h["step"] for h in r2.history] == [*logged, n + 1, n + 2]
+    _assert_checkpoint(r2.checkpoint_path, n + 2, "sft")
     import mlflow.tracking
 
     client = mlflow.tracking.MlflowClient(first.tracking.tracking_uri)
-    assert client.get_run(r1.run_id).info.status == "FINISHED"  # nothing left RUNNING
-    assert sorted(m.step for m in client.get_metric_history(r1.run_id, "train/loss")) == [1, 2, 3, 4]
+    assert client.get_run(sft.run_id).info.status == "FINISHED"  # nothing left RUNNING
+    assert sorted(m.step for m in client.get_metric_history(sft.run_id, "train/loss")) == [*logged, n + 1, n + 2]
     # a changed config is refused, naming the keys; --restart starts over and keeps the old folder
-    from raydpo.orchestration.launch import ResumeConfigError
-
     with pytest.raises(ResumeConfigError, match=r"sft\.lr .*--restart"):
-        fit_stage(second.with_overrides({"sft.lr": 1e-3}), "sft", progress=lambda s: None)
+        fit_stage(longer.with_overrides({"sft.lr": 1e-3}), "sft", progress=lambda s: None)
