@@ -7,6 +7,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
@@ -22,9 +23,14 @@ def pytest_configure(config):
     """Count what the run pays for (`raydpo_suite_tally`): a fresh tally folder for this run, and
     the tally's sitecustomize first on $PYTHONPATH so every Python process a test starts counts
     into it too (CLI subprocesses, `ray start`, the workers of a Ray instance a test starts)."""
-    for name in (tally.ENV, "PYTHONPATH"):
+    for name in (tally.ENV, "PYTHONPATH", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
         _saved_env[name] = os.environ.get(name)
     os.environ[tally.ENV] = tempfile.mkdtemp(prefix="raydpo-suite-tally-")
+    # Ray token auth on for the whole run, before any test imports Ray: the integration tier's
+    # cluster needs it (job submission), and a process reads RAY_AUTH_MODE once, at its first Ray
+    # use, so a unit test touching Ray first would leave this process unable to join it
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN"] = uuid.uuid4().hex
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(TALLY), os.environ.get("PYTHONPATH")) if p)
     tally.install()
 

@@ -75,7 +75,8 @@ def ray_cluster() -> Cluster:
     # other Ray on the machine is touched
     temp = tempfile.mkdtemp(prefix="rdpray-", dir="/tmp")
     port, dash, metrics = free_port(), free_port(), free_port()
-    token = uuid.uuid4().hex
+    # the session's token (tests/conftest.py sets it before any test touches Ray)
+    token = os.environ.get("RAY_AUTH_TOKEN") or uuid.uuid4().hex
     client_env = {"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     head_env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
                 "RAY_AUTH_TOKEN": token, "RAY_metrics_report_interval_ms": METRICS_REPORT_MS}
