@@ -17,6 +17,7 @@ sys.path.insert(0, str(TALLY))
 import raydpo_suite_tally as tally  # noqa: E402
 
 _saved_env: dict[str, str | None] = {}
+GLOO_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
 def pytest_configure(config):
@@ -67,6 +68,7 @@ def gloo():
     import torch.distributed as dist
     from deepspeed.utils import groups
 
+    saved = {k: os.environ.get(k) for k in GLOO_ENV}
     if not dist.is_initialized():
         # a module before this one may have torn its group down with torch alone: DeepSpeed would
         # still hold that dead group and fail the next engine
@@ -83,3 +85,8 @@ def gloo():
         ds_comm.destroy_process_group()  # releases DeepSpeed's references too, for the next module
     elif dist.is_initialized():
         dist.destroy_process_group()
+    for k, v in saved.items():  # no rendezvous left behind for the processes later tests start
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

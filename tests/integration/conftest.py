@@ -34,6 +34,9 @@ BIN = Path(sys.executable).parent
 # default) and the agent drops a gauge not heard of for two intervals: 1 s keeps
 # test_metrics_export's "still exported between two logged steps" check short.
 METRICS_REPORT_MS = "1000"
+# torch.distributed's env:// rendezvous
+DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+            "CROSS_RANK", "CROSS_SIZE")
 
 
 def free_port() -> int:
@@ -116,6 +119,15 @@ def _on_the_cluster(request):
     without the marker is a unit test and starts no cluster)."""
     if request.node.get_closest_marker("integration") is not None:
         request.getfixturevalue("ray_cluster")
+
+
+@pytest.fixture(autouse=True)
+def _no_inherited_rendezvous(monkeypatch):
+    """The unit tier runs first, in this process: whatever torch.distributed rendezvous an
+    in-process engine there left in the environment (DeepSpeed sets some too) stays out of the
+    torchrun, accelerate and Ray processes these tests start."""
+    for k in DIST_ENV:
+        monkeypatch.delenv(k, raising=False)
 
 
 @pytest.fixture(scope="session")
