@@ -422,3 +422,32 @@ def test_config_fields_of_formats_and_their_errors(tmp_path):
     (tmp_path / "sft.jsonl").write_text("{}\n")
     rel = load_config(None, ["data.sft_source=sft.jsonl"]).with_absolute_paths(cwd=str(tmp_path))
     assert rel.data.sft_source == str(tmp_path / "sft.jsonl")
+
+
+def test_batch_functions_tokenize_like_the_pure_functions_with_one_tokenizer_per_process(tmp_path, tiny_path, tok):
+    """Ray Data runs ``dpo_batch`` / ``sft_batch`` as tasks: they give the pure functions' ids, the
+    tokenizer is loaded once per process, and a tokenizer rewritten in place is loaded again."""
+    import shutil
+
+    from raydpo.data.tokenize import cached_tokenizer, dpo_batch, sft_batch
+
+    rows = sample_rows(8, seed=3)
+    pairs = [to_pair(r, "stack_exchange", 1000, TEMPLATE) for r in rows]
+    batch = pa.table({"prompt": [p.prompt for p in pairs], "chosen": [p.chosen for p in pairs],
+                      "rejected": [p.rejected for p in pairs]})
+    got = dpo_batch(batch, tokenizer=tiny_path, max_length=64, max_prompt_length=32)
+    want = tokenize_dpo(tok, batch["prompt"].to_pylist(), batch["chosen"].to_pylist(), batch["rejected"].to_pylist(),
+                        64, 32)
+    for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "truncated", "row_id"):
+        assert got[k].to_pylist() == want[k]
+    blocks = sft_batch(batch, tokenizer=tiny_path, block_size=32)["input_ids"].to_pylist()
+    assert blocks and blocks == pack_sft(tok, [p + c for p, c in zip(batch["prompt"].to_pylist(),
+                                                                      batch["chosen"].to_pylist())], 32)
+
+    copy = tmp_path / "tok"
+    shutil.copytree(tiny_path, copy)
+    first = cached_tokenizer(str(copy))
+    assert cached_tokenizer(str(copy)) is first  # loaded once for every later batch
+    cfg_file = copy / "tokenizer_config.json"
+    cfg_file.write_text(cfg_file.read_text())  # rewritten in place (new mtime)
+    assert cached_tokenizer(str(copy)) is not first

@@ -7,11 +7,11 @@ function (`raydpo.data.tokenize.tokenize_dpo`), same batch size. Three ways:
 
 * a plain Python loop over batches in this process (the floor: no framework at all);
 * ``datasets.Dataset.map(batched=True)`` with ``num_proc`` = 1 and = ``--cpus``;
-* Ray Data: `raydpo.data.pipeline.tokenized` (a fixed actor pool of ``DPOTokenize``) with 1 and
-  ``--cpus`` actors of 1 CPU each, timed until the result is materialized. That includes
-  starting the pool and loading the tokenizer in each actor (Ray Data builds a pool per
-  execution; importing torch + transformers dominates), so the pool startup is also timed on
-  a 1-row dataset and a rate net of it is printed.
+* Ray Data: `raydpo.data.pipeline.tokenized` (``dpo_batch`` tasks of 1 CPU, at most 1 and
+  ``--cpus`` at once), timed until the result is materialized. The first execution includes
+  starting task workers and loading the tokenizer in each (importing torch + transformers
+  dominates; later executions reuse those workers), so that start-up is also timed on a 1-row
+  dataset and a rate net of it is printed.
 
 A benchmark, not a test: it prints numbers.
 """
@@ -98,11 +98,11 @@ def main(argv: list[str] | None = None) -> None:
             c = cfg.with_overrides({"data.tokenize_concurrency": conc})
             t0 = time.perf_counter()
             tokenized(one, c, "dpo", tok_path).materialize()
-            startup = time.perf_counter() - t0  # start the pool, load the tokenizer, one tiny batch
-            timed(f"Ray Data map_batches, {conc} actor(s)",
+            startup = time.perf_counter() - t0  # start the task workers, load the tokenizer, one tiny batch
+            timed(f"Ray Data map_batches, {conc} task(s)",
                   lambda c=c: tokenized(ds, c, "dpo", tok_path).materialize().count())
             net = args.rows / max(1e-9, args.rows / results[-1][1] - startup)
-            print(f"  {'  ... net of a ' + f'{startup:.1f}' + ' s pool startup':<44} {net:>10,.0f} rows/s", flush=True)
+            print(f"  {'  ... net of a ' + f'{startup:.1f}' + ' s worker startup':<44} {net:>10,.0f} rows/s", flush=True)
     finally:
         ray.shutdown()
 

@@ -39,24 +39,26 @@ def keep_split(batch, want_eval: bool):
 
 
 def tokenized(ds, cfg: Config, stage: Stage, tokenizer_name_or_path: str):
-    """Formatted valid rows → token ids, in a small pool of tokenizer actors.
+    """Formatted valid rows → token ids, in Ray Data tasks (at most ``data.tokenize_concurrency``
+    at once) whose worker processes keep the tokenizer loaded (`raydpo.data.tokenize.cached_tokenizer`).
 
     DPO: ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids`` (list<int32>) and
     ``truncated`` (bool). SFT: ``input_ids`` (list<int32> of exactly ``sft_block_size``).
     """
-    from ray.data import ActorPoolStrategy
+    from ray.data import TaskPoolStrategy
 
-    from raydpo.data.tokenize import DPOTokenize, SFTPack
+    from raydpo.data.tokenize import dpo_batch, sft_batch
 
     d = cfg.data
-    # a fixed pool: each actor loads the tokenizer once (``concurrency=`` is deprecated since Ray 2.51)
     common = {"batch_size": d.tokenize_batch_size, "batch_format": "pyarrow", "num_cpus": d.tokenize_num_cpus,
-              "compute": ActorPoolStrategy(size=d.tokenize_concurrency)}
+              "compute": TaskPoolStrategy(size=d.tokenize_concurrency)}
     if stage == "sft":
-        return ds.map_batches(SFTPack, fn_constructor_args=(tokenizer_name_or_path, d.sft_block_size,
-                                                            cfg.model.revision), **common)
-    return ds.map_batches(DPOTokenize, fn_constructor_args=(tokenizer_name_or_path, d.max_length,
-                                                            d.max_prompt_length, cfg.model.revision), **common)
+        return ds.map_batches(sft_batch, fn_kwargs={"tokenizer": tokenizer_name_or_path,
+                                                    "block_size": d.sft_block_size,
+                                                    "revision": cfg.model.revision}, **common)
+    return ds.map_batches(dpo_batch, fn_kwargs={"tokenizer": tokenizer_name_or_path, "max_length": d.max_length,
+                                                "max_prompt_length": d.max_prompt_length,
+                                                "revision": cfg.model.revision}, **common)
 
 
 def build_datasets(cfg: Config, stage: Stage,

@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
 COLUMNS = ("reason", "prompt", "chosen", "rejected", "is_eval", "templated")
 LINES_PER_BLOCK = 8192  # JSONL rows per output block: bounds worker memory on big files
+ITEMS_PER_BLOCK = 1024  # rows per block of in-memory rows (JSON arrays, the sample): Ray's default
+# cuts them into 200 blocks whatever their size, and every block is a task in every later pass
 
 
 class DataSourceError(Exception):
@@ -249,7 +251,7 @@ def _local(path: Path, cfg: DataConfig, tokenizer: str | None, revision: str | N
     parts = []
     for f, rows in docs.items():
         if rows:
-            parts.append(ray.data.from_items([{"raw": encode_row(r)} for r in rows]).map_batches(
+            parts.append(_from_items([{"raw": encode_row(r)} for r in rows]).map_batches(
                 json_texts_to_rows, batch_format="pyarrow", fn_kwargs=opts, num_cpus=cfg.tokenize_num_cpus))
     if line_files:
         # batch_size=1: one file per call; the function yields bounded blocks
@@ -301,9 +303,16 @@ def _sample(cfg: DataConfig, tokenizer: str | None, revision: str | None):
     rows = sample_rows(cfg.sample_size, cfg.seed, "stack_exchange" if cfg.format == "auto" else cfg.format,
                        cfg.prompt_template)
     fmt, renderer = resolve_format(cfg, rows, BUILTIN_SOURCE, tokenizer, revision)
-    return ray.data.from_items(rows).map_batches(
+    return _from_items(rows).map_batches(
         records_to_rows, batch_format="pyarrow", fn_kwargs=_opts(cfg, fmt, renderer),
         num_cpus=cfg.tokenize_num_cpus), fmt
+
+
+def _from_items(rows: list):
+    """In-memory rows as a Ray dataset of blocks of `ITEMS_PER_BLOCK` rows."""
+    import ray
+
+    return ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // ITEMS_PER_BLOCK)))
 
 
 def _looks_like_path(src: str) -> bool:

@@ -15,36 +15,27 @@ PERCENTILES = (50, 90, 99)
 PARTS = ("prompt", "chosen", "rejected")
 
 
-class _Measure:
-    """Ray Data callable: validated rows → for each valid one its DPO token lengths and
+def _measure(batch, *, tokenizer: str, max_length: int, max_prompt_length: int, block_size: int,
+             revision: str | None = None):
+    """Ray Data batch function: validated rows → for each valid one its DPO token lengths and
     ``truncated``, plus the SFT blocks the batch's valid rows pack into (on its first row, 0 on
-    the others). Both tokenizations in one actor pool (one pool startup, not two), with the
-    pipeline's functions and batch size; batches are cut before dropping invalid rows here, so
-    ``sft_blocks`` can differ from a training run's count by the per-batch tails (< 1 block per
-    batch)."""
+    the others). Both tokenizations in one pass, with the pipeline's functions, batch size and
+    per-process tokenizer; batches are cut before dropping invalid rows here, so ``sft_blocks``
+    can differ from a training run's count by the per-batch tails (< 1 block per batch)."""
+    import pyarrow as pa
 
-    def __init__(self, tokenizer_name_or_path: str, max_length: int, max_prompt_length: int, block_size: int,
-                 revision: str | None = None):
-        from raydpo.data.tokenizer import load_tokenizer
+    from raydpo.data.tokenize import cached_tokenizer, pack_sft, templated, tokenize_dpo
 
-        self.tokenizer = load_tokenizer(tokenizer_name_or_path, revision=revision)
-        self.max_length, self.max_prompt_length, self.block_size = max_length, max_prompt_length, block_size
-
-    def __call__(self, batch):
-        import pyarrow as pa
-
-        from raydpo.data.tokenize import pack_sft, templated, tokenize_dpo
-
-        batch = _valid_only(batch)
-        prompts, chosen, flags = batch["prompt"].to_pylist(), batch["chosen"].to_pylist(), templated(batch)
-        out = tokenize_dpo(self.tokenizer, prompts, chosen, batch["rejected"].to_pylist(), self.max_length,
-                           self.max_prompt_length, flags)
-        blocks = [0] * batch.num_rows
-        if blocks:
-            blocks[0] = len(pack_sft(self.tokenizer, [p + c for p, c in zip(prompts, chosen)], self.block_size, flags))
-        cols = {k: pa.array([len(x) for x in out[f"{k}_input_ids"]], type=pa.int64()) for k in PARTS}
-        return pa.table(cols | {"truncated": pa.array([int(t) for t in out["truncated"]], type=pa.int64()),
-                                "sft_blocks": pa.array(blocks, type=pa.int64())})
+    tok = cached_tokenizer(tokenizer, revision)
+    batch = _valid_only(batch)
+    prompts, chosen, flags = batch["prompt"].to_pylist(), batch["chosen"].to_pylist(), templated(batch)
+    out = tokenize_dpo(tok, prompts, chosen, batch["rejected"].to_pylist(), max_length, max_prompt_length, flags)
+    blocks = [0] * batch.num_rows
+    if blocks:
+        blocks[0] = len(pack_sft(tok, [p + c for p, c in zip(prompts, chosen)], block_size, flags))
+    cols = {k: pa.array([len(x) for x in out[f"{k}_input_ids"]], type=pa.int64()) for k in PARTS}
+    return pa.table(cols | {"truncated": pa.array([int(t) for t in out["truncated"]], type=pa.int64()),
+                            "sft_blocks": pa.array(blocks, type=pa.int64())})
 
 
 def _valid_only(batch):
@@ -68,7 +59,7 @@ def compute_stats(cfg: Config, tokenizer_name_or_path: str) -> dict[str, Any]:
     A hub source is read from ``dpo_data_dir``. Raises `DataSourceError` when the source cannot
     be read at all. Runs on the Ray the caller connected to (`raydpo.orchestration.ray_connect`).
     """
-    from ray.data import ActorPoolStrategy
+    from ray.data import TaskPoolStrategy
     from ray.data.aggregate import Count, Max, Quantile, Sum
 
     from raydpo.data.sources import read
@@ -94,10 +85,11 @@ def compute_stats(cfg: Config, tokenizer_name_or_path: str) -> dict[str, Any]:
     if valid == 0:
         return out
     measured = rows_ds.map_batches(
-        _Measure, fn_constructor_args=(tokenizer_name_or_path, d.max_length, d.max_prompt_length, d.sft_block_size,
-                                       cfg.model.revision),
+        _measure, fn_kwargs={"tokenizer": tokenizer_name_or_path, "max_length": d.max_length,
+                             "max_prompt_length": d.max_prompt_length, "block_size": d.sft_block_size,
+                             "revision": cfg.model.revision},
         batch_size=d.tokenize_batch_size, batch_format="pyarrow", num_cpus=d.tokenize_num_cpus,
-        compute=ActorPoolStrategy(size=d.tokenize_concurrency))
+        compute=TaskPoolStrategy(size=d.tokenize_concurrency))
     aggs = [Count(), Sum("truncated", alias_name="truncated"), Sum("sft_blocks", alias_name="sft_blocks")]
     for k in PARTS:
         aggs.append(Max(k, alias_name=f"{k}.max"))

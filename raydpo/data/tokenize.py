@@ -1,5 +1,8 @@
 """Tokenization for SFT (packed blocks) and DPO (prompt / chosen / rejected ids): pure functions
-over lists, wrapped by callable classes that Ray Data's ``map_batches`` runs in its workers.
+over lists, wrapped by batch functions that Ray Data's ``map_batches`` runs as tasks. A task
+worker process loads each tokenizer once (`cached_tokenizer`) and Ray reuses its task workers,
+so every later batch, split and dataset of the same driver tokenizes without starting a process
+(an actor pool starts new processes, and loads the tokenizer again, for every execution).
 
 DPO. ``prompt_input_ids`` = BOS + prompt (the tokenizer's own special tokens);
 ``chosen_input_ids`` / ``rejected_input_ids`` = response tokens + EOS, no BOS. Prompt and
@@ -25,6 +28,7 @@ tokens than one block yields nothing.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 
@@ -103,50 +107,49 @@ def templated(batch) -> list[bool] | None:
     return batch["templated"].to_pylist() if "templated" in batch.column_names else None
 
 
-class _Tokenizing:
-    def __init__(self, tokenizer_name_or_path: str, revision: str | None = None):
-        from raydpo.data.tokenizer import load_tokenizer
+def cached_tokenizer(name_or_path: str, revision: str | None = None):
+    """`raydpo.data.tokenizer.load_tokenizer`, loaded once per process for a given tokenizer: the
+    key holds a local folder's file times, so a tokenizer rewritten in place is loaded again."""
+    from pathlib import Path
 
-        self.tokenizer = load_tokenizer(tokenizer_name_or_path, revision=revision)
-
-
-class DPOTokenize(_Tokenizing):
-    """Ray Data callable: formatted rows → prompt/chosen/rejected token ids (pyarrow table)."""
-
-    def __init__(self, tokenizer_name_or_path: str, max_length: int, max_prompt_length: int,
-                 revision: str | None = None):
-        super().__init__(tokenizer_name_or_path, revision)
-        self.max_length, self.max_prompt_length = max_length, max_prompt_length
-
-    def __call__(self, batch):
-        import pyarrow as pa
-
-        out = tokenize_dpo(self.tokenizer, batch["prompt"].to_pylist(), batch["chosen"].to_pylist(),
-                           batch["rejected"].to_pylist(), self.max_length, self.max_prompt_length, templated(batch))
-        ids = pa.list_(pa.int32())
-        return pa.table({
-            "prompt_input_ids": pa.array(out["prompt_input_ids"], type=ids),
-            "chosen_input_ids": pa.array(out["chosen_input_ids"], type=ids),
-            "rejected_input_ids": pa.array(out["rejected_input_ids"], type=ids),
-            "truncated": pa.array(out["truncated"], type=pa.bool_()),
-            "row_id": pa.array(out["row_id"], type=pa.int64()),
-        })
+    folder = Path(name_or_path)
+    stamp = tuple(sorted((f.name, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file())) \
+        if folder.is_dir() else ()
+    return _load_once(name_or_path, revision, stamp)
 
 
-class SFTPack(_Tokenizing):
-    """Ray Data callable: formatted rows → fixed-length packed ``input_ids`` blocks."""
+@functools.lru_cache(maxsize=4)
+def _load_once(name_or_path: str, revision: str | None, stamp: tuple):
+    from raydpo.data.tokenizer import load_tokenizer
 
-    def __init__(self, tokenizer_name_or_path: str, block_size: int, revision: str | None = None):
-        super().__init__(tokenizer_name_or_path, revision)
-        self.block_size = block_size
+    return load_tokenizer(name_or_path, revision=revision)
 
-    def __call__(self, batch):
-        import pyarrow as pa
 
-        texts = [p + c for p, c in zip(batch["prompt"].to_pylist(), batch["chosen"].to_pylist())]
-        blocks = pack_sft(self.tokenizer, texts, self.block_size, templated(batch))
-        return pa.table({"input_ids": pa.array(blocks, type=pa.list_(pa.int32())),
-                         "row_id": pa.array(block_row_ids(blocks), type=pa.int64())})
+def dpo_batch(batch, *, tokenizer: str, max_length: int, max_prompt_length: int, revision: str | None = None):
+    """Ray Data batch function: formatted rows → prompt/chosen/rejected token ids (pyarrow table)."""
+    import pyarrow as pa
+
+    out = tokenize_dpo(cached_tokenizer(tokenizer, revision), batch["prompt"].to_pylist(),
+                       batch["chosen"].to_pylist(), batch["rejected"].to_pylist(), max_length, max_prompt_length,
+                       templated(batch))
+    ids = pa.list_(pa.int32())
+    return pa.table({
+        "prompt_input_ids": pa.array(out["prompt_input_ids"], type=ids),
+        "chosen_input_ids": pa.array(out["chosen_input_ids"], type=ids),
+        "rejected_input_ids": pa.array(out["rejected_input_ids"], type=ids),
+        "truncated": pa.array(out["truncated"], type=pa.bool_()),
+        "row_id": pa.array(out["row_id"], type=pa.int64()),
+    })
+
+
+def sft_batch(batch, *, tokenizer: str, block_size: int, revision: str | None = None):
+    """Ray Data batch function: formatted rows → fixed-length packed ``input_ids`` blocks."""
+    import pyarrow as pa
+
+    texts = [p + c for p, c in zip(batch["prompt"].to_pylist(), batch["chosen"].to_pylist())]
+    blocks = pack_sft(cached_tokenizer(tokenizer, revision), texts, block_size, templated(batch))
+    return pa.table({"input_ids": pa.array(blocks, type=pa.list_(pa.int32())),
+                     "row_id": pa.array(block_row_ids(blocks), type=pa.int64())})
 
 
 def block_row_ids(blocks: list[list[int]]) -> list[int]:

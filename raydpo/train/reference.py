@@ -31,6 +31,7 @@ from raydpo.tracking.terminal import echo
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 SPLITS = ("train", "eval")
+SPLIT_COLUMN = "split"  # tags the rows of the one scoring pass; it becomes the folder, never a column
 MARKER = "_SUCCESS"
 MERGED_MARKER = "raydpo_merged.json"  # written by launch.merged_sft_base
 _DIGEST_MEMO = "digests.json"
@@ -67,6 +68,12 @@ class RefLogps:
             c, r, _, _ = pair_logps(self.model, b, completion_only=self.dpo.completion_only_logits)
         return batch.append_column(REF_COLUMNS[0], pa.array(c.cpu().numpy(), type=pa.float32())).append_column(
             REF_COLUMNS[1], pa.array(r.cpu().numpy(), type=pa.float32()))
+
+
+def _tagged(batch, split: str):
+    import pyarrow as pa
+
+    return batch.append_column(SPLIT_COLUMN, pa.array([split] * batch.num_rows, type=pa.string()))
 
 
 # -- content digests -----------------------------------------------------------------------
@@ -216,12 +223,20 @@ def reference_datasets(cfg: Config, base_path: str, tok_path: str, progress=echo
         tmp.mkdir(parents=True)
         train, evals = build_datasets(cfg, "dpo", tok_path)
         s, replica = cfg.scaling, cfg.scaling.replica_resources()
-        kw = dict(fn_constructor_args=(cfg.to_dict(), base_path, s.use_gpu), batch_size=cfg.dpo.per_device_batch_size * 4,
-                  batch_format="pyarrow", compute=ActorPoolStrategy(min_size=1, max_size=inference_actors(cfg)),
-                  num_cpus=replica["CPU"], num_gpus=replica.get("GPU", 0))
+        # one execution scores both splits, tagged and written to their own folders: one pool of
+        # model replicas starts once, not once per split
+        both = train.map_batches(_tagged, fn_kwargs={"split": "train"}, batch_format="pyarrow").union(
+            evals.map_batches(_tagged, fn_kwargs={"split": "eval"}, batch_format="pyarrow"))
+        both.map_batches(RefLogps, fn_constructor_args=(cfg.to_dict(), base_path, s.use_gpu),
+                         batch_size=cfg.dpo.per_device_batch_size * 4, batch_format="pyarrow",
+                         compute=ActorPoolStrategy(min_size=1, max_size=inference_actors(cfg)),
+                         num_cpus=replica["CPU"], num_gpus=replica.get("GPU", 0)
+                         ).write_parquet(str(tmp), partition_cols=[SPLIT_COLUMN])
         rows = {}
-        for name, ds in (("train", train), ("eval", evals)):
-            ds.map_batches(RefLogps, **kw).write_parquet(str(tmp / name))
+        for name in SPLITS:
+            written = tmp / f"{SPLIT_COLUMN}={name}"
+            if written.is_dir():
+                written.rename(tmp / name)
             rows[name] = parquet_rows(tmp / name)
         (tmp / MARKER).write_text(json.dumps({"rows": rows, "key": parts, "base": base_path}))  # last: complete
         try:
