@@ -24,7 +24,7 @@ def pytest_configure(config):
     """Count what the run pays for (`raydpo_suite_tally`): a fresh tally folder for this run, and
     the tally's sitecustomize first on $PYTHONPATH so every Python process a test starts counts
     into it too (CLI subprocesses, `ray start`, the workers of a Ray instance a test starts)."""
-    for name in (tally.ENV, "PYTHONPATH", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+    for name in (tally.ENV, "PYTHONPATH", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "PATH"):
         _saved_env[name] = os.environ.get(name)
     os.environ[tally.ENV] = tempfile.mkdtemp(prefix="raydpo-suite-tally-")
     # Ray token auth on for the whole run, before any test imports Ray: the integration tier's
@@ -33,6 +33,12 @@ def pytest_configure(config):
     os.environ["RAY_AUTH_MODE"] = "token"
     os.environ["RAY_AUTH_TOKEN"] = uuid.uuid4().hex
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(TALLY), os.environ.get("PYTHONPATH")) if p)
+    # the environment an activated venv gives, whether pytest was started as .venv/bin/pytest or
+    # not: this process, the Ray cluster and every command a test starts find the same tools. The
+    # one that matters for time is ninja: DeepSpeed builds its CPU comm op with whichever ninja is
+    # first on PATH (the venv's 1.13 or the system's 1.11), they keep different build-log hashes
+    # in the one shared ~/.cache/torch_extensions, and each rebuilds what the other built (~55 s)
+    os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.environ.get("PATH", "")))
     tally.install()
 
 
