@@ -45,6 +45,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="session")
+def port_picker():
+    """`free_port`, for test modules (they cannot import a conftest)."""
+    return free_port
+
+
 @dataclass
 class Cluster:
     address: str          # the GCS address clients join (RAY_ADDRESS)

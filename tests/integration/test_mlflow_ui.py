@@ -33,7 +33,6 @@ import select
 import shlex
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -253,12 +252,6 @@ def dpo_run(demo_run):
         exp.experiment_id, run.info.run_id, run.info.run_name, dict(run.data.metrics), artifacts)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def server_command(tracking_uri: str, port: int) -> list[str]:
     """``mlflow server`` with the store flags raydpo prints (`tracking.ui_command`), from this venv."""
     from raydpo.tracking import ui_command
@@ -270,9 +263,9 @@ def server_command(tracking_uri: str, port: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def mlflow_ui(demo_run, tmp_path_factory):
+def mlflow_ui(demo_run, tmp_path_factory, port_picker):
     """A real ``mlflow server`` on 127.0.0.1 over the demo's store; yields its base URL."""
-    port = _free_port()
+    port = port_picker()
     cmd = server_command(demo_run.tracking_uri, port)
     log_path = tmp_path_factory.mktemp("mlflow-server") / "server.log"
     # no huey job runner (7 more processes): the UI's run pages need none of it
