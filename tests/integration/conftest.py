@@ -87,7 +87,7 @@ def ray_cluster() -> Cluster:
     # the session's token (tests/conftest.py sets it before any test touches Ray)
     token = os.environ.get("RAY_AUTH_TOKEN") or uuid.uuid4().hex
     client_env = {"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-    head_env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+    head_env = {**os.environ, "RAY_AUTH_MODE": "token",  # PATH: the venv's bin first (tests/conftest.py)
                 "RAY_AUTH_TOKEN": token, "RAY_metrics_report_interval_ms": METRICS_REPORT_MS}
     for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
         head_env.pop(k, None)

@@ -25,8 +25,8 @@ def _env(tmp_path: Path, **extra) -> dict[str, str]:
     site.mkdir(exist_ok=True)
     (site / "sitecustomize.py").write_text(
         "import sys\nfor m in %r:\n    sys.modules[m] = None  # import m raises ImportError\n" % (BLOCKED,))
-    return {**os.environ, "PYTHONPATH": str(site), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
-            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **extra}
+    # PATH already has the venv's bin first (tests/conftest.py)
+    return {**os.environ, "PYTHONPATH": str(site), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **extra}
 
 
 def test_a_bad_wheels_folder_is_one_clear_line(tmp_path):
