@@ -180,6 +180,23 @@ def _add(acc: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
 # -- the loop ------------------------------------------------------------------------------
 
 
+# DeepSpeed's CPU shared-memory all-reduce op (`deepspeed.ops.op_builder.cpu.ShareMemCommBuilder.NAME`)
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def skip_cpu_shm_comm_op() -> None:
+    """Keep DeepSpeed from compiling its CPU shared-memory all-reduce op when its comm backend
+    starts: gcc and ninja for ~45 s on 2 cores, once per machine and toolchain, for an op that only
+    DeepSpeed's ``inference_all_reduce`` calls. raydpo never calls it (gradients are reduced through
+    torch.distributed on gloo). DeepSpeed builds the op only when its table of compatible ops
+    (``deepspeed.ops.__compatible_ops__``, probed on first read) says so: marking the op
+    incompatible, before the first comm start in this process, leaves the table unprobed and the
+    op unbuilt. On GPU the accelerator has no such op and this is not called."""
+    import deepspeed.ops
+
+    vars(deepspeed.ops).setdefault("__compatible_ops__", {})[SHM_COMM_OP] = False
+
+
 def build_engine(model, cfg: Config, stage_cfg: TrainStageConfig, env: WorkerEnv):
     """The engine over the trainable (LoRA) parameters with torch AdamW + LambdaLR: DeepSpeed's,
     or with ``deepspeed.enabled: false`` the plain torch one (`raydpo.train.plain`, DDP across
@@ -198,6 +215,8 @@ def build_engine(model, cfg: Config, stage_cfg: TrainStageConfig, env: WorkerEnv
         return engine, opt, sched
     import deepspeed
 
+    if not env.use_gpu:
+        skip_cpu_shm_comm_op()
     ds_config = build_ds_config(cfg, stage_cfg, use_gpu=env.use_gpu, world_size=env.world_size)
     engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config)
     return engine, opt, sched
