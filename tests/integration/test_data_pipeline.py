@@ -218,6 +218,30 @@ def test_build_datasets_sft_packs_fixed_blocks(ray_local, cfg_tok):
     assert batch["input_ids"].shape == (8, 64) and (batch["labels"] == batch["input_ids"]).all()
 
 
+def test_the_training_stream_is_the_same_sorted_in_one_task_or_by_ray_datas_distributed_sort(ray_local, cfg_tok):
+    """`ordered_stream` sorts a small split whole in one task (the fast path) and a large one with
+    Ray Data's distributed sort: the same rows in the same order, epoch after epoch, and the
+    order `raydpo.data.order` defines (what the torchrun runner and a resumed worker rebuild)."""
+    from raydpo.data.order import epoch_order, usable_rows
+    from raydpo.data.pipeline import build_datasets
+    from raydpo.train.ingest import ordered_stream
+
+    cfg, tok_path = cfg_tok
+    train, _ = build_datasets(_with(cfg, sample_size=120, max_chars=200_000), "dpo", tok_path)
+    train = train.repartition(3).materialize()  # several blocks, as a real split has
+    n, g = train.count(), 8
+    kw = {"seed": 3, "global_batch": g, "micro_batches": n // g + 1, "num_cpus": 0.25}  # 2 epochs
+    whole = ordered_stream(train, n, **kw).to_pandas()
+    distributed = ordered_stream(train, n, local_sort_max_bytes=0, **kw).to_pandas()
+    assert len(whole) == 2 * usable_rows(n, g)
+    assert whole["row_id"].tolist() == distributed["row_id"].tolist()
+    for col in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"):
+        assert [list(x) for x in whole[col]] == [list(x) for x in distributed[col]], col
+    ids = train.to_pandas()["row_id"].to_numpy()
+    want = np.concatenate([ids[epoch_order(ids, 3, e)][:usable_rows(n, g)] for e in range(2)])
+    assert whole["row_id"].tolist() == want.tolist()
+
+
 def test_sample_source_end_to_end(ray_local, cfg_tok):
     from raydpo.data.stats import compute_stats
 
