@@ -1,8 +1,9 @@
 """Ray job submission against a real `ray start --head` on this machine.
 
 `ray job submit --working-dir . -- raydpo ...` must end SUCCEEDED; `raydpo submit` must run a short
-real SFT stage through JobSubmissionClient with its run in MLflow, pass secrets without printing
-them, and `raydpo jobs status|logs` must show the job.
+real DPO stage through JobSubmissionClient with its run in MLflow, pass secrets without printing
+them, and `raydpo jobs status|logs` must show the job. That stage's data has an empty eval split:
+DPO trains without evaluation, saying so once.
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ def ray_head(ray_cluster, tmp_path_factory):
     return {"address": ray_cluster.dashboard, "env": env, "tmp": tmp_path_factory.mktemp("jobs")}
 
 
-def _quick_sets(tmp: Path, name: str) -> list[str]:
-    short = ["data.sample_size=300", "sft.max_steps=3", "sft.eval_every=3", "sft.save_every=3",
-             "dpo.max_steps=3", "dpo.eval_every=3", "dpo.save_every=3"]
+def _empty_eval_dpo_sets(tmp: Path, name: str) -> list[str]:
+    """A short DPO stage from the tiny base whose eval split is empty: a tiny eval fraction of a
+    small sample, so no question hashes into it."""
+    short = ["data.sample_size=40", "data.eval_fraction=0.0001", "dpo.max_steps=2", "dpo.log_every=1",
+             "dpo.eval_every=1", "dpo.save_every=2"]
     return [*QUICK, *short, f"run.name={name}", f"run.storage_path={tmp / 'runs'}",
             f"model.cache_dir={REPO / '.raydpo_cache'}", "tracking.experiment_name=raydpo-jobs"]
 
@@ -70,15 +73,17 @@ def test_ray_job_submit_runs_a_raydpo_command_from_the_working_dir_on_the_cluste
 
 @pytest.mark.timeout(900)
 def test_raydpo_submit_then_jobs_status_and_logs(ray_head):
+    """`raydpo submit` runs a short real DPO stage as a job; its eval split is empty, so it trains
+    without evaluation and warns once (the reference pass scores an empty eval split too)."""
     env, tmp = dict(ray_head["env"]), ray_head["tmp"]
     secret = f"hf_{uuid.uuid4().hex}"
     env["HF_TOKEN"] = secret
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"  # passed to the job (raydpo submit --env's defaults)
-    sets = [a for s in _quick_sets(tmp, "raydposubmit") for a in ("--set", s)]
+    sets = [a for s in _empty_eval_dpo_sets(tmp, "raydposubmit") for a in ("--set", s)]
     job_id = f"raydpo-test-{uuid.uuid4().hex[:8]}"
     raydpo = str(BIN / "raydpo")
     r = subprocess.run([raydpo, "submit", "--address", ray_head["address"], "--config", "jobs/demo_cpu.yaml",
-                        "--stage", "sft", "--job-id", job_id, *sets],
+                        "--stage", "dpo", "--job-id", job_id, *sets],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=880)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-5000:]
@@ -90,12 +95,20 @@ def test_raydpo_submit_then_jobs_status_and_logs(ray_head):
     assert st.returncode == 0 and "SUCCEEDED" in st.stdout, st.stdout + st.stderr
     logs = subprocess.run([raydpo, "jobs", "logs", job_id, "--address", ray_head["address"]],
                           env=env, capture_output=True, text=True, timeout=60)
-    assert logs.returncode == 0 and "[sft] step 3/3" in logs.stdout, logs.stdout[-3000:] + logs.stderr
+    assert logs.returncode == 0 and "[dpo] step 2/2" in logs.stdout, logs.stdout[-3000:] + logs.stderr
     assert secret not in logs.stdout
+    warned = [ln for ln in logs.stdout.splitlines() if "warning: the eval split is empty" in ln]
+    assert len(warned) == 1, logs.stdout[-3000:]  # one warning, not one per pass or per worker
 
     runs = _runs(env["MLFLOW_TRACKING_URI"])
     mine = runs[runs["tags.mlflow.runName"].str.startswith("raydposubmit")]
-    assert list(mine["tags.raydpo.stage"]) == ["sft"] and mine.iloc[0]["status"] == "FINISHED"
+    assert list(mine["tags.raydpo.stage"]) == ["dpo"] and mine.iloc[0]["status"] == "FINISHED"
+    from mlflow.tracking import MlflowClient
+
+    client, run_id = MlflowClient(env["MLFLOW_TRACKING_URI"]), mine.iloc[0]["run_id"]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == [1, 2]  # trained both steps
+    assert not [k for k in client.get_run(run_id).data.metrics if k.startswith("eval/")]  # and never evaluated
+    assert (Path(mine.iloc[0]["tags.raydpo.adapter_path"]) / "adapter_config.json").exists()
 
     # a bad config is refused locally, before anything reaches the cluster
     bad = subprocess.run([raydpo, "submit", "--address", ray_head["address"], "--config", "jobs/demo_cpu.yaml",
