@@ -9,7 +9,8 @@ per module, and Ray's task workers stay warm between tests.
 
 ``demo_run`` runs the README's main command once (``raydpo demo --quick``) per test session in a
 temporary working directory with its own SQLite MLflow store; the training, console, report,
-MLflow-UI and Tune tests all read that one run instead of training again.
+MLflow-UI, Tune and ZeRO-3 tests all read that one run instead of training again (the last two start
+from its SFT adapter).
 """
 
 from __future__ import annotations

@@ -49,8 +49,20 @@ def deepspeed_dpo(tmp_path_factory):
 @pytest.mark.integration
 @pytest.mark.timeout(900)
 def test_torchrun_two_cpu_ranks_sft_and_dpo_without_ray(tmp_path, deepspeed_dpo):
-    sft = _torchrun(tmp_path, "sft", 2, [])
+    """SFT under ZeRO-3 over 4-bit LoRA (the partitioned weights gathered to save the adapter), DPO
+    under ZeRO-2, on 2 gloo ranks without Ray."""
+    from safetensors.torch import load_file
+
+    from raydpo.config import load_config
+
+    vocab = load_config(REPO / "jobs" / "demo_cpu.yaml").model.tiny.vocab_size
+    sft = _torchrun(tmp_path, "sft", 2, ["deepspeed.stage=3", "deepspeed.stage3_param_persistence_threshold=0"])
     assert all(math.isfinite(m["train/loss"]) for m in sft) and "eval/loss" in sft[-1]
+    assert sft[-1]["eval/loss"] < math.log(vocab)  # learned something vs. uniform over the vocabulary
+    saved = load_file(tmp_path / "runs" / "sa-sft-standalone" / "step_3" / "adapter" / "adapter_model.safetensors")
+    lora_b = [t for k, t in saved.items() if "lora_B" in k]
+    assert lora_b and all(t.numel() > 0 for t in lora_b)  # whole tensors, not empty ZeRO-3 partitions
+    assert any(t.abs().sum() > 0 for t in lora_b)  # trained off LoRA's zero init
     dpo, gens = deepspeed_dpo
     assert abs(dpo[0]["train/loss"] - math.log(2)) < 0.01  # step-0 sanity holds without Ray too
     assert [g["step"] for g in gens] == [3] and len(gens[0]["rows"]) == 4  # rank 0 alone prints the table
