@@ -34,10 +34,9 @@ def pytest_configure(config):
     os.environ["RAY_AUTH_TOKEN"] = uuid.uuid4().hex
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(TALLY), os.environ.get("PYTHONPATH")) if p)
     # the environment an activated venv gives, whether pytest was started as .venv/bin/pytest or
-    # not: this process, the Ray cluster and every command a test starts find the same tools. The
-    # one that matters for time is ninja: DeepSpeed builds its CPU comm op with whichever ninja is
-    # first on PATH (the venv's 1.13 or the system's 1.11), they keep different build-log hashes
-    # in the one shared ~/.cache/torch_extensions, and each rebuilds what the other built (~55 s)
+    # not: this process, the Ray cluster and every command a test starts find the same tools (the
+    # venv's `ray`, `raydpo`, `torchrun`, and its ninja rather than the system's for any torch
+    # extension build)
     os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.environ.get("PATH", "")))
     tally.install()
 

@@ -180,10 +180,6 @@ def _add(acc: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
 # -- the loop ------------------------------------------------------------------------------
 
 
-# DeepSpeed's CPU shared-memory all-reduce op (`deepspeed.ops.op_builder.cpu.ShareMemCommBuilder.NAME`)
-SHM_COMM_OP = "deepspeed_shm_comm"
-
-
 def skip_cpu_shm_comm_op() -> None:
     """Keep DeepSpeed from compiling its CPU shared-memory all-reduce op when its comm backend
     starts: gcc and ninja for ~45 s on 2 cores, once per machine and toolchain, for an op that only
@@ -193,8 +189,9 @@ def skip_cpu_shm_comm_op() -> None:
     incompatible, before the first comm start in this process, leaves the table unprobed and the
     op unbuilt. On GPU the accelerator has no such op and this is not called."""
     import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 
-    vars(deepspeed.ops).setdefault("__compatible_ops__", {})[SHM_COMM_OP] = False
+    vars(deepspeed.ops).setdefault("__compatible_ops__", {})[ShareMemCommBuilder.NAME] = False
 
 
 def build_engine(model, cfg: Config, stage_cfg: TrainStageConfig, env: WorkerEnv):
