@@ -85,6 +85,15 @@ def test_mixed_jsonl_counts_every_bad_row_under_its_reason_and_keeps_every_good_
     text = format_stats(s)
     assert "rows read: 19" in text and "dropped bad_encoding: 1" in text and "dropped empty_field: 2" in text
     json.dumps(s)  # the CLI's --json
+    # the fast path (task-based sort shuffle for the two small reductions) gives the numbers Ray
+    # Data's default shuffle gives, and leaves the caller's strategy alone
+    from ray.data import DataContext
+    from ray.data.context import ShuffleStrategy
+
+    default = DataContext.get_current().shuffle_strategy
+    assert default != ShuffleStrategy.SORT_SHUFFLE_PULL_BASED  # a different path
+    plain = compute_stats(_with(cfg, source=str(tmp_path / "mixed.jsonl")), tok, task_shuffle=False)
+    assert s == plain and DataContext.get_current().shuffle_strategy == default
 
 
 def test_a_folder_mixing_jsonl_json_array_jsonl_as_json_and_parquet(ray_local, cfg_tok, tmp_path):
