@@ -53,6 +53,16 @@ def test_a_new_sft_adapter_under_the_same_run_name_gets_fresh_reference_logps(tm
     first = _ref(reference_datasets(cfg, merged, merged, progress=said.append)[0])
     again = _ref(reference_datasets(cfg, merged, merged, progress=said.append)[0])
     assert any("reusing" in s for s in said) and (first == again).all()  # same content: cached
+    # a small cached split is read on the driver; Ray Data's parquet read gives the same rows
+    from raydpo.data.order import ROW_ID
+    from raydpo.train.reference import cache_key, read_split
+
+    folder = tmp_path / "runs" / "reference" / cache_key(cfg, merged, merged)[0] / "train"  # (eval: empty here)
+    local, tasks = (read_split(folder, 0.25, limit).to_pandas().sort_values(ROW_ID).reset_index(drop=True)
+                    for limit in (None, 0))
+    assert len(local) > 0 and list(local.columns) == list(tasks.columns)
+    for col in local.columns:
+        assert local[col].map(repr).tolist() == tasks[col].map(repr).tolist(), col
 
     _sft_adapter(cfg, base_path, adapter, seed=2)  # the SFT stage ran again: same path, new weights
     merged2 = merged_sft_base(cfg, str(adapter), base_path)
@@ -65,8 +75,6 @@ def test_a_new_sft_adapter_under_the_same_run_name_gets_fresh_reference_logps(tm
     assert len(caches) == 2
 
     # a damaged cache (a lost part file) is rebuilt, not trusted
-    from raydpo.train.reference import cache_key
-
     victim = tmp_path / "runs" / "reference" / cache_key(cfg, merged2, merged2)[0]
     next((victim / "train").glob("*.parquet")).unlink()
     said.clear()
