@@ -35,7 +35,7 @@ from pathlib import Path
 SAVE_EVERY = 3
 STEPS = 9
 CONFIG = """\
-data: {{source: sample, sample_size: 400, eval_fraction: 0.1, max_length: 128, max_prompt_length: 64}}
+data: {{source: sample, sample_size: 160, eval_fraction: 0.1, max_length: 128, max_prompt_length: 64}}
 model: {{name_or_path: tiny, dtype: float32, cache_dir: {cache}}}
 lora: {{r: 8, alpha: 16, dropout: 0.05, target_modules: [q_proj, v_proj]}}
 deepspeed: {{stage: 2}}

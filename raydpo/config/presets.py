@@ -8,7 +8,7 @@ from importlib import resources
 from raydpo.config import Config, load_config
 
 QUICK = [
-    "data.sample_size=600", "sft.max_steps=6", "sft.log_every=3", "sft.eval_every=6", "sft.save_every=6",
+    "data.sample_size=300", "sft.max_steps=6", "sft.log_every=3", "sft.eval_every=6", "sft.save_every=6",
     "dpo.max_steps=6", "dpo.log_every=3", "dpo.eval_every=6", "dpo.save_every=6",
 ]
 
