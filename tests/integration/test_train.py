@@ -103,7 +103,11 @@ def _assert_checkpoint(path, step, stage):
 def zero3(tmp_path_factory, demo_run, ray_connected):
     """DPO under ZeRO-3 over 4-bit LoRA from the demo's SFT adapter (merged into the base: the
     reference), in-process on the session cluster: checked by the ZeRO-3 test, then rerun and
-    resumed by the resume test. (SFT under ZeRO-3: test_standalone.py's SFT run.)"""
+    resumed by the resume test. (SFT under ZeRO-3: test_standalone.py's SFT run.)
+
+    It runs under a new run name in the demo's run storage, as a user's second DPO run from the
+    same SFT adapter does: the reference log-probs the demo's DPO stage cached there (same SFT
+    content, tokenizer and data) are reused, not computed again; its own MLflow store."""
     from raydpo.orchestration.launch import fit_stage
 
     demo_run.check()
@@ -111,8 +115,11 @@ def zero3(tmp_path_factory, demo_run, ray_connected):
     sft = _runs(demo_run.tracking_uri, "raydpo-demo")
     sft = sft[sft["tags.raydpo.stage"] == "sft"].iloc[0]
     cfg = _quick(tmp, "deepspeed.stage=3", "deepspeed.stage3_param_persistence_threshold=0", "run.name=z3",
-                 f"dpo.sft_adapter={sft['tags.raydpo.adapter_path']}")
-    return cfg, fit_stage(cfg, "dpo", progress=lambda s: None)
+                 f"dpo.sft_adapter={sft['tags.raydpo.adapter_path']}", f"run.storage_path={demo_run.workdir / 'runs'}")
+    said: list[str] = []
+    result = fit_stage(cfg, "dpo", progress=said.append)
+    assert any(s.startswith("[reference] reusing reference log-probs") for s in said), said
+    return cfg, result
 
 
 @pytest.mark.timeout(900)

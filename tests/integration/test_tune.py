@@ -19,7 +19,7 @@ def _run(args, tmp_path, env):
 
 
 TRIALS = 2
-SEARCH = ["scaling.num_workers=1", "dpo.max_steps=4", "dpo.eval_every=2", "dpo.save_every=4", "data.sample_size=600",
+SEARCH = ["scaling.num_workers=1", "dpo.max_steps=4", "dpo.eval_every=2", "dpo.save_every=4", "data.sample_size=240",
           f"tune.num_samples={TRIALS}", "run.name=tq", f"model.cache_dir={REPO / '.raydpo_cache'}"]
 
 
