@@ -156,3 +156,33 @@ def test_a_cache_folder_is_trusted_only_with_a_marker_matching_its_files(tmp_pat
     assert valid_cache(root) is None  # a lost file
     (root / MARKER).write_text("{not json")
     assert valid_cache(root) is None
+
+
+def test_a_finished_merge_of_the_same_sft_content_is_linked_never_a_different_or_partial_one(tmp_path):
+    """A second run from one SFT adapter in the same storage links the first run's merge (same
+    adapter digest and base identity) instead of merging again; its marker stays its own; a
+    merge of other content, or a folder without weights, is never used."""
+    import json
+
+    from raydpo.orchestration.launch import _link_same_merge
+    from raydpo.train.reference import MERGED_MARKER
+
+    want = {"adapter_digest": "a1", "base_identity": "b1"}
+
+    def merge(run: str, digests: dict, weights: bool = True) -> None:
+        d = tmp_path / run / "sft-merged"
+        d.mkdir(parents=True)
+        (d / "config.json").write_text("{}")
+        if weights:
+            (d / "model.safetensors").write_bytes(run.encode())
+        (d / MERGED_MARKER).write_text(json.dumps({"adapter": run, **digests}))
+
+    merge("a-other", {"adapter_digest": "a2", "base_identity": "b1"})  # another SFT adapter
+    merge("b-partial", want, weights=False)  # no weights: never trusted
+    out = tmp_path / "new" / "sft-merged"
+    assert not _link_same_merge(tmp_path, want, out) and not out.exists()
+
+    merge("c-same", want)
+    assert _link_same_merge(tmp_path, want, out)
+    assert (out / "model.safetensors").samefile(tmp_path / "c-same" / "sft-merged" / "model.safetensors")
+    assert not (out / MERGED_MARKER).exists()  # the caller writes its own; the source's is untouched

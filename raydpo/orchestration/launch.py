@@ -68,7 +68,10 @@ def merged_sft_base(cfg: Config, sft_adapter: str, base_path: str) -> str:
 
     The merge is reused only for the same adapter *content* (its files' digest), never because
     the path is the same: a rerun under the same run name writes a new SFT adapter to the same
-    path. The marker also records the base's identity, which keys the reference cache."""
+    path. The marker also records the base's identity, which keys the reference cache. Another
+    run's merge of the same content in the same storage (a second DPO run or a search from one
+    SFT adapter) is hard-linked instead of merged again: no second copy on disk, and a later
+    re-merge there writes new files, never these."""
     import ray
 
     from raydpo.models.factory import merge_adapter
@@ -89,11 +92,40 @@ def merged_sft_base(cfg: Config, sft_adapter: str, base_path: str) -> str:
             return str(out)
     if out.exists():
         shutil.rmtree(out)
+    if _link_same_merge(Path(cfg.run.storage_path).resolve(), want, out):
+        marker.write_text(json.dumps({"adapter": str(Path(sft_adapter).resolve()), "base": base_path, **want}))
+        return str(out)
     dtype = cfg.quantization.compute_dtype if cfg.quantization.mode != "none" else cfg.model.dtype
     task = ray.remote(num_cpus=min(1.0, ray.cluster_resources().get("CPU", 1.0)))(merge_adapter)
     ray.get(task.remote(base_path, str(sft_adapter), str(out), dtype))
     marker.write_text(json.dumps({"adapter": str(Path(sft_adapter).resolve()), "base": base_path, **want}))
     return str(out)
+
+
+def _link_same_merge(storage: Path, want: dict, out: Path) -> bool:
+    """Hard-link (copy where links fail) another run's finished merge with the same digests into
+    ``out``, its marker excepted; False when there is none or it changed under us."""
+    from raydpo.train.reference import MERGED_MARKER
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    for marker in sorted(storage.glob(f"*/sft-merged/{MERGED_MARKER}")):
+        if marker.parent == out:
+            continue
+        try:
+            if any(json.loads(marker.read_text()).get(k) != v for k, v in want.items()):
+                continue
+            shutil.copytree(marker.parent, out, copy_function=link, ignore=shutil.ignore_patterns(MERGED_MARKER))
+            if (out / "config.json").exists() and any(out.glob("*.safetensors")):
+                return True
+            shutil.rmtree(out)
+        except (OSError, ValueError):  # unreadable, or re-merged while we linked: merge ourselves
+            shutil.rmtree(out, ignore_errors=True)
+    return False
 
 
 def stage_datasets(cfg: Config, stage: Stage, base_path: str, tok_path: str, progress=echo):

@@ -106,8 +106,9 @@ def zero3(tmp_path_factory, demo_run, ray_connected):
     resumed by the resume test. (SFT under ZeRO-3: test_standalone.py's SFT run.)
 
     It runs under a new run name in the demo's run storage, as a user's second DPO run from the
-    same SFT adapter does: the reference log-probs the demo's DPO stage cached there (same SFT
-    content, tokenizer and data) are reused, not computed again; its own MLflow store."""
+    same SFT adapter does: the demo's SFT merge is linked and the reference log-probs its DPO stage
+    cached there (same SFT content, tokenizer and data) are reused, neither done again; its own
+    MLflow store."""
     from raydpo.orchestration.launch import fit_stage
 
     demo_run.check()
@@ -150,6 +151,10 @@ def test_zero3_4bit_dpo_from_an_sft_adapter_loads_and_generates(zero3):
     # the DPO adapter sits on the merged SFT model: its base is the SFT result, not the raw tiny model
     base = json.loads((Path(dpo.adapter_path) / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert base.endswith("sft-merged")
+    # the demo's merge of the same SFT adapter in the same storage was linked, not merged again
+    demo_merge = next(Path(cfg.run.storage_path).glob("demo-*/sft-merged"))
+    weights = sorted(p.name for p in Path(base).glob("*.safetensors"))
+    assert weights and all((Path(base) / w).samefile(demo_merge / w) for w in weights)
 
 
 @pytest.mark.timeout(600)
