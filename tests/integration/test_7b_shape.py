@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,17 +30,33 @@ SHAPE_7B_LAYER = (4096, 1, 32, 11008, 32000)  # hidden, layers, heads, intermedi
 WARMUP = (64, 1, 4, 176, 2048)
 
 
+@pytest.fixture
+def scratch(tmp_path):
+    """Where the two random-init model folders go: memory-backed /dev/shm when it has room (the
+    7B-shaped folder is 1.6 GB of fp32 weights, ~13 s to write to this machine's disk; the child
+    reads them from the page cache either way), else the test's tmp folder."""
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 6 * 2**30):
+        yield tmp_path
+        return
+    d = Path(tempfile.mkdtemp(prefix="raydpo-7b-", dir=shm))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(240)
-def test_one_llama_2_7b_layer_trains_two_dpo_steps_at_ln2_within_the_memory_estimate(tmp_path):
+def test_one_llama_2_7b_layer_trains_two_dpo_steps_at_ln2_within_the_memory_estimate(scratch):
     from raydpo.benchmarks.memory import _build_folder, row_config, run_row
     from raydpo.config import Config
 
     t0 = time.perf_counter()
     tok = Config().with_overrides({"model.cache_dir": str(REPO / ".raydpo_cache")})
-    _build_folder(row_config(WARMUP, 1, 16, "4bit", True), str(tmp_path / "warm"), tokenizer_from=tok)
-    _build_folder(row_config(SHAPE_7B_LAYER, 1, 512, "4bit", True), str(tmp_path / "m"), tokenizer_from=tok)
-    r = run_row(SHAPE_7B_LAYER, 1, 512, "4bit", True, str(tmp_path / "m"), str(tmp_path / "warm"),
+    _build_folder(row_config(WARMUP, 1, 16, "4bit", True), str(scratch / "warm"), tokenizer_from=tok)
+    _build_folder(row_config(SHAPE_7B_LAYER, 1, 512, "4bit", True), str(scratch / "m"), tokenizer_from=tok)
+    r = run_row(SHAPE_7B_LAYER, 1, 512, "4bit", True, str(scratch / "m"), str(scratch / "warm"),
                 29500 + os.getpid() % 1000, loop=True)
     print(f"7B-layer row: {r} ({time.perf_counter() - t0:.0f} s in all)")
 
