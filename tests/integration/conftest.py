@@ -11,6 +11,11 @@ per module, and Ray's task workers stay warm between tests.
 temporary working directory with its own SQLite MLflow store; the training, console, report,
 MLflow-UI, Tune and ZeRO-3 tests all read that one run instead of training again (the last two start
 from its SFT adapter).
+
+Both begin in the background as soon as the run is collected (``pytest_collection_finish``):
+the unit tier, which runs first, keeps about one core of two busy, and the cluster start and the
+demo's SFT and DPO use the other meanwhile. Nothing reaches the tests' environment until the
+first integration test asks for the cluster.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -45,6 +51,7 @@ TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": HEALTH_CHECK_S, "RAY_TRAIN_ENA
 # torch.distributed's env:// rendezvous
 DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
             "CROSS_RANK", "CROSS_SIZE")
+DEMO_TIMEOUT_S = 880
 
 
 def free_port() -> int:
@@ -86,8 +93,9 @@ def _stop(group: int) -> None:
             time.sleep(0.2)
 
 
-@pytest.fixture(scope="session")
-def ray_cluster() -> Cluster:
+def _start_cluster() -> tuple[Cluster, int, str]:
+    """`ray start --head` on this machine: the cluster, its daemons' process group, its temp dir.
+    Nothing in this process's environment changes (`ray_cluster` joins it for the tests)."""
     # its own short temp dir: Ray's unix sockets live there (a path limit of ~107 bytes) and no
     # other Ray on the machine is touched
     temp = tempfile.mkdtemp(prefix="rdpray-", dir="/tmp")
@@ -98,7 +106,7 @@ def ray_cluster() -> Cluster:
                   **TRAIN_ENV}
     head_env = {**os.environ, "RAY_AUTH_MODE": "token",  # PATH: the venv's bin first (tests/conftest.py)
                 "RAY_AUTH_TOKEN": token, "RAY_metrics_report_interval_ms": METRICS_REPORT_MS, **TRAIN_ENV}
-    for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
+    for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", *DIST_ENV):
         head_env.pop(k, None)
     start = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--num-cpus", "2", "--port", str(port), "--temp-dir", temp,
@@ -110,22 +118,120 @@ def ray_cluster() -> Cluster:
         out, _ = start.communicate(timeout=300)
     except subprocess.TimeoutExpired:
         _stop(start.pid)
+        shutil.rmtree(temp, ignore_errors=True)
         raise
     if start.returncode != 0:
         _stop(start.pid)
-        pytest.fail(f"ray start --head failed ({start.returncode}):\n{out[-5000:]}")
-    saved = {k: os.environ.get(k) for k in client_env}
-    os.environ.update(client_env)
+        shutil.rmtree(temp, ignore_errors=True)
+        raise RuntimeError(f"ray start --head failed ({start.returncode}):\n{out[-5000:]}")
+    return Cluster(client_env["RAY_ADDRESS"], f"http://127.0.0.1:{dash}", metrics, client_env, head_env), start.pid, temp
+
+
+@dataclass
+class _Demo:
+    """`raydpo demo --quick` running in the background; its output goes to files (no pipe to fill)."""
+    workdir: Path
+    tracking_uri: str
+    proc: subprocess.Popen
+    deadline: float
+
+
+def _launch_demo(cluster: Cluster) -> _Demo:
+    work = Path(tempfile.mkdtemp(prefix="raydpo-demo-"))
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    env = {**os.environ, **cluster.client_env, "MLFLOW_TRACKING_URI": uri}
+    for k in DIST_ENV:
+        env.pop(k, None)
+    with open(work / "demo.stdout", "w") as out, open(work / "demo.stderr", "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "raydpo.cli", "demo", "--quick", "--set", f"run.storage_path={work / 'runs'}",
+             "--set", f"model.cache_dir={REPO / '.raydpo_cache'}"],
+            cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
+        )
+    return _Demo(work, uri, proc, time.monotonic() + DEMO_TIMEOUT_S)
+
+
+class _Shared:
+    """What the integration tier shares, begun in a background thread as soon as the run is
+    collected (`pytest_collection_finish`): the cluster, then the demo run. The unit tier runs
+    first and keeps one of the two cores busy (about 50 % CPU on 2 cores, measured); the demo's
+    SFT and DPO use the other meanwhile instead of starting after it. Test tooling state, one per
+    pytest process."""
+
+    thread: threading.Thread | None = None
+    cluster: tuple[Cluster, int, str] | None = None
+    demo: _Demo | None = None
+    error: BaseException | None = None
+    stopped = False
+
+    @classmethod
+    def begin(cls, want_demo: bool) -> None:
+        def run():
+            try:
+                cls.cluster = _start_cluster()
+                if want_demo:
+                    cls.demo = _launch_demo(cls.cluster[0])
+            except BaseException as e:  # reported by the first test that needs the cluster
+                cls.error = e
+
+        cls.thread = threading.Thread(target=run, name="raydpo-integration-start", daemon=True)
+        cls.thread.start()
+
+    @classmethod
+    def wait(cls) -> None:
+        if cls.thread is None:
+            cls.begin(want_demo=False)  # not begun at collection (nothing collected wanted it then)
+        cls.thread.join(timeout=330)
+        if cls.error is not None:
+            pytest.fail(f"the integration tier's Ray cluster did not start: {cls.error}")
+        if cls.cluster is None:
+            pytest.fail("the integration tier's Ray cluster did not start within 330 s")
+
+    @classmethod
+    def stop(cls) -> None:
+        if cls.stopped:
+            return
+        cls.stopped = True
+        if cls.thread is not None:
+            cls.thread.join(timeout=330)
+        if cls.demo is not None and cls.demo.proc.poll() is None:
+            _stop(cls.demo.proc.pid)
+        if cls.cluster is not None:
+            _stop(cls.cluster[1])
+            shutil.rmtree(cls.cluster[2], ignore_errors=True)
+        if cls.demo is not None:
+            shutil.rmtree(cls.demo.workdir, ignore_errors=True)
+
+
+def pytest_collection_finish(session):
+    """Begin the cluster (and the demo run, when a collected test reads it) now, in the
+    background, so they run beside the unit tier."""
+    if session.config.option.collectonly or session.config.option.setupplan:
+        return
+    integration = [it for it in session.items if it.get_closest_marker("integration") is not None]
+    if integration:
+        _Shared.begin(want_demo=any("demo_run" in getattr(it, "fixturenames", ()) for it in integration))
+
+
+def pytest_sessionfinish(session):
+    _Shared.stop()  # whatever was begun, whether or not a test got to use it
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Cluster:
+    _Shared.wait()
+    cluster = _Shared.cluster[0]
+    saved = {k: os.environ.get(k) for k in cluster.client_env}
+    os.environ.update(cluster.client_env)
     try:
-        yield Cluster(client_env["RAY_ADDRESS"], f"http://127.0.0.1:{dash}", metrics, client_env, head_env)
+        yield cluster
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        _stop(start.pid)
-        shutil.rmtree(temp, ignore_errors=True)
+        _Shared.stop()
 
 
 @pytest.fixture(autouse=True)
@@ -170,13 +276,13 @@ class DemoRun:
 
 
 @pytest.fixture(scope="session")
-def demo_run(tmp_path_factory, ray_cluster) -> DemoRun:
-    work = tmp_path_factory.mktemp("demo")
-    uri = f"sqlite:///{work / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    r = subprocess.run(
-        [sys.executable, "-m", "raydpo.cli", "demo", "--quick", "--set", f"run.storage_path={work / 'runs'}",
-         "--set", f"model.cache_dir={REPO / '.raydpo_cache'}"],
-        cwd=work, env=env, capture_output=True, text=True, timeout=880,
-    )
-    return DemoRun(work, uri, r.returncode, r.stdout, r.stderr)
+def demo_run(ray_cluster) -> DemoRun:
+    demo = _Shared.demo or _launch_demo(ray_cluster)  # begun at collection, or now
+    _Shared.demo = demo
+    try:
+        rc = demo.proc.wait(timeout=max(1.0, demo.deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        _stop(demo.proc.pid)
+        rc = demo.proc.wait()
+    return DemoRun(demo.workdir, demo.tracking_uri, rc, (demo.workdir / "demo.stdout").read_text(),
+                   (demo.workdir / "demo.stderr").read_text())
