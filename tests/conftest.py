@@ -66,6 +66,26 @@ def pytest_unconfigure(config):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread_beside_the_background_start(request):
+    """A unit test that runs while the integration tier's cluster and demo run start beside the
+    unit tier (tests/integration/conftest.py; `config.raydpo_background_busy` says whether they
+    still are) gets one torch thread: with two, every op's OpenMP barrier waits for a core the demo
+    holds (measured: a 2 s DeepSpeed test took 41 s). Once they are done, the tests get torch's default."""
+    busy = getattr(request.config, "raydpo_background_busy", None)
+    if busy is None or request.node.get_closest_marker("integration") is not None or not busy():
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def gloo():
     """A one-rank gloo process group for in-process DeepSpeed engines (no Ray), torn down through

@@ -12,14 +12,15 @@ temporary working directory with its own SQLite MLflow store; the training, cons
 MLflow-UI, Tune and ZeRO-3 tests all read that one run instead of training again (the last two start
 from its SFT adapter).
 
-Both begin in the background as soon as the run is collected (``pytest_collection_finish``):
-the unit tier, which runs first, keeps about one core of two busy, and the cluster start and the
-demo's SFT and DPO use the other meanwhile. Nothing reaches the tests' environment until the
-first integration test asks for the cluster.
+Both begin in the background as soon as the run is collected (``pytest_collection_finish``),
+with the 7B-layer row (``seven_b_row``, no Ray): the unit tier, which runs first, keeps about one
+core of two busy, and they use the rest meanwhile. Nothing reaches the tests' environment until
+the first integration test asks for the cluster.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -52,6 +53,7 @@ TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": HEALTH_CHECK_S, "RAY_TRAIN_ENA
 DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
             "CROSS_RANK", "CROSS_SIZE")
 DEMO_TIMEOUT_S = 880
+SEVEN_B_TIMEOUT_S = 600
 
 
 def free_port() -> int:
@@ -128,46 +130,75 @@ def _start_cluster() -> tuple[Cluster, int, str]:
 
 
 @dataclass
-class _Demo:
-    """`raydpo demo --quick` running in the background; its output goes to files (no pipe to fill)."""
+class _Job:
+    """A command running in the background in its own folder; its output goes to files there
+    (no pipe to fill), its processes are one group."""
     workdir: Path
-    tracking_uri: str
     proc: subprocess.Popen
     deadline: float
 
+    @classmethod
+    def launch(cls, cmd: list[str], workdir: Path, env: dict, timeout_s: float) -> "_Job":
+        env = {k: v for k, v in env.items() if k not in DIST_ENV}
+        with open(workdir / "job.stdout", "w") as out, open(workdir / "job.stderr", "w") as err:
+            proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                    start_new_session=True)
+        return cls(workdir, proc, time.monotonic() + timeout_s)
 
-def _launch_demo(cluster: Cluster) -> _Demo:
+    def wait(self) -> tuple[int, str, str]:
+        """(exit code, stdout, stderr); killed at its deadline."""
+        try:
+            rc = self.proc.wait(timeout=max(1.0, self.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _stop(self.proc.pid)
+            rc = self.proc.wait()
+        return rc, (self.workdir / "job.stdout").read_text(), (self.workdir / "job.stderr").read_text()
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.running():
+            _stop(self.proc.pid)
+
+
+def _launch_demo(cluster: Cluster) -> _Job:
+    """The README's main command, `raydpo demo --quick`, on the cluster, in a working dir of its own."""
     work = Path(tempfile.mkdtemp(prefix="raydpo-demo-"))
-    uri = f"sqlite:///{work / 'mlflow.db'}"
-    env = {**os.environ, **cluster.client_env, "MLFLOW_TRACKING_URI": uri}
-    for k in DIST_ENV:
-        env.pop(k, None)
-    with open(work / "demo.stdout", "w") as out, open(work / "demo.stderr", "w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "raydpo.cli", "demo", "--quick", "--set", f"run.storage_path={work / 'runs'}",
-             "--set", f"model.cache_dir={REPO / '.raydpo_cache'}"],
-            cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
-        )
-    return _Demo(work, uri, proc, time.monotonic() + DEMO_TIMEOUT_S)
+    env = {**os.environ, **cluster.client_env, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+    return _Job.launch([sys.executable, "-m", "raydpo.cli", "demo", "--quick", "--set",
+                        f"run.storage_path={work / 'runs'}", "--set", f"model.cache_dir={REPO / '.raydpo_cache'}"],
+                       work, env, DEMO_TIMEOUT_S)
+
+
+def _launch_seven_b() -> _Job:
+    """test_7b_shape.py's row (`measure_row`, run as a script), with one torch thread: it fills the
+    cores the unit tier and the demo leave idle instead of running on its own later."""
+    work = Path(tempfile.mkdtemp(prefix="raydpo-7b-job-"))
+    return _Job.launch([sys.executable, str(Path(__file__).parent / "test_7b_shape.py")], work,
+                       {**os.environ, "RAYDPO_BENCH_THREADS": "1"}, SEVEN_B_TIMEOUT_S)
 
 
 class _Shared:
     """What the integration tier shares, begun in a background thread as soon as the run is
-    collected (`pytest_collection_finish`): the cluster, then the demo run. The unit tier runs
-    first and keeps one of the two cores busy (about 50 % CPU on 2 cores, measured); the demo's
-    SFT and DPO use the other meanwhile instead of starting after it. Test tooling state, one per
-    pytest process."""
+    collected (`pytest_collection_finish`): the cluster, then the demo run, and the 7B-layer row
+    (no Ray). The unit tier runs first and keeps about one core of two busy (about 50 % CPU on 2
+    cores, measured); these use the rest meanwhile instead of starting after it. Test tooling
+    state, one per pytest process."""
 
     thread: threading.Thread | None = None
     cluster: tuple[Cluster, int, str] | None = None
-    demo: _Demo | None = None
+    demo: _Job | None = None
+    seven_b: _Job | None = None
     error: BaseException | None = None
     stopped = False
 
     @classmethod
-    def begin(cls, want_demo: bool) -> None:
+    def begin(cls, want_demo: bool, want_seven_b: bool) -> None:
         def run():
             try:
+                if want_seven_b:
+                    cls.seven_b = _launch_seven_b()
                 cls.cluster = _start_cluster()
                 if want_demo:
                     cls.demo = _launch_demo(cls.cluster[0])
@@ -178,9 +209,16 @@ class _Shared:
         cls.thread.start()
 
     @classmethod
+    def busy(cls) -> bool:
+        """Still starting the cluster or running a background job."""
+        if cls.thread is not None and cls.thread.is_alive():
+            return True
+        return any(j is not None and j.running() for j in (cls.demo, cls.seven_b))
+
+    @classmethod
     def wait(cls) -> None:
         if cls.thread is None:
-            cls.begin(want_demo=False)  # not begun at collection (nothing collected wanted it then)
+            cls.begin(want_demo=False, want_seven_b=False)  # not begun at collection
         cls.thread.join(timeout=330)
         if cls.error is not None:
             pytest.fail(f"the integration tier's Ray cluster did not start: {cls.error}")
@@ -194,23 +232,37 @@ class _Shared:
         cls.stopped = True
         if cls.thread is not None:
             cls.thread.join(timeout=330)
-        if cls.demo is not None and cls.demo.proc.poll() is None:
-            _stop(cls.demo.proc.pid)
+        for job in (cls.demo, cls.seven_b):
+            if job is not None:
+                job.stop()
         if cls.cluster is not None:
             _stop(cls.cluster[1])
             shutil.rmtree(cls.cluster[2], ignore_errors=True)
-        if cls.demo is not None:
-            shutil.rmtree(cls.demo.workdir, ignore_errors=True)
+        for job in (cls.demo, cls.seven_b):
+            if job is not None:
+                shutil.rmtree(job.workdir, ignore_errors=True)
 
 
 def pytest_collection_finish(session):
-    """Begin the cluster (and the demo run, when a collected test reads it) now, in the
-    background, so they run beside the unit tier."""
+    """Begin the cluster, and the background jobs the collected tests read, now, so they run
+    beside the unit tier."""
     if session.config.option.collectonly or session.config.option.setupplan:
         return
     integration = [it for it in session.items if it.get_closest_marker("integration") is not None]
     if integration:
-        _Shared.begin(want_demo=any("demo_run" in getattr(it, "fixturenames", ()) for it in integration))
+        def wants(fixture: str) -> bool:
+            return any(fixture in getattr(it, "fixturenames", ()) for it in integration)
+
+        _Shared.begin(want_demo=wants("demo_run"), want_seven_b=wants("seven_b_row"))
+        session.config.raydpo_background_busy = _Shared.busy  # tests/conftest.py: torch threads beside it
+
+
+@pytest.hookimpl(trylast=True)  # after tests/conftest.py's sort (the unit tier first)
+def pytest_collection_modifyitems(config, items):
+    """The tests that read a background job's result run after the other integration tests, so
+    the job has the whole tier to finish beside them rather than a test waiting on it."""
+    items.sort(key=lambda it: it.get_closest_marker("integration") is not None
+               and "seven_b_row" in getattr(it, "fixturenames", ()))
 
 
 def pytest_sessionfinish(session):
@@ -277,12 +329,19 @@ class DemoRun:
 
 @pytest.fixture(scope="session")
 def demo_run(ray_cluster) -> DemoRun:
-    demo = _Shared.demo or _launch_demo(ray_cluster)  # begun at collection, or now
-    _Shared.demo = demo
-    try:
-        rc = demo.proc.wait(timeout=max(1.0, demo.deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        _stop(demo.proc.pid)
-        rc = demo.proc.wait()
-    return DemoRun(demo.workdir, demo.tracking_uri, rc, (demo.workdir / "demo.stdout").read_text(),
-                   (demo.workdir / "demo.stderr").read_text())
+    if _Shared.demo is None:  # not begun at collection: now
+        _Shared.demo = _launch_demo(ray_cluster)
+    demo = _Shared.demo
+    rc, out, err = demo.wait()
+    return DemoRun(demo.workdir, f"sqlite:///{demo.workdir / 'mlflow.db'}", rc, out, err)
+
+
+@pytest.fixture(scope="session")
+def seven_b_row(ray_cluster) -> dict:
+    """test_7b_shape.py's measured row, from the background job begun at collection (no Ray:
+    ``ray_cluster`` only waits for the background start that launched it)."""
+    if _Shared.seven_b is None:  # not begun at collection: now
+        _Shared.seven_b = _launch_seven_b()
+    rc, out, err = _Shared.seven_b.wait()
+    assert rc == 0, out[-3000:] + err[-5000:]
+    return json.loads(out.strip().splitlines()[-1])

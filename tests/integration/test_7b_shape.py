@@ -16,9 +16,11 @@ changes no tensor size the estimate counts.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,35 +32,42 @@ SHAPE_7B_LAYER = (4096, 1, 32, 11008, 32000)  # hidden, layers, heads, intermedi
 WARMUP = (64, 1, 4, 176, 2048)
 
 
-@pytest.fixture
-def scratch(tmp_path):
+def _scratch() -> Path:
     """Where the two random-init model folders go: memory-backed /dev/shm when it has room (the
     7B-shaped folder is 1.6 GB of fp32 weights, ~13 s to write to this machine's disk; the child
-    reads them from the page cache either way), else the test's tmp folder."""
+    reads them from the page cache either way), else a temporary folder."""
     shm = Path("/dev/shm")
-    if not (shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 6 * 2**30):
-        yield tmp_path
-        return
-    d = Path(tempfile.mkdtemp(prefix="raydpo-7b-", dir=shm))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+    room = shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 6 * 2**30
+    return Path(tempfile.mkdtemp(prefix="raydpo-7b-", dir=shm if room else None))
 
 
-@pytest.mark.integration
-@pytest.mark.timeout(240)
-def test_one_llama_2_7b_layer_trains_two_dpo_steps_at_ln2_within_the_memory_estimate(scratch):
+def measure_row() -> dict:
+    """The row: both folders built, then `run_row` (a fresh process, as `python -m
+    raydpo.benchmarks.memory` measures). What `python tests/integration/test_7b_shape.py` prints,
+    the last line of its stdout: the integration tier runs it in the background
+    (tests/integration/conftest.py), beside the unit tier, with one torch thread."""
     from raydpo.benchmarks.memory import _build_folder, row_config, run_row
     from raydpo.config import Config
 
     t0 = time.perf_counter()
-    tok = Config().with_overrides({"model.cache_dir": str(REPO / ".raydpo_cache")})
-    _build_folder(row_config(WARMUP, 1, 16, "4bit", True), str(scratch / "warm"), tokenizer_from=tok)
-    _build_folder(row_config(SHAPE_7B_LAYER, 1, 512, "4bit", True), str(scratch / "m"), tokenizer_from=tok)
-    r = run_row(SHAPE_7B_LAYER, 1, 512, "4bit", True, str(scratch / "m"), str(scratch / "warm"),
-                29500 + os.getpid() % 1000, loop=True)
-    print(f"7B-layer row: {r} ({time.perf_counter() - t0:.0f} s in all)")
+    scratch = _scratch()
+    try:
+        tok = Config().with_overrides({"model.cache_dir": str(REPO / ".raydpo_cache")})
+        _build_folder(row_config(WARMUP, 1, 16, "4bit", True), str(scratch / "warm"), tokenizer_from=tok)
+        _build_folder(row_config(SHAPE_7B_LAYER, 1, 512, "4bit", True), str(scratch / "m"), tokenizer_from=tok)
+        r = run_row(SHAPE_7B_LAYER, 1, 512, "4bit", True, str(scratch / "m"), str(scratch / "warm"),
+                    29500 + os.getpid() % 1000, loop=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    r["wall_s"] = round(time.perf_counter() - t0, 1)
+    return r
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_one_llama_2_7b_layer_trains_two_dpo_steps_at_ln2_within_the_memory_estimate(seven_b_row):
+    r = seven_b_row
+    print(f"7B-layer row: {r}")
 
     assert len(r["losses"]) == 2 and all(math.isfinite(x) for x in r["losses"])
     assert abs(r["losses"][0] - math.log(2)) < 1e-4  # the fresh adapter: policy == reference at step 0
@@ -67,3 +76,8 @@ def test_one_llama_2_7b_layer_trains_two_dpo_steps_at_ln2_within_the_memory_esti
     # the estimate of this very config (4-bit layer, full-size fp32 embeddings and LM head) ...
     assert 1000 < r["parts_mib"]["base_weights"] < 1200 and r["parts_mib"]["logits"] > 500
     assert abs(r["error_pct"]) <= 25, r  # ... within 25% of the measured peak
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure_row()), flush=True)
+    sys.exit(0)
