@@ -116,13 +116,14 @@ def _link_same_merge(storage: Path, want: dict, out: Path) -> bool:
     for marker in sorted(storage.glob(f"*/sft-merged/{MERGED_MARKER}")):
         if marker.parent == out:
             continue
+        src = marker.parent
         try:
             if any(json.loads(marker.read_text()).get(k) != v for k, v in want.items()):
                 continue
-            shutil.copytree(marker.parent, out, copy_function=link, ignore=shutil.ignore_patterns(MERGED_MARKER))
-            if (out / "config.json").exists() and any(out.glob("*.safetensors")):
-                return True
-            shutil.rmtree(out)
+            if not ((src / "config.json").exists() and any(src.glob("*.safetensors"))):
+                continue
+            shutil.copytree(src, out, copy_function=link, ignore=shutil.ignore_patterns(MERGED_MARKER))
+            return True
         except (OSError, ValueError):  # unreadable, or re-merged while we linked: merge ourselves
             shutil.rmtree(out, ignore_errors=True)
     return False

@@ -191,6 +191,7 @@ class _Shared:
     demo: _Job | None = None
     seven_b: _Job | None = None
     error: BaseException | None = None
+    saved_env: dict[str, str | None] | None = None  # what `join` replaced in os.environ
     stopped = False
 
     @classmethod
@@ -226,10 +227,25 @@ class _Shared:
             pytest.fail("the integration tier's Ray cluster did not start within 330 s")
 
     @classmethod
+    def join(cls) -> Cluster:
+        """The cluster, put in this process's environment (once, undone by `stop`)."""
+        if cls.saved_env is None:
+            cls.wait()
+            env = cls.cluster[0].client_env
+            cls.saved_env = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+        return cls.cluster[0]
+
+    @classmethod
     def stop(cls) -> None:
         if cls.stopped:
             return
         cls.stopped = True
+        for k, v in (cls.saved_env or {}).items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         if cls.thread is not None:
             cls.thread.join(timeout=330)
         for job in (cls.demo, cls.seven_b):
@@ -269,29 +285,18 @@ def pytest_sessionfinish(session):
     _Shared.stop()  # whatever was begun, whether or not a test got to use it
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Every integration test runs with the session's cluster in its environment, before any of
+    its fixtures, whatever their scope (a module fixture that starts a CLI run joins it too); a
+    test here without the marker is a unit test and starts no cluster."""
+    if item.get_closest_marker("integration") is not None:
+        _Shared.join()
+
+
 @pytest.fixture(scope="session")
 def ray_cluster() -> Cluster:
-    _Shared.wait()
-    cluster = _Shared.cluster[0]
-    saved = {k: os.environ.get(k) for k in cluster.client_env}
-    os.environ.update(cluster.client_env)
-    try:
-        yield cluster
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        _Shared.stop()
-
-
-@pytest.fixture(autouse=True)
-def _on_the_cluster(request):
-    """Every integration test runs with the session's cluster in its environment (a test here
-    without the marker is a unit test and starts no cluster)."""
-    if request.node.get_closest_marker("integration") is not None:
-        request.getfixturevalue("ray_cluster")
+    return _Shared.join()
 
 
 @pytest.fixture(autouse=True)

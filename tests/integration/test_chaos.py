@@ -16,9 +16,7 @@ NAN_STEP = 2
 
 
 @pytest.fixture(scope="module")
-def suite(tmp_path_factory, ray_cluster):
-    # ray_cluster: the CLI runs join the session's cluster (a module fixture is set up before the
-    # per-test autouse one that puts it in the environment; without it, the first run starts its own Ray)
+def suite(tmp_path_factory):
     s = Suite(tmp_path_factory.mktemp("chaos"), faults=f"nan@{NAN_STEP}")
     s.baseline_row = s.baseline_run()
     return s
