@@ -4,7 +4,7 @@
 # with bf16 compute, LoRA r8 a16 on q_proj/v_proj, max_length 1024, gradient checkpointing,
 # deepspeed.enabled=false: plain torch, no DeepSpeed needed) and by TRL 1.16's DPOTrainer
 # (precompute_ref_log_probs=True) on the same model and the same token ids; prints per system
-# tokens/s, MFU (raydpo.train.estimate.step_flops, the formula `raydpo validate --estimate` uses), peak
+# tokens/s, MFU (raydpo.orchestration.estimate.step_flops, the formula `raydpo validate --estimate` uses), peak
 # memory (torch.cuda.max_memory_allocated) and the memory estimate's error_pct.
 # Steps: raydpo/benchmarks/gpu_check.py. Defaults: 6 steps at batch 4 (about 10 minutes in all
 # was the budget: a 13 GiB model build and save, two NF4 loads, two reference passes).
@@ -33,7 +33,7 @@
 #   SMOKE=1 jobs/gpu_check.sh             # any CPU machine: the tiny shape, fp32, NF4 on the CPU,
 #                                         # 2 steps at batch 1, max_length 128 (checks the logic)
 # Env: OUT (work folder, default ./gpu_check_out; the model is built once and kept there), STEPS,
-# BATCH, TFLOPS (the peak for MFU; default: the GPU's entry in raydpo.train.estimate.GPUS), NPROC
+# BATCH, TFLOPS (the peak for MFU; default: the GPU's entry in raydpo.orchestration.estimate.GPUS), NPROC
 # (torchrun processes, default 1; > 1 trains with DDP), PYTHON (default python).
 set -euo pipefail
 

@@ -60,7 +60,7 @@ def cmd_validate(args) -> int:
     if not args.estimate:
         print(f"{args.config or '<defaults>'}: OK")
         return 0
-    from raydpo.train.estimate import EstimateError, estimate, format_estimate
+    from raydpo.orchestration.estimate import EstimateError, estimate, format_estimate
 
     try:
         est = estimate(cfg, gpu=args.gpu, tflops=args.tflops)

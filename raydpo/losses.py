@@ -4,7 +4,7 @@ and reward metrics as *sums* so ranks can all-reduce before dividing.
 Conventions: per-example tensors are ``[B]``; log-probs are fp32 **sums** over the response
 tokens (`sequence_logps`); rewards are ``beta * (policy - reference)`` log-probs, detached —
 except for a loss made only of reference-free terms (``simpo``, ``orpo``, ``sft``:
-`REFERENCE_FREE`), whose rewards are ``beta * mean log-prob`` as TRL's CPO and ORPO trainers log
+`raydpo.loss_names.REFERENCE_FREE`), whose rewards are ``beta * mean log-prob`` as TRL's CPO and ORPO trainers log
 them. The loss family is a table (`LOSS_FNS`, name -> per-example function); ``loss_type`` may be
 one name or a list whose terms `dpo_loss` adds with ``loss_weights``, as TRL 1.16 combines them.
 
@@ -47,6 +47,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from raydpo.loss_names import REFERENCE_FREE
 from raydpo.metric_names import (LOGPS_CHOSEN, LOGPS_REJECTED, LOSS, NLL_LOSS, REWARDS_ACCURACIES, REWARDS_CHOSEN,
                                  REWARDS_MARGINS, REWARDS_REJECTED)
 
@@ -58,7 +59,7 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     ``[B, S]`` -> ``[B, S]``, as ``logit[target] - logsumexp(logits)``, one row at a time, so
     without grad at most one fp32 ``[S, V]`` row is live and never a full ``log_softmax``
     beside the logits. The one rule for a token's log-prob: `sequence_logps` and
-    `raydpo.models.factory.pair_logps` both use it."""
+    `raydpo.models.pairs.pair_logps` both use it."""
     rows = []
     for b in range(logits.shape[0]):
         row = logits[b].float()
@@ -250,10 +251,6 @@ LOSS_FNS: dict[str, Callable[..., torch.Tensor]] = {
     "aot_unpaired": _aot_unpaired, "apo_zero": _apo_zero, "apo_down": _apo_down, "discopop": _discopop,
     "sigmoid_norm": _sigmoid_norm, "sft": _sft, "simpo": _simpo, "orpo": _orpo,
 }
-# no reference log-probs read: a loss made only of these needs no reference forward or pass
-REFERENCE_FREE = frozenset({"simpo", "orpo", "sft"})
-# not a preference loss: left out of the step-0 expected value
-NLL_ONLY = frozenset({"sft"})
 
 
 def loss_list(loss_type: str | Sequence[str], loss_weights: Sequence[float] | None = None
@@ -270,12 +267,6 @@ def loss_list(loss_type: str | Sequence[str], loss_weights: Sequence[float] | No
     if len(weights) != len(types):
         raise ValueError(f"{len(weights)} loss_weights for {len(types)} loss types {types}")
     return list(zip(types, weights))
-
-
-def reads_chosen_nll(loss_type: str | Sequence[str], cpo_alpha: float = 0.0) -> bool:
-    """Whether the loss has a chosen-NLL term (``sft``, ``orpo``, ``simpo`` with ``cpo_alpha``)."""
-    types = {loss_type} if isinstance(loss_type, str) else set(loss_type)
-    return bool(types & {"sft", "orpo"}) or ("simpo" in types and bool(cpo_alpha))
 
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,

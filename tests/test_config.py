@@ -156,7 +156,7 @@ def test_ds_config_cpu_and_gpu():
 
 
 def test_light_imports():
-    code = ("import sys, raydpo.config, raydpo.losses, raydpo.train.deepspeed, raydpo.train.estimate;"
+    code = ("import sys, raydpo.config, raydpo.losses, raydpo.train.deepspeed, raydpo.orchestration.estimate;"
             "bad=[m for m in ('ray','deepspeed','bitsandbytes','mlflow') if m in sys.modules];"
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -283,7 +283,7 @@ def test_collate_dpo_padding_free_puts_every_pair_in_one_row_with_its_span():
 
 
 def test_pair_attention_mask_keeps_rejected_from_chosen_and_sequences_apart():
-    from raydpo.models.factory import pair_attention_mask
+    from raydpo.models.pairs import pair_attention_mask
 
     # one row: pair A = prompt p, chosen c, rejected r; then pair B = prompt q, chosen d; then padding
     seq = torch.tensor([[0, 0, 0, 1, 1, -1]])

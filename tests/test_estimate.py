@@ -1,4 +1,4 @@
-"""`raydpo.train.estimate` against numbers worked out by hand for a small shape, the three facts the
+"""`raydpo.orchestration.estimate` against numbers worked out by hand for a small shape, the three facts the
 issue asks of the 7B recipe, where the shape comes from, and the CLI's contract."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 
 from raydpo.cli import main
 from raydpo.config import Config, load_config
-from raydpo.train.estimate import (BUILTIN_SHAPES, GIB, EstimateError, Shape, estimate, find_gpu, memory_parts, model_shape,
+from raydpo.orchestration.estimate import (BUILTIN_SHAPES, GIB, EstimateError, Shape, estimate, find_gpu, memory_parts, model_shape,
                              step_flops, tokens)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,7 +201,7 @@ def test_validate_without_estimate_unchanged(capsys):
 
 
 def test_import_is_light():
-    code = ("import sys, raydpo.train.estimate; "
+    code = ("import sys, raydpo.orchestration.estimate; "
             "bad = [m for m in ('torch', 'ray', 'deepspeed', 'bitsandbytes', 'mlflow', 'transformers') "
             "if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

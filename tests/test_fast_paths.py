@@ -11,7 +11,8 @@ from raydpo.data.collate import collate_dpo
 from raydpo.data.rows import format_prompt
 from raydpo.data.sample import generate_rows
 from raydpo.data.tokenize import tokenize_dpo
-from raydpo.models.factory import load_model, pair_logps, resolve_model_path
+from raydpo.models.factory import load_model, resolve_model_path
+from raydpo.models.pairs import pair_logps
 from raydpo.data.tokenizer import load_tokenizer
 from raydpo.train.loop import dpo_forward
 

@@ -18,7 +18,7 @@ from raydpo.data.tokenize import tokenize_dpo
 from raydpo.models.factory import load_model, resolve_model_path
 from raydpo.data.tokenizer import load_tokenizer
 from raydpo.train import generate
-from raydpo.train.ingest import rank_batches
+from raydpo.data.order import rank_batches
 from raydpo.train.loop import Hooks, WorkerEnv, run_stage
 
 STEPS, K = 6, 3
@@ -171,7 +171,7 @@ def test_eval_prompts_are_the_first_distinct_prompts_by_row_id_whatever_the_read
     import random
 
     from raydpo.train.generate import held_out_prompts
-    from raydpo.train.ingest import eval_prompts
+    from raydpo.orchestration.ingest import eval_prompts
 
     rng = random.Random(0)
     rows = [{"row_id": rid, "prompt_input_ids": [1, rng.randrange(12)], "chosen_input_ids": [rid % 7, 2]}

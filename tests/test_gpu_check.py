@@ -1,5 +1,5 @@
 """The GPU check's arithmetic on a GPU run's outputs (no GPU here: the standalone run's metric lines
-are written as the loop writes them on CUDA): MFU is `raydpo.train.estimate.step_flops` over the step
+are written as the loop writes them on CUDA): MFU is `raydpo.orchestration.estimate.step_flops` over the step
 time and the peak rate, error_pct compares ``torch.cuda.max_memory_allocated`` with the estimate
 less the CUDA context, and the tokens the loop counted are checked against the prepared ids."""
 
@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from raydpo.benchmarks.gpu_check import check_config, report
-from raydpo.train.estimate import BUILTIN_SHAPES, CUDA_CONTEXT_GIB, estimate, model_shape, step_flops
+from raydpo.orchestration.estimate import BUILTIN_SHAPES, CUDA_CONTEXT_GIB, estimate, model_shape, step_flops
 
 
 def _setup(tmp_path, tokens_per_pair: float):

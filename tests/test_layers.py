@@ -12,9 +12,11 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "raydpo"
 
 LAYERS = [  # (layer, its modules and packages, what it holds), bottom to top
+    ("names", ["raydpo.loss_names", "raydpo.metric_names"],
+     "the loss names and what each reads, the metric names (torch-free: config, losses, tracking read them)"),
     ("config", ["raydpo.config"], "typed config per stage, validation, presets"),
-    ("losses", ["raydpo.losses", "raydpo.metric_names"],
-     "pure preference losses, and the names of the metrics they compute (torch-free, read by tracking)"),
+    ("storage", ["raydpo.storage"], "every path under run.storage_path"),
+    ("losses", ["raydpo.losses"], "pure preference losses and their metric sums"),
     ("data", ["raydpo.data"], "formats, row checks, tokenizer loading, tokenization, Ray Data pipeline, sample"),
     ("models", ["raydpo.models"], "model factory, LoRA/4-bit, tiny model, adapter merge and export"),
     ("tracking", ["raydpo.tracking"], "MLflow client, metric points, Prometheus exporter, raydpo's own terminal lines"),

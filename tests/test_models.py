@@ -16,10 +16,9 @@ from raydpo.models.factory import (
     count_parameters,
     load_model,
     merge_adapter,
-    pair_logps,
-    reference_disabled,
     resolve_model_path,
 )
+from raydpo.models.pairs import pair_logps, reference_disabled
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +290,7 @@ def test_models_module_imports_no_ray_and_nothing_heavy():
 def test_pair_attention_equals_masked_attention_over_the_padding_free_row(groups):
     import torch.nn.functional as F
 
-    from raydpo.models.factory import pair_attention, pair_attention_mask
+    from raydpo.models.pairs import pair_attention, pair_attention_mask
 
     torch.manual_seed(0)
     spans = [(0, 3, 2, 2), (7, 1, 3, 0), (11, 2, 1, 3)]  # shared prefix, a lone sequence, shared again

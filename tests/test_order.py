@@ -9,7 +9,7 @@ import pytest
 from raydpo.config import Config, fingerprint_diff, resume_fingerprint
 from raydpo.data.order import epoch_order, epochs_needed, order_key, position, row_id, usable_rows
 from raydpo.train.faults import Fault, parse
-from raydpo.train.ingest import rank_batches
+from raydpo.data.order import rank_batches
 
 
 def _ids(n=50):

@@ -12,7 +12,7 @@ from raydpo.data.sample import generate_rows
 from raydpo.data.tokenize import tokenize_dpo
 from raydpo.models.factory import load_model, resolve_model_path
 from raydpo.data.tokenizer import load_tokenizer
-from raydpo.train.reference import RefLogps
+from raydpo.orchestration.reference import RefLogps
 from raydpo.train.loop import dpo_forward
 
 
@@ -60,7 +60,7 @@ def test_precomputed_reference_matches_on_the_fly(tmp_path, quant, loss_type):
 def test_reference_pass_uses_every_free_replica_slot(monkeypatch, resources, overrides, expected):
     import ray
 
-    from raydpo.train.reference import inference_actors
+    from raydpo.orchestration.reference import inference_actors
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
     assert inference_actors(Config().with_overrides(overrides)) == expected
@@ -86,7 +86,7 @@ def test_the_driver_refuses_a_trainer_that_leaves_ray_data_no_cpu_and_tune_runs_
 
 
 def test_files_digest_follows_content_not_path_and_is_remembered(tmp_path):
-    from raydpo.train.reference import files_digest
+    from raydpo.orchestration.reference import files_digest
 
     d = tmp_path / "adapter"
     d.mkdir()
@@ -104,7 +104,7 @@ def test_files_digest_follows_content_not_path_and_is_remembered(tmp_path):
 def test_cache_key_changes_with_the_reference_the_tokenizer_and_the_data(tmp_path):
     import shutil
 
-    from raydpo.train.reference import MERGED_MARKER, cache_key
+    from raydpo.orchestration.reference import MERGED_MARKER, cache_key
 
     cfg = Config().with_overrides({"model.cache_dir": str(tmp_path / "cache"), "run.storage_path": str(tmp_path / "runs")})
     path = resolve_model_path(cfg.model)
@@ -142,7 +142,7 @@ def test_a_cache_folder_is_trusted_only_with_a_marker_matching_its_files(tmp_pat
 
     import pyarrow.parquet as pq
 
-    from raydpo.train.reference import MARKER, valid_cache
+    from raydpo.orchestration.reference import MARKER, valid_cache
 
     root = tmp_path / "key"
     for split, n in (("train", 3), ("eval", 0)):
@@ -165,7 +165,7 @@ def test_a_finished_merge_of_the_same_sft_content_is_linked_never_a_different_or
     import json
 
     from raydpo.orchestration.launch import _link_same_merge
-    from raydpo.train.reference import MERGED_MARKER
+    from raydpo.orchestration.reference import MERGED_MARKER
 
     want = {"adapter_digest": "a1", "base_identity": "b1"}
 

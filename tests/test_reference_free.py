@@ -10,7 +10,9 @@ import torch
 
 from raydpo.config import Config, load_config
 from raydpo.train import loop
-from raydpo.train.loop import SanityCheckError, dpo_forward, sanity_check, sanity_skip_reason
+from raydpo.loss_names import step0_skip_reason
+from raydpo.models import pairs
+from raydpo.train.loop import SanityCheckError, dpo_forward, sanity_check
 
 
 def _cfg(**overrides):
@@ -36,8 +38,10 @@ t = lambda *v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
 
 def test_orpo_forward_runs_the_policy_only_and_logs_trl_metrics(monkeypatch):
     calls = []
-    monkeypatch.setattr(loop, "pair_logps", _fake_pair_logps(calls))
-    monkeypatch.setattr(loop, "reference_disabled", _no_reference)
+    fake = _fake_pair_logps(calls)
+    monkeypatch.setattr(loop, "pair_logps", fake)
+    monkeypatch.setattr(pairs, "pair_logps", fake)  # the reference forward (pairs.reference_logps)
+    monkeypatch.setattr(pairs, "reference_disabled", _no_reference)
     loss, sums = dpo_forward("engine", "model", {}, _cfg(loss_type="orpo"))
     assert calls == ["engine"]  # one forward: the policy's
     # test_losses: per-pair 0.773818, 0.767086 -> mean 0.770452
@@ -50,8 +54,10 @@ def test_orpo_forward_runs_the_policy_only_and_logs_trl_metrics(monkeypatch):
 
 @pytest.mark.parametrize("loss_type", ["simpo", "[simpo, sft]", "[orpo, sft]"])
 def test_reference_free_forward_ignores_precomputed_columns(monkeypatch, loss_type):
-    monkeypatch.setattr(loop, "pair_logps", _fake_pair_logps([]))
-    monkeypatch.setattr(loop, "reference_disabled", _no_reference)
+    fake = _fake_pair_logps([])
+    monkeypatch.setattr(loop, "pair_logps", fake)
+    monkeypatch.setattr(pairs, "pair_logps", fake)  # the reference forward (pairs.reference_logps)
+    monkeypatch.setattr(pairs, "reference_disabled", _no_reference)
     cfg = _cfg(loss_type=loss_type)
     bogus = {"ref_chosen_logps": t(50.0, 50.0), "ref_rejected_logps": t(-50.0, -50.0)}
     assert torch.equal(dpo_forward(None, None, bogus, cfg)[0], dpo_forward(None, None, {}, cfg)[0])
@@ -65,8 +71,10 @@ def test_reference_losses_still_run_the_reference_forward(monkeypatch):
         entered.append(model)
         yield
 
-    monkeypatch.setattr(loop, "pair_logps", _fake_pair_logps(calls))
-    monkeypatch.setattr(loop, "reference_disabled", ref)
+    fake = _fake_pair_logps(calls)
+    monkeypatch.setattr(loop, "pair_logps", fake)
+    monkeypatch.setattr(pairs, "pair_logps", fake)  # the reference forward (pairs.reference_logps)
+    monkeypatch.setattr(pairs, "reference_disabled", ref)
     loss, sums = dpo_forward("engine", "model", {}, _cfg(loss_type="[sigmoid, sft]", loss_weights=[1.0, 0.5]))
     assert calls == ["engine", "engine"] and entered == ["model"]
     # policy == reference (the fake returns the same numbers): sigmoid ln 2, plus 0.5 × NLL 0.75
@@ -95,7 +103,7 @@ def test_tiny_model_simpo_forward_is_one_pass(tmp_path, monkeypatch):
     model = load_model(cfg.model, cfg.quantization, cfg.lora, base_path=path).eval()
     forwards = []
     model.register_forward_hook(lambda *_: forwards.append(1))
-    monkeypatch.setattr(loop, "reference_disabled", _no_reference)
+    monkeypatch.setattr(pairs, "reference_disabled", _no_reference)
     loss, sums = dpo_forward(model, model, b, cfg)
     assert len(forwards) == 1 and torch.isfinite(loss)
     # the fresh adapter's simpo loss is not ln 2: it depends on the base model's own log-probs
@@ -112,13 +120,13 @@ def test_tiny_model_simpo_forward_is_one_pass(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("loss_type", ["simpo", "orpo", "[orpo, sft]", "[sigmoid, simpo]"])
 def test_sanity_check_is_off_for_simpo_and_orpo_with_a_reason(loss_type):
-    why = sanity_skip_reason(_cfg(loss_type=loss_type))
+    why = step0_skip_reason(_cfg(loss_type=loss_type).dpo.loss_types)
     assert why and "reference-free" in why and "ln 2" in why
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "[sigmoid, sft]", "[apo_zero, hinge]"])
 def test_sanity_check_applies_to_reference_losses(loss_type):
-    assert sanity_skip_reason(_cfg(loss_type=loss_type)) is None
+    assert step0_skip_reason(_cfg(loss_type=loss_type).dpo.loss_types) is None
 
 
 def test_sanity_check_compares_the_preference_part_only():
@@ -137,12 +145,12 @@ def test_sanity_check_compares_the_preference_part_only():
 def test_no_reference_pass_for_reference_free_losses(monkeypatch):
     import raydpo.data.pipeline
     import raydpo.orchestration.launch
-    import raydpo.train.reference
+    import raydpo.orchestration.reference
 
     def boom(*_a, **_k):
         raise AssertionError("the reference pass ran")
 
-    monkeypatch.setattr(raydpo.train.reference, "reference_datasets", boom)
+    monkeypatch.setattr(raydpo.orchestration.reference, "reference_datasets", boom)
     monkeypatch.setattr(raydpo.data.pipeline, "build_datasets", lambda cfg, stage, tok: ("train", "eval"))
     for lt, name in (("simpo", "simpo"), ("orpo", "orpo"), ("[simpo, sft]", "simpo+sft")):
         lines = []

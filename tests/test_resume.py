@@ -21,7 +21,7 @@ from raydpo.data.sample import generate_rows
 from raydpo.data.tokenize import tokenize_dpo
 from raydpo.models.factory import load_model, resolve_model_path
 from raydpo.data.tokenizer import load_tokenizer
-from raydpo.train.ingest import rank_batches
+from raydpo.data.order import rank_batches
 from raydpo.train.loop import (CheckpointError, Hooks, NonFiniteError, WorkerEnv, run_stage,
                                verify_checkpoint)
 
@@ -231,7 +231,7 @@ def test_the_plain_engine_backward_gives_deepspeeds_gradients(setup):
     (DeepSpeed keeps them in its own partitioned buffers: read back with ``safe_get_full_grad``)."""
     from deepspeed.utils import safe_get_full_grad
 
-    from raydpo.models.factory import packed_attention
+    from raydpo.models.pairs import packed_attention
     from raydpo.train.loop import build_engine, dpo_forward
 
     cfg, path, tok, cols = setup

@@ -32,6 +32,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from raydpo.tracking import STAGE_TAG
+
 SAVE_EVERY = 3
 STEPS = 9
 CONFIG = """\
@@ -403,7 +405,7 @@ class Suite:
         c = MlflowClient(self.uri)
         exp = c.get_experiment_by_name("chaos")
         runs = c.search_runs([exp.experiment_id]) if exp else []
-        parents = [r for r in runs if r.data.tags.get("raydpo.stage") == "tune" and r.info.run_name == "tune-tune"]
+        parents = [r for r in runs if r.data.tags.get(STAGE_TAG) == "tune" and r.info.run_name == "tune-tune"]
         kids = [r for r in runs if parents and r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
         per_trial = {}
         for k in kids:

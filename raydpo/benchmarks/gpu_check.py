@@ -1,6 +1,6 @@
 """The one-shot GPU check's steps (driven by ``jobs/gpu_check.sh``): a random-init model of
 Llama-2-7B's shape, raydpo's standalone loop and TRL's ``DPOTrainer`` on the same tokens, and
-what each measured next to ``raydpo.train.estimate``.
+what each measured next to ``raydpo.orchestration.estimate``.
 
     python -m raydpo.benchmarks.gpu_check prepare --out DIR [--smoke] [--steps N] [--batch B]
     torchrun --standalone --nproc_per_node 1 -m raydpo.train.standalone --config DIR/gpu_check.yaml \
@@ -23,9 +23,9 @@ line per system: tokens/s (steady state, step 1 excluded; a pair counts its prom
 response, as TRL feeds it: `raydpo.data.collate.pair_tokens`), pairs/s, seconds per step, MFU, peak memory and
 ``error_pct = 100·(estimate - measured)/measured`` (raydpo's row: the estimate models raydpo's
 step, not TRL's padded bf16-autocast one). MFU is model FLOPs utilisation with the one
-FLOPs formula `raydpo.train.estimate.step_flops` of this config, for both systems (the same pairs per
+FLOPs formula `raydpo.orchestration.estimate.step_flops` of this config, for both systems (the same pairs per
 step: the useful work, whatever each computes to do it), over the GPU's dense bf16 peak
-(`raydpo.train.estimate.GPUS`, or ``--tflops``). Peak memory: ``torch.cuda.max_memory_allocated`` of the
+(`raydpo.orchestration.estimate.GPUS`, or ``--tflops``). Peak memory: ``torch.cuda.max_memory_allocated`` of the
 training steps (both reset it after model load and reference pass), against the estimate less the CUDA context
 (outside the allocator). On the CPU (``--smoke``) there is no allocator statistic: peak memory
 and error_pct print as n/a.
@@ -92,7 +92,7 @@ def _build_model(out: Path, smoke: bool) -> None:
 
     from raydpo.config import Config
     from raydpo.models.tiny import random_llama
-    from raydpo.train.estimate import BUILTIN_SHAPES
+    from raydpo.orchestration.estimate import BUILTIN_SHAPES
     from raydpo.models.factory import resolve_model_path
     from raydpo.data.tokenizer import load_tokenizer
 
@@ -163,27 +163,27 @@ def run_trl_peer(out: Path) -> dict:
 
 
 def _peak_tflops(tflops: float | None) -> tuple[float | None, str]:
-    """The GPU's dense bf16 peak: given, or the `raydpo.train.estimate.GPUS` entry of this device."""
+    """The GPU's dense bf16 peak: given, or the `raydpo.orchestration.estimate.GPUS` entry of this device."""
     if tflops is not None:
         return tflops, "--tflops"
     import torch
 
     if not torch.cuda.is_available():
         return None, "no GPU"
-    from raydpo.train.estimate import EstimateError, find_gpu
+    from raydpo.orchestration.estimate import EstimateError, find_gpu
 
     name = torch.cuda.get_device_name(0).replace("NVIDIA", "").strip()
     try:
         key, g = find_gpu(name)
         return g.tflops, key
     except EstimateError:
-        return None, f"{name} is not in raydpo.train.estimate.GPUS (pass --tflops)"
+        return None, f"{name} is not in raydpo.orchestration.estimate.GPUS (pass --tflops)"
 
 
 def report(out: Path, tflops: float | None) -> list[dict]:
     from raydpo.benchmarks.peer import steady_state
     from raydpo.config import load_config
-    from raydpo.train.estimate import CUDA_CONTEXT_GIB, error_pct, estimate, model_shape, step_flops
+    from raydpo.orchestration.estimate import CUDA_CONTEXT_GIB, error_pct, estimate, model_shape, step_flops
 
     cfg = load_config(out / "gpu_check.yaml")
     shape, _ = model_shape(cfg)
@@ -229,7 +229,7 @@ def report(out: Path, tflops: float | None) -> list[dict]:
         print(f"{RESULT_PREFIX}{r['system']}: tokens/s {r['tokens_per_s']:.1f} (pairs/s {r['pairs_per_s']:.3g}, "
               f"fed the prepared ids: {'yes' if r['same_tokens'] else 'NO'}), step {r['step_s']:.3f} s, MFU {mfu}, "
               f"peak memory {mem}, estimate {est_gib:.3f} GiB, error_pct {err}", flush=True)
-    print(f"{RESULT_PREFIX}FLOPs per step (raydpo.train.estimate.step_flops): {flops:.4e}; peak rate: "
+    print(f"{RESULT_PREFIX}FLOPs per step (raydpo.orchestration.estimate.step_flops): {flops:.4e}; peak rate: "
           f"{f'{rate:g} TFLOP/s' if rate else 'n/a'} ({rate_src}); shape hidden {shape.hidden}, layers {shape.layers}, "
           f"vocab {shape.vocab}; batch {cfg.dpo.per_device_batch_size}, max_length {cfg.data.max_length}", flush=True)
     (out / "report.json").write_text(json.dumps({"rows": rows, "flops_per_step": flops, "tflops": rate}, indent=2))

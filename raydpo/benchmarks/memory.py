@@ -1,4 +1,4 @@
-"""Peak memory of DPO training steps, measured, against `raydpo.train.estimate`.
+"""Peak memory of DPO training steps, measured, against `raydpo.orchestration.estimate`.
 
     python -m raydpo.benchmarks.memory [--shape hidden,layers,heads,intermediate,vocab] [--batch B]
         [--max-length L] [--quant none|4bit|8bit] [--checkpointing on|off] [--json]
@@ -111,10 +111,10 @@ def _raw(cfg: Config, id_high: int | None = None) -> dict:
 def _collate(cfg: Config, raw: dict, pad_id: int = 3):
     import numpy as np
 
-    from raydpo.data.collate import collate_dpo
+    from raydpo.data.collate import collate_dpo, ragged
 
     B = len(raw["prompt_input_ids"])
-    cols = {k: np.array(list(v) + [None], dtype=object)[:-1] for k, v in raw.items() if k.endswith("_input_ids")}
+    cols = {k: ragged(v) for k, v in raw.items() if k.endswith("_input_ids")}
     for k in ("ref_chosen_logps", "ref_rejected_logps"):
         cols[k] = np.asarray(raw.get(k, np.zeros(B)), np.float32)
     return collate_dpo(cols, pad_id, share_prefix=cfg.dpo.share_prefix, pack=cfg.dpo.padding_free)
@@ -221,7 +221,7 @@ def run_row(shape, batch: int, max_length: int, quant: str, checkpointing: bool,
             port: int, loop: bool = False) -> dict:
     """A row: the estimate here, the measurement in a fresh process. ``loop``: the steps run through
     the training loop (`_loop_steps`; both folders need a tokenizer), else the engine's calls alone."""
-    from raydpo.train.estimate import GIB, error_pct, estimate
+    from raydpo.orchestration.estimate import GIB, error_pct, estimate
 
     spec = {"shape": list(shape), "batch": batch, "max_length": max_length, "quant": quant,
             "checkpointing": checkpointing, "folder": folder, "warmup_folder": warmup_folder, "port": port,
@@ -236,7 +236,7 @@ def run_row(shape, batch: int, max_length: int, quant: str, checkpointing: bool,
     est = estimate(row_config(shape, batch, max_length, quant, checkpointing, use_gpu))
     parts = dict(est.parts)
     if use_gpu:  # the CUDA context is outside the allocator's statistics
-        from raydpo.train.estimate import CUDA_CONTEXT_GIB
+        from raydpo.orchestration.estimate import CUDA_CONTEXT_GIB
 
         parts["overhead"] -= CUDA_CONTEXT_GIB
     est_mib = sum(parts.values()) * GIB / 2**20

@@ -20,15 +20,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from raydpo.loss_names import LABEL_SMOOTHING, LOSS_TYPES, NLL_ONLY, needs_reference
+
 DTYPES = Literal["float32", "bfloat16", "float16"]
 # a training stage: what the data pipeline, the loops and the driver are called for
 Stage = Literal["sft", "dpo"]
-# the names of raydpo.losses.LOSS_FNS (a test keeps them equal; this module must not import torch)
-LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "bco_pair", "exo_pair", "nca_pair", "sppo_hard", "aot",
-              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft", "simpo", "orpo")
-REFERENCE_FREE_LOSSES = frozenset({"simpo", "orpo", "sft"})  # raydpo.losses.REFERENCE_FREE
-NLL_ONLY_LOSSES = frozenset({"sft"})  # not a preference loss: no step-0 value of its own
-LABEL_SMOOTHING_LOSSES = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "simpo")
 BUILTIN_MODEL = "tiny"
 BUILTIN_SOURCE = "sample"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -190,7 +186,7 @@ class ScalingConfig(_Section):
         return {k: v * self.num_workers for k, v in self.worker_resources().items()}
 
     def replica_resources(self) -> dict[str, float]:
-        """What one reference-model replica (`raydpo.train.reference`) reserves: a worker's GPUs and no
+        """What one reference-model replica (`raydpo.orchestration.reference`) reserves: a worker's GPUs and no
         CPU on GPU; on CPU a worker's CPUs, at least half a CPU."""
         if self.use_gpu:
             return {"CPU": 0.0, "GPU": self.gpus_per_worker}
@@ -200,7 +196,7 @@ class ScalingConfig(_Section):
         """How many ``per_slot`` reservations fit at once in ``cluster`` (what
         ``ray.cluster_resources()`` returns) while Ray Data keeps ``data_cpus`` CPUs; 0 when
         none fits. The one resource formula: the CPU budget check (`raydpo.orchestration.launch`), concurrent
-        Tune trials (`raydpo.orchestration.tune`) and reference replicas (`raydpo.train.reference`) count with it."""
+        Tune trials (`raydpo.orchestration.tune`) and reference replicas (`raydpo.orchestration.reference`) count with it."""
         free = {**cluster, "CPU": cluster.get("CPU", 0.0) - self.data_cpus}
         # the epsilon: CPU counts are floats (0.5 per worker); 2.9999999 CPUs hold 3 slots of 1
         fits = [int((free.get(k, 0.0) + 1e-9) // v) for k, v in per_slot.items() if v > 0]
@@ -268,7 +264,7 @@ class DPOConfig(TrainStageConfig):
         unknown = [n for n in names if n not in LOSS_TYPES]
         if unknown:
             raise ValueError(f"unknown loss type {', '.join(map(repr, unknown))}; valid: {', '.join(LOSS_TYPES)}")
-        if all(n in NLL_ONLY_LOSSES for n in names):
+        if all(n in NLL_ONLY for n in names):
             raise ValueError("needs at least one preference loss besides 'sft' (train SFT alone with the sft stage)")
         return v
 
@@ -294,8 +290,8 @@ class DPOConfig(TrainStageConfig):
         types = {lt} if isinstance(lt, str) else set(lt)
         if "exo_pair" in types and v == 0.0:
             raise ValueError("exo_pair needs label_smoothing > 0 (its loss has log ε; the EXO paper uses 1e-3)")
-        if v > 0.0 and not types & set(LABEL_SMOOTHING_LOSSES):
-            raise ValueError(f"{v} would be ignored: only {', '.join(LABEL_SMOOTHING_LOSSES)} read it")
+        if v > 0.0 and not types & set(LABEL_SMOOTHING):
+            raise ValueError(f"{v} would be ignored: only {', '.join(LABEL_SMOOTHING)} read it")
         return v
 
     @field_validator("cpo_alpha")
@@ -315,8 +311,8 @@ class DPOConfig(TrainStageConfig):
     @property
     def needs_reference(self) -> bool:
         """False when every loss term is reference-free (simpo, orpo, sft): then there is no
-        reference forward, no reference pass and no reference cache. The one place this is decided."""
-        return not set(self.loss_types) <= REFERENCE_FREE_LOSSES
+        reference forward, no reference pass and no reference cache (`raydpo.loss_names`)."""
+        return needs_reference(self.loss_types)
 
     @property
     def precomputed_reference(self) -> bool:
@@ -445,6 +441,10 @@ class Config(_Section):
                     f"resolves to {p}: DeepSpeed casts the packed 4-bit weights to {want} and would corrupt them"
                 )
         return self
+
+    def stage(self, name: Stage) -> TrainStageConfig:
+        """The section of training stage ``name`` ('sft' or 'dpo')."""
+        return self.sft if name == "sft" else self.dpo
 
     # -- conversions -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -6,7 +6,7 @@ int arrays, or 2-D arrays when every row has the same length), so they run witho
 ``iter_torch_batches`` takes them wrapped in `raydpo.data.ray_collate`.
 
 DPO layouts (`collate_dpo`), all scored by the same index so the forward
-(`raydpo.models.factory.pair_logps`) is one function whatever the layout:
+(`raydpo.models.pairs.pair_logps`) is one function whatever the layout:
 
 * **plain** (``share_prefix=False, pack=False``): rows ``0..B-1`` prompt+chosen, ``B..2B-1``
   prompt+rejected, right-padded to the longest, with a 2-D ``attention_mask`` — the
@@ -19,7 +19,7 @@ DPO layouts (`collate_dpo`), all scored by the same index so the forward
 * **padding-free** (``pack=True``): the batch's sequences one after the other in a single row
   ``[1, N]``, no padding at all, with ``spans`` ``[n, 4]`` = (start, prompt, first response,
   second response) lengths of each sequence: the forward runs attention per sequence
-  (`raydpo.models.factory.pair_attention`; causal blocks are skipped, not masked), so nothing is
+  (`raydpo.models.pairs.pair_attention`; causal blocks are skipped, not masked), so nothing is
   computed for padding and nothing attends across sequences. The same pairs per step.
 
 Every layout returns ``input_ids``, ``position_ids``, ``seq_ids`` (sequence index within the
@@ -40,6 +40,13 @@ import torch
 
 PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, -1
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+def ragged(rows) -> np.ndarray:
+    """A 1-D object array of ``rows`` (lists or arrays of token ids), whatever their lengths:
+    numpy would make a 2-D array of rows that happen to be equally long; the collate functions
+    take one row per element."""
+    return np.array(list(rows) + [None], dtype=object)[:-1]
 
 
 def _rows(col) -> list[np.ndarray]:

@@ -15,12 +15,15 @@ config and a position. So the order is a pure function of (``seed``, epoch, ``ro
 A checkpoint at optimizer step ``s`` therefore sits at micro-batch ``s * accumulation`` of the
 stream: within an epoch no row is seen twice and none is skipped, before or after a restart.
 
-Pure numpy; Ray Data (`raydpo.train.ingest`) and the torchrun runner both call it.
+Pure numpy; Ray Data (`raydpo.orchestration.ingest`) and the torchrun runner both call it;
+`rank_batches` is each rank's slice of the stream, on the worker.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -86,3 +89,16 @@ def position(micro_batches_done: int, n_rows: int, global_batch: int) -> tuple[i
     """(epoch, rows into that epoch) after ``micro_batches_done`` global micro-batches."""
     per_epoch = n_rows // global_batch
     return micro_batches_done // per_epoch, (micro_batches_done % per_epoch) * global_batch
+
+
+def rank_batches(iter_numpy: Callable[[int], Iterator[dict[str, Any]]], per_device: int, world: int, rank: int,
+                 collate: Callable[[dict[str, Any]], Any], skip: int = 0) -> Iterator[Any]:
+    """This rank's collated micro-batches of the stream from micro-batch ``skip`` on.
+    ``iter_numpy(batch_size)`` yields the stream's consecutive rows as dicts of numpy arrays."""
+    lo, hi = rank * per_device, (rank + 1) * per_device
+    for i, b in enumerate(iter_numpy(per_device * world)):
+        if i < skip:
+            continue
+        if len(b[ROW_ID]) < per_device * world:
+            return  # the stream holds whole global micro-batches; a short tail is not trained on
+        yield collate({k: v[lo:hi] for k, v in b.items()})

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raydpo import storage
 from raydpo.config import Config, Stage
 from raydpo.tracking.terminal import echo
 from raydpo.data.sources import DataSourceError
@@ -75,7 +76,7 @@ def merged_sft_base(cfg: Config, sft_adapter: str, base_path: str) -> str:
     import ray
 
     from raydpo.models.factory import merge_adapter
-    from raydpo.train.reference import MERGED_MARKER, files_digest, model_identity
+    from raydpo.orchestration.reference import MERGED_MARKER, files_digest, model_identity
 
     memo = Path(cfg.run.storage_path).resolve() / "reference"
     out = Path(cfg.run.storage_path).resolve() / cfg.run.name / "sft-merged"
@@ -105,7 +106,7 @@ def merged_sft_base(cfg: Config, sft_adapter: str, base_path: str) -> str:
 def _link_same_merge(storage: Path, want: dict, out: Path) -> bool:
     """Hard-link (copy where links fail) another run's finished merge with the same digests into
     ``out``, its marker excepted; False when there is none or it changed under us."""
-    from raydpo.train.reference import MERGED_MARKER
+    from raydpo.orchestration.reference import MERGED_MARKER
 
     def link(src: str, dst: str) -> None:
         try:
@@ -131,10 +132,10 @@ def _link_same_merge(storage: Path, want: dict, out: Path) -> bool:
 
 def stage_datasets(cfg: Config, stage: Stage, base_path: str, tok_path: str, progress=echo):
     """(train, eval) lazy Ray datasets of a stage: tokenized pairs, with the reference log-prob
-    columns (computed once, `raydpo.train.reference`) when DPO uses ``dpo.reference=precomputed`` and a
+    columns (computed once, `raydpo.orchestration.reference`) when DPO uses ``dpo.reference=precomputed`` and a
     loss that reads a reference (`DPOConfig.precomputed_reference`: none for simpo, orpo, sft)."""
     if stage == "dpo" and cfg.dpo.precomputed_reference:
-        from raydpo.train.reference import reference_datasets
+        from raydpo.orchestration.reference import reference_datasets
 
         return reference_datasets(cfg, base_path, tok_path, progress=progress)
     if stage == "dpo" and not cfg.dpo.needs_reference:
@@ -285,16 +286,17 @@ def fit_stage(
     from raydpo.config import fingerprint_hash, resume_fingerprint
     from raydpo.train.deepspeed import comm_backend
     from raydpo.orchestration.ray_connect import ensure_ray
-    from raydpo.train.ingest import data_config, eval_prompts, ordered_execution, ordered_stream
+    from raydpo.orchestration.ingest import data_config, eval_prompts, ordered_execution, ordered_stream
     from raydpo.train.loop import SCORE_KEY
-    from raydpo.train.preempt import STOP_FILE, install_driver_handler
-    from raydpo.train.ray_callbacks import SigtermToStop, fatal_trainer
+    from raydpo.train.preempt import install_driver_handler
+    from raydpo.orchestration.ray_callbacks import SigtermToStop, fatal_trainer
     from raydpo.train.faults import ENV as FAULTS_ENV
-    from raydpo.train.worker import OOM_MARKER, train_loop_per_worker
+    from raydpo.train.inputs import WorkerInputs
+    from raydpo.train.worker import train_loop_per_worker
 
     t0 = time.perf_counter()
     cfg = cfg.with_absolute_paths()  # workers and Ray Data tasks may not share this cwd
-    stage_cfg = cfg.sft if stage == "sft" else cfg.dpo
+    stage_cfg = cfg.stage(stage)
     uri = preflight(cfg)
     folder = stage_storage(cfg, stage)
     if restart and (moved := set_aside(folder)) is not None:
@@ -338,15 +340,15 @@ def fit_stage(
                  f"(steps <= {logged_through} are already logged)")
     else:
         run_id = tracking.start_run(uri, exp_id, run_name, parent_run_id=parent_run_id,
-                                    tags={"raydpo.stage": stage, **(tags or {})})
+                                    tags={tracking.STAGE_TAG: stage, **(tags or {})})
         tracking.log_params(uri, run_id, {**cfg.flat(), **(params or {})})
         progress(f"[{stage}] MLflow run {run_id} in {uri}")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / RUN_FILE).write_text(json.dumps({"run_id": run_id, "tracking_uri": uri, "base_path": base_path,
                                                "fingerprint": fingerprint, "config_hash": fingerprint_hash(fingerprint)}))
-    for stale in (folder / STOP_FILE, folder / OOM_MARKER):
+    for stale in (storage.stop_file(folder), storage.oom_marker(folder)):
         stale.unlink(missing_ok=True)
-    restore_handler, sigterm = install_driver_handler(str(folder / STOP_FILE))
+    restore_handler, sigterm = install_driver_handler(str(storage.stop_file(folder)))
 
     try:
         train_ds, eval_ds = datasets or stage_datasets(cfg, stage, base_path, tok_path, progress)
@@ -369,15 +371,15 @@ def fit_stage(
                                 num_cpus=cfg.data.tokenize_num_cpus)  # sorted once, read whole by every worker
         trainer = fatal_trainer()(
             train_loop_per_worker=train_loop_per_worker,
-            train_loop_config={
-                "config": cfg.to_dict(), "stage": stage, "base_path": base_path, "tokenizer_path": tok_path,
-                "tracking_uri": uri, "run_id": run_id, "report_eval_only": report_eval_only,
-                "has_eval": eval_ds is not None, "storage_dir": str(folder), "stop_file": str(folder / STOP_FILE),
-                "fingerprint": fingerprint, "logged_through_step": logged_through,
-                "faults": os.environ.get(FAULTS_ENV, ""),
-                "eval_prompts": eval_prompts(eval_ds, cfg.generations.num_prompts)
+            train_loop_config=WorkerInputs(
+                config=cfg.to_dict(), stage=stage, base_path=base_path, tokenizer_path=tok_path,
+                tracking_uri=uri, run_id=run_id, report_eval_only=report_eval_only,
+                has_eval=eval_ds is not None, storage_dir=str(folder),
+                fingerprint=fingerprint, logged_through_step=logged_through,
+                faults=os.environ.get(FAULTS_ENV, ""),
+                eval_prompts=eval_prompts(eval_ds, cfg.generations.num_prompts)
                 if stage == "dpo" and cfg.generations.enabled and eval_ds is not None else [],
-            },
+            ).to_dict(),
             scaling_config=ray.train.ScalingConfig(
                 num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=s.worker_resources()
             ),
@@ -400,7 +402,7 @@ def fit_stage(
         except Exception as e:  # noqa: BLE001 - Train V2 raises TrainingFailedError from fit()
             result, error = None, e
         replay_spill(uri, folder, stage, progress)
-        oom = folder / OOM_MARKER
+        oom = storage.oom_marker(folder)
         if oom.exists():
             raise WorkerOOM(json.loads(oom.read_text())["message"]) from None
         try:
@@ -410,7 +412,7 @@ def fit_stage(
                 raise error from None
             raise
         new_ckpt = latest is not None and (prior is None or latest["path"] != prior["path"])
-        stopped = ((folder / STOP_FILE).exists() or sigterm.is_set()
+        stopped = (storage.stop_file(folder).exists() or sigterm.is_set()
                    or bool(new_ckpt and latest.get("preempted")))  # this fit's preemption, not an earlier one
         if stopped and latest is not None and int(latest["step"]) < stage_cfg.max_steps:
             raise Preempted(stage, int(latest["step"]), str(folder))

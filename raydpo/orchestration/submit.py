@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from raydpo.tracking import STAGE_TAG
+
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 STAGES = ("sft", "dpo", "pipeline", "tune")
 # passed through from the submitting shell when set; values never printed or logged
@@ -136,7 +138,7 @@ def submit(args) -> int:
     addr = address(args.address)
     c = client(addr)
     job_id = c.submit_job(entrypoint=ep, runtime_env=rt, submission_id=args.job_id,
-                          metadata={"raydpo.stage": args.stage, "raydpo.config": rel})
+                          metadata={STAGE_TAG: args.stage, "raydpo.config": rel})
     print(f"submitted {job_id} to {addr}")
     print(f"  entrypoint:  {ep}")
     print(f"  runtime env: {redacted(rt)}")

@@ -3,7 +3,7 @@
 Ray 2.60 is Train V2: each trial is a function that builds and fits its own `TorchTrainer`
 (through `raydpo.orchestration.launch.fit_stage`) with `TuneReportCallback`, so every ``ray.train.report``
 — one per evaluation — reaches Tune and the ASHA scheduler. The reference log-probs are
-computed once before the search (`raydpo.train.reference`) and every trial reads them; a
+computed once before the search (`raydpo.orchestration.reference`) and every trial reads them; a
 reference-free loss (simpo, orpo, sft: `DPOConfig.needs_reference`) has no reference pass at all.
 MLflow: a parent run for the search, one child run per trial, the best trial tagged and its
 adapter registered in the Model Registry with lineage tags.
@@ -136,7 +136,7 @@ def run_tune(cfg: Config, *, resume: bool = False, progress=echo) -> tuple[list[
     parent = _find_parent(uri, cfg.tracking.experiment_name, name) if resume else None
     if parent is None:
         sft_run = tracking.run_for_adapter(uri, cfg.tracking.experiment_name, cfg.dpo.sft_adapter) if cfg.dpo.sft_adapter else None
-        parent = tracking.start_run(uri, exp_id, name, tags={"raydpo.stage": "tune", tracking.SFT_RUN_TAG: sft_run or "",
+        parent = tracking.start_run(uri, exp_id, name, tags={tracking.STAGE_TAG: "tune", tracking.SFT_RUN_TAG: sft_run or "",
                                                              "raydpo.sft_adapter": cfg.dpo.sft_adapter or ""})
         tracking.log_params(uri, parent, cfg.flat())
     ready = (f"reference log-probs ready in {ref_s:.0f}s" if cfg.dpo.precomputed_reference

@@ -3,7 +3,7 @@
 The prompts are fixed for the whole run (`held_out_prompts`: the first ``generations.num_prompts``
 distinct prompts of the eval split in ``row_id`` order, chosen on the driver and handed to every
 rank as plain data), so the tables of successive evaluations compare like with like. The
-reference is the same model with the LoRA adapter disabled (`raydpo.models.factory.reference_disabled`).
+reference is the same model with the LoRA adapter disabled (`raydpo.models.pairs.reference_disabled`).
 
 `eval_generations` runs ``model.generate`` of the PEFT model (``engine.module``) in eval mode under
 ``no_grad``. Under ZeRO-3 the weights are partitioned and every forward is collective: every rank
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from raydpo.config import GenerationsConfig
-from raydpo.models.factory import reference_disabled
+from raydpo.models.pairs import reference_disabled
 
 COLUMNS = ("step", "prompt_index", "prompt", "policy", "reference", "chosen")
 CHUNK = 8  # prompts per generate call: bounds memory whatever num_prompts is

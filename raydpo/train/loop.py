@@ -26,10 +26,11 @@ import torch.distributed as dist
 from raydpo import losses
 from raydpo.config import Config, Stage, TrainStageConfig
 from raydpo.data.collate import pair_tokens
+from raydpo.loss_names import NLL_ONLY, reads_chosen_nll, step0_skip_reason
 from raydpo.train.deepspeed import build_ds_config
 from raydpo.metric_names import (EVAL_ACCURACY, LR, NONFINITE_STEPS, PADDING_FRACTION, PEAK_MEMORY_GB,
                                  PEAK_RSS_MIB, SAMPLES_PER_S, SCORED_TOKENS_PER_S, STEP_TIME, TOKENS_PER_S)
-from raydpo.models.factory import packed_attention, pair_logps, reference_disabled
+from raydpo.models.pairs import packed_attention, pair_logps, reference_logps
 from raydpo.train import generate
 from raydpo.train.faults import Faults
 from raydpo.train.progress import format_progress
@@ -138,7 +139,7 @@ def sft_forward(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, d
 
 
 def dpo_forward(engine, model, batch: dict[str, torch.Tensor], cfg: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One policy forward over the pairs (`models.pair_logps`, in whatever layout the collate
+    """One policy forward over the pairs (`raydpo.models.pairs.pair_logps`, in whatever layout the collate
     made); the reference is precomputed log-probs carried in the batch, or the same weights with
     the LoRA adapter disabled (no second model in memory), or — for a reference-free loss
     (``cfg.dpo.needs_reference`` false: simpo, orpo, sft) — nothing at all: no reference forward,
@@ -148,17 +149,16 @@ def dpo_forward(engine, model, batch: dict[str, torch.Tensor], cfg: Config) -> t
     pol_c, pol_r, n_c, n_r = pair_logps(engine, batch, completion_only=d.completion_only_logits)
     if not d.needs_reference:  # the loss never reads them
         ref_c = ref_r = torch.zeros_like(pol_c)
-    elif "ref_chosen_logps" in batch:  # precomputed sums (raydpo.train.reference)
+    elif "ref_chosen_logps" in batch:  # precomputed sums (raydpo.orchestration.reference)
         ref_c, ref_r = batch["ref_chosen_logps"].float(), batch["ref_rejected_logps"].float()
     else:
-        with reference_disabled(model):
-            ref_c, ref_r, _, _ = pair_logps(engine, batch, completion_only=d.completion_only_logits)
+        ref_c, ref_r = reference_logps(model, batch, completion_only=d.completion_only_logits, engine=engine)
     per_ex, chosen_r, rejected_r = losses.dpo_loss(
         pol_c, pol_r, ref_c, ref_r, beta=d.beta, loss_type=d.loss_types, label_smoothing=d.label_smoothing,
         chosen_lengths=n_c, rejected_lengths=n_r, loss_weights=d.loss_weights, simpo_gamma=d.simpo_gamma,
         cpo_alpha=d.cpo_alpha, discopop_tau=d.discopop_tau,
     )
-    nll = losses.chosen_nll(pol_c.detach(), n_c) if losses.reads_chosen_nll(d.loss_types, d.cpo_alpha) else None
+    nll = losses.chosen_nll(pol_c.detach(), n_c) if reads_chosen_nll(d.loss_types, d.cpo_alpha) else None
     sums = losses.dpo_metric_sums(chosen_r, rejected_r, pol_c.detach(), pol_r.detach(), per_ex.detach(), nll=nll)
     return per_ex.mean(), sums
 
@@ -260,7 +260,7 @@ def _discard_accumulated(engine, micro_done: int) -> None:
 
 def run_stage(stage: Stage, cfg: Config, model, tokenizer, env: WorkerEnv, hooks: Hooks) -> LoopResult:
     """Train one stage to ``max_steps`` optimizer steps. ``model`` is the PEFT model."""
-    stage_cfg: TrainStageConfig = cfg.sft if stage == "sft" else cfg.dpo
+    stage_cfg = cfg.stage(stage)
     torch.manual_seed(stage_cfg.seed + env.rank)
     engine, _opt, sched = build_engine(model, cfg, stage_cfg, env)
     accum = stage_cfg.gradient_accumulation_steps
@@ -302,7 +302,7 @@ def run_stage(stage: Stage, cfg: Config, model, tokenizer, env: WorkerEnv, hooks
     slots, pad, scored = (torch.zeros((), device=env.device) for _ in range(3))
     t_window, window_steps = time.perf_counter(), 0
     check_step0 = stage == "dpo" and cfg.dpo.sanity_check and step == 0
-    if check_step0 and (why := sanity_skip_reason(cfg)):
+    if check_step0 and (why := step0_skip_reason(cfg.dpo.loss_types)):
         hooks.progress(f"[dpo] step-0 sanity check off: {why}")
         check_step0 = False
     batches = iter(hooks.train_batches(step * accum))
@@ -435,25 +435,16 @@ def run_stage(stage: Stage, cfg: Config, model, tokenizer, env: WorkerEnv, hooks
     return LoopResult(step=step, history=history, preempted=preempted)
 
 
-def sanity_skip_reason(cfg: Config) -> str | None:
-    """Why the step-0 check cannot apply to this loss, or None when it does."""
-    free = [t for t in cfg.dpo.loss_types if t in ("simpo", "orpo")]
-    if free:
-        return (f"{'/'.join(dict.fromkeys(free))} is reference-free: its step-0 loss depends on the base model's "
-                "log-probs, not a zero margin (it is not ln 2), so there is nothing to check it against")
-    return None
-
-
 def sanity_check(m: dict[str, float], cfg: Config) -> None:
     """At step 0 the fresh adapter makes policy == reference, so rewards are 0 and the loss is
     the loss type's value at zero margin (ln 2 for sigmoid; the weighted sum for a list). An
     ``sft`` term is left out: it is the base model's NLL, unknown in advance, so the check
     compares the preference part, ``loss - w_sft·nll_loss``. Not for simpo/orpo
-    (`sanity_skip_reason`)."""
+    (`raydpo.loss_names.step0_skip_reason`)."""
     d = cfg.dpo
     terms = losses.loss_list(d.loss_types, d.loss_weights)
-    pref = [(t, w) for t, w in terms if t not in losses.NLL_ONLY]
-    w_nll = sum(w for t, w in terms if t in losses.NLL_ONLY)
+    pref = [(t, w) for t, w in terms if t not in NLL_ONLY]
+    w_nll = sum(w for t, w in terms if t in NLL_ONLY)
     zero = torch.zeros(1)
     expected = float(losses.dpo_loss(zero, zero, zero, zero, beta=d.beta, loss_type=[t for t, _ in pref],
                                      loss_weights=[w for _, w in pref], label_smoothing=d.label_smoothing,

@@ -4,7 +4,7 @@
   look for it after every step.
 * On a Ray worker, the training loop runs in a thread that cannot install signal handlers, and
   Ray's own handler on the main thread exits the process within ~10 ms. So
-  `raydpo.train.ray_callbacks.SigtermToStop` (a Ray Train worker callback, run on the worker's
+  `raydpo.orchestration.ray_callbacks.SigtermToStop` (a Ray Train worker callback, run on the worker's
   main thread) replaces it with one that only raises `TERM`. Under torchrun the loop owns the
   main thread and `StopWatch` installs the same handler itself.
 
@@ -18,7 +18,6 @@ import os
 import signal
 import threading
 
-STOP_FILE = "raydpo_stop_requested"
 
 # Set by the SIGTERM handler of this process. A signal is process-wide by nature: this flag is
 # the one piece of worker state that cannot travel through the loop's arguments.

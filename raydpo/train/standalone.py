@@ -48,20 +48,17 @@ def _rows(cfg, stage: str, tokenizer_path: str) -> list[dict]:
 def add_reference(model, cols: dict[str, list], pad_token_id: int, cfg, device) -> None:
     """Reference log-prob sums of every pair in ``cols`` (adapter disabled, the training
     forward), added as ``ref_chosen_logps`` / ``ref_rejected_logps`` lists."""
-    import numpy as np
-
-    from raydpo.data.collate import collate_dpo
-    from raydpo.models.factory import pair_logps, reference_disabled
+    from raydpo.data.collate import collate_dpo, ragged
+    from raydpo.models.pairs import reference_logps
 
     keys = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
     n, step = len(cols[keys[0]]), cfg.dpo.per_device_batch_size * 4
     cols["ref_chosen_logps"], cols["ref_rejected_logps"] = [], []
     for lo in range(0, n, step):
-        b = collate_dpo({k: np.array(cols[k][lo:lo + step] + [None], dtype=object)[:-1] for k in keys}, pad_token_id,
+        b = collate_dpo({k: ragged(cols[k][lo:lo + step]) for k in keys}, pad_token_id,
                         share_prefix=cfg.dpo.share_prefix, pack=cfg.dpo.padding_free)
-        with reference_disabled(model):
-            c, r, _, _ = pair_logps(model, {k: v.to(device) for k, v in b.items()},
-                                    completion_only=cfg.dpo.completion_only_logits)
+        c, r = reference_logps(model, {k: v.to(device) for k, v in b.items()},
+                               completion_only=cfg.dpo.completion_only_logits)
         cols["ref_chosen_logps"] += c.cpu().tolist()
         cols["ref_rejected_logps"] += r.cpu().tolist()
 
@@ -72,11 +69,11 @@ def main(argv: list[str] | None = None) -> None:
     import torch.distributed as dist
 
     from raydpo.config import load_config
-    from raydpo.data.collate import collate_dpo, collate_sft
+    from raydpo.data.collate import collate_dpo, collate_sft, ragged
     from raydpo.data.order import epoch_order, epochs_needed, usable_rows
     from raydpo.data.tokenize import block_row_ids, pack_sft, tokenize_dpo
     from raydpo.train.generate import held_out_prompts
-    from raydpo.train.ingest import rank_batches
+    from raydpo.data.order import rank_batches
     from raydpo.models.factory import load_model, resolve_model_path
     from raydpo.data.tokenizer import load_tokenizer
     from raydpo.train.deepspeed import comm_backend
@@ -98,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     path = obj[0]
     tok = load_tokenizer(path)
     rows = _rows(cfg, args.stage, path)
-    stage_cfg = cfg.sft if args.stage == "sft" else cfg.dpo
+    stage_cfg = cfg.stage(args.stage)
     bs = stage_cfg.per_device_batch_size
 
     dpo_cols: list[dict] = []
@@ -116,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
                              pack=cfg.dpo.padding_free)
 
     def pick(cols, idx):
-        return {k: np.array([v[i] for i in idx] + [None], dtype=object)[:-1] for k, v in cols.items()}
+        return {k: ragged(v[i] for i in idx) for k, v in cols.items()}
 
     # training: every rank holds all train rows and walks the same stream (raydpo.data.order),
     # keeping its slice of each global micro-batch, as the Ray workers do

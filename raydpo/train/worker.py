@@ -15,11 +15,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-OOM_MARKER = "raydpo_oom.json"
+from raydpo import storage
+from raydpo.train.inputs import WorkerInputs
 
 
 def oom_message(stage: str, cfg) -> str:
-    st = cfg.sft if stage == "sft" else cfg.dpo
+    st = cfg.stage(stage)
     return (f"{stage}: out of memory on a worker (not retried: a restart would run out again). Make a step smaller: "
             f"{stage}.per_device_batch_size={st.per_device_batch_size} (raise gradient_accumulation_steps="
             f"{st.gradient_accumulation_steps} to keep the batch), data.max_length={cfg.data.max_length}, "
@@ -80,7 +81,7 @@ def intact_checkpoints(storage_dir: str | None) -> list[Path]:
     if not storage_dir or not Path(storage_dir).is_dir():
         return []
     found = []
-    for d in Path(storage_dir).glob("checkpoint_*"):
+    for d in storage.checkpoints(storage_dir):
         try:
             found.append((int(verify_checkpoint(d)["step"]), d))
         except CheckpointError:
@@ -89,6 +90,7 @@ def intact_checkpoints(storage_dir: str | None) -> list[Path]:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's worker function; ``config`` is `WorkerInputs.to_dict()`."""
     import json
     import os
 
@@ -100,37 +102,38 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from raydpo.data.ray_collate import DPOCollate, SFTCollate
     from raydpo.models.factory import load_model
     from raydpo.data.tokenizer import load_tokenizer
-    from raydpo.tracking import make_logger, spill_path
-    from raydpo.train.ingest import rank_batches
+    from raydpo.tracking import make_logger
+    from raydpo.data.order import rank_batches
     from raydpo.train.loop import Hooks, env_from_torch, run_stage, set_torch_threads
     from raydpo.train.preempt import StopWatch
 
-    cfg = Config.from_dict(config["config"])
-    stage = config["stage"]
-    stage_cfg = cfg.sft if stage == "sft" else cfg.dpo
+    inputs = WorkerInputs.from_dict(config)
+    cfg = Config.from_dict(inputs.config)
+    stage = inputs.stage
+    stage_cfg = cfg.stage(stage)
     env = env_from_torch(cfg.scaling.use_gpu)
     threads = set_torch_threads(cfg.scaling)
     if cfg.scaling.use_gpu:
         env.device = ray.train.torch.get_device()
-    storage_dir = config.get("storage_dir")
+    storage_dir = inputs.storage_dir
 
     def progress(line: str) -> None:
         if env.rank == 0:
             print(line, flush=True)
 
-    oom = Path(storage_dir) / OOM_MARKER if storage_dir else None
+    oom = storage.oom_marker(storage_dir) if storage_dir else None
     if oom is not None and oom.exists():  # a restart after an OOM would only run out again
         raise RuntimeError(json.loads(oom.read_text())["message"])
 
-    tokenizer = load_tokenizer(config["tokenizer_path"], revision=cfg.model.revision)
+    tokenizer = load_tokenizer(inputs.tokenizer_path, revision=cfg.model.revision)
     torch.manual_seed(stage_cfg.seed)  # the fresh adapter's init: the same on every rank and every run
-    model = load_model(cfg.model, cfg.quantization, cfg.lora, base_path=config["base_path"], device=env.device)
+    model = load_model(cfg.model, cfg.quantization, cfg.lora, base_path=inputs.base_path, device=env.device)
 
     collate = (DPOCollate(tokenizer.pad_token_id, cfg.dpo.share_prefix, cfg.dpo.padding_free) if stage == "dpo"
                else SFTCollate())
-    train_shard = ray.train.get_dataset_shard("train")  # the whole ordered stream (raydpo.train.ingest)
+    train_shard = ray.train.get_dataset_shard("train")  # the whole ordered stream (raydpo.orchestration.ingest)
     # an empty eval split is not passed (launch.fit_stage warns): train without evaluation
-    eval_shard = ray.train.get_dataset_shard("eval") if config.get("has_eval", True) else None
+    eval_shard = ray.train.get_dataset_shard("eval") if inputs.has_eval else None
     bs = stage_cfg.per_device_batch_size
 
     def train_batches(skip: int):
@@ -152,13 +155,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # steps an earlier attempt already logged are not logged again: ask the store (a worker
     # restart within this fit logged past what the driver saw); if it is down, what the driver saw
-    skip_through = config.get("logged_through_step") or 0
-    if env.rank == 0 and config.get("run_id") and (resume_dir or skip_through):
+    skip_through = inputs.logged_through_step
+    if env.rank == 0 and inputs.run_id and (resume_dir or skip_through):
         from raydpo.tracking import check_store, max_logged_step
 
-        if check_store(config["tracking_uri"], timeout_s=5) is None:
-            skip_through = max(skip_through, max_logged_step(config["tracking_uri"], config["run_id"]))
-    logger = make_logger(config.get("tracking_uri"), config.get("run_id"), env.rank, buffered=True,
+        if check_store(inputs.tracking_uri, timeout_s=5) is None:
+            skip_through = max(skip_through, max_logged_step(inputs.tracking_uri, inputs.run_id))
+    logger = make_logger(inputs.tracking_uri, inputs.run_id, env.rank, buffered=True,
                          skip_through_step=skip_through or None)
     log, exporter = logger.log_metrics, None
     if env.rank == 0:  # metrics are already all-reduced: one exporter, as one MLflow logger
@@ -167,14 +170,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         exporter = TrainMetricsExporter(stage, cfg.tracking.experiment_name, cfg.tracking.run_name or cfg.run.name)
         log = exporter.wrap(log)
 
-    watch = StopWatch(config.get("stop_file"))
+    watch = StopWatch(str(storage.stop_file(storage_dir)) if storage_dir else None)
     hooks = Hooks(train_batches=train_batches, eval_batches=eval_batches, report=report,
                   log=log, resume_dir=resume_dir, progress=progress,
-                  report_eval_only=bool(config.get("report_eval_only", False)),
-                  stop_requested=watch.requested, config_fingerprint=config.get("fingerprint", {}),
-                  faults=config.get("faults") or "", faults_dir=str(Path(storage_dir) / "faults_fired") if storage_dir else None,
+                  report_eval_only=inputs.report_eval_only,
+                  stop_requested=watch.requested, config_fingerprint=inputs.fingerprint,
+                  faults=inputs.faults, faults_dir=str(storage.faults_dir(storage_dir)) if storage_dir else None,
                   # chosen once on the driver (launch.fit_stage): every rank generates the same prompts
-                  eval_prompts=lambda k: list(config.get("eval_prompts") or [])[:k],
+                  eval_prompts=lambda k: list(inputs.eval_prompts)[:k],
                   log_generations=logger.log_generations)
     try:
         run_stage(stage, cfg, model, tokenizer, env, hooks)
@@ -186,7 +189,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         raise RuntimeError(msg) from None
     finally:
         watch.close()
-        spill = str(spill_path(storage_dir, stage)) if storage_dir else None
+        spill = str(storage.spill_file(storage_dir, stage)) if storage_dir else None
         if hasattr(logger, "close"):
             logger.close(timeout_s=10, spill_path=spill)
         if exporter is not None:

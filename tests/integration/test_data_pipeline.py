@@ -233,7 +233,7 @@ def test_the_training_stream_is_the_same_sorted_in_one_task_or_by_ray_datas_dist
     order `raydpo.data.order` defines (what the torchrun runner and a resumed worker rebuild)."""
     from raydpo.data.order import epoch_order, usable_rows
     from raydpo.data.pipeline import build_datasets
-    from raydpo.train.ingest import ordered_stream
+    from raydpo.orchestration.ingest import ordered_stream
 
     cfg, tok_path = cfg_tok
     train, _ = build_datasets(_with(cfg, sample_size=120, max_chars=200_000), "dpo", tok_path)

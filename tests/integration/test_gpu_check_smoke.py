@@ -60,7 +60,7 @@ def test_the_gpu_check_smoke_mode_runs_without_deepspeed_ray_or_mlflow(tmp_path)
     assert set(rows) == {"raydpo standalone", "TRL 1.16.0 DPOTrainer"}, lines
     report = json.loads((out / "report.json").read_text())
     from raydpo.config import load_config
-    from raydpo.train.estimate import model_shape, step_flops
+    from raydpo.orchestration.estimate import model_shape, step_flops
 
     cfg = load_config(out / "gpu_check.yaml")
     assert not cfg.deepspeed.enabled and cfg.quantization.mode == "4bit" and cfg.dpo.max_steps == 2
@@ -71,4 +71,4 @@ def test_the_gpu_check_smoke_mode_runs_without_deepspeed_ray_or_mlflow(tmp_path)
         assert r_["peak_gib"] is None and r_["error_pct"] is None  # no CUDA allocator on the CPU
     for text in rows.values():
         assert re.search(r"tokens/s [\d.]+ .*MFU [\d.e+-]+%.*peak memory n/a.*error_pct n/a", text), text
-    assert any(x.startswith("[gpu_check] FLOPs per step (raydpo.train.estimate.step_flops): ") for x in lines)
+    assert any(x.startswith("[gpu_check] FLOPs per step (raydpo.orchestration.estimate.step_flops): ") for x in lines)

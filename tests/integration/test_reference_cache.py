@@ -42,7 +42,7 @@ def _ref(ds):
 @pytest.mark.timeout(600)
 def test_a_new_sft_adapter_under_the_same_run_name_gets_fresh_reference_logps(tmp_path, ray_connected):
     from raydpo.orchestration.launch import merged_sft_base, resolve_base
-    from raydpo.train.reference import reference_datasets
+    from raydpo.orchestration.reference import reference_datasets
 
     cfg = _cfg(tmp_path).with_absolute_paths()
     base_path, _ = resolve_base(cfg)
@@ -55,7 +55,7 @@ def test_a_new_sft_adapter_under_the_same_run_name_gets_fresh_reference_logps(tm
     assert any("reusing" in s for s in said) and (first == again).all()  # same content: cached
     # a small cached split is read on the driver; Ray Data's parquet read gives the same rows
     from raydpo.data.order import ROW_ID
-    from raydpo.train.reference import cache_key, read_split
+    from raydpo.orchestration.reference import cache_key, read_split
 
     folder = tmp_path / "runs" / "reference" / cache_key(cfg, merged, merged)[0] / "train"  # (eval: empty here)
     local, tasks = (read_split(folder, 0.25, limit).to_pandas().sort_values(ROW_ID).reset_index(drop=True)

@@ -5,7 +5,7 @@ model) and the tokenized pairs — never on beta or the learning rate — so DPO
 every Tune trial read them from parquet instead of running a second forward every step. The
 model is loaded exactly as the trainer loads it (same quantization, same k-bit preparation, a
 fresh adapter) and scored with the adapter disabled through the training forward itself
-(`raydpo.models.factory.pair_logps`), so the stored values are the ones the on-the-fly path computes.
+(`raydpo.models.pairs.reference_logps`), so the stored values are the ones the on-the-fly path computes.
 
 The cache key is content, never a path (TRL keys its precomputed reference on the weights and
 the dataset fingerprint the same way): a digest of the reference weights (for a merged SFT
@@ -54,18 +54,16 @@ class RefLogps:
         self.model.eval()
 
     def __call__(self, batch):
-        import numpy as np
         import pyarrow as pa
 
-        from raydpo.data.collate import collate_dpo
-        from raydpo.models.factory import pair_logps, reference_disabled
+        from raydpo.data.collate import collate_dpo, ragged
+        from raydpo.models.pairs import reference_logps
 
-        cols = {k: np.array(batch[k].to_pylist() + [None], dtype=object)[:-1]
+        cols = {k: ragged(batch[k].to_pylist())
                 for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")}
         b = collate_dpo(cols, self.pad, share_prefix=self.dpo.share_prefix, pack=self.dpo.padding_free)
         b = {k: v.to(self.device) for k, v in b.items()}
-        with reference_disabled(self.model):
-            c, r, _, _ = pair_logps(self.model, b, completion_only=self.dpo.completion_only_logits)
+        c, r = reference_logps(self.model, b, completion_only=self.dpo.completion_only_logits)
         return batch.append_column(REF_COLUMNS[0], pa.array(c.cpu().numpy(), type=pa.float32())).append_column(
             REF_COLUMNS[1], pa.array(r.cpu().numpy(), type=pa.float32()))
 
@@ -261,15 +259,15 @@ def reference_datasets(cfg: Config, base_path: str, tok_path: str, progress=echo
 
 def read_split(folder: Path, num_cpus: float, local_read_max_bytes: int | None = None):
     """One cached split as a Ray dataset. Parquet files of at most ``local_read_max_bytes`` in all
-    (default: `raydpo.train.ingest.LOCAL_SORT_MAX_BYTES`, the size the training stream handles in
+    (default: `raydpo.orchestration.ingest.LOCAL_SORT_MAX_BYTES`, the size the training stream handles in
     one block anyway) are read here, on the driver, into the object store: Ray Data's parquet read
     plans, samples and runs read tasks, ~1.5 s a split on a warm 2-core cluster and ~4 s in a fresh
     driver, for the same rows. Larger splits are read by Ray Data's tasks. Row order is not a
-    property of a split: training sorts it (`raydpo.train.ingest.ordered_stream`), evaluation sums
+    property of a split: training sorts it (`raydpo.orchestration.ingest.ordered_stream`), evaluation sums
     over it, and the eval prompts are picked by ``row_id``."""
     import ray
 
-    from raydpo.train.ingest import LOCAL_SORT_MAX_BYTES
+    from raydpo.orchestration.ingest import LOCAL_SORT_MAX_BYTES
 
     limit = LOCAL_SORT_MAX_BYTES if local_read_max_bytes is None else local_read_max_bytes
     files = sorted(folder.glob("*.parquet"))

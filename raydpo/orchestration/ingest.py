@@ -14,7 +14,6 @@ Evaluation is order-free (metric sums are all-reduced): eval stays a streaming s
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
 from typing import Any
 
 from raydpo.data.order import ORDER_KEY, ROW_ID, epochs_needed, order_key, usable_rows
@@ -89,19 +88,6 @@ def data_config():
     opts = ray.train.DataConfig.default_ingest_options()
     opts.preserve_order = True
     return ray.train.DataConfig(datasets_to_split=["eval"], execution_options={"train": opts})
-
-
-def rank_batches(iter_numpy: Callable[[int], Iterator[dict[str, Any]]], per_device: int, world: int, rank: int,
-                 collate: Callable[[dict[str, Any]], Any], skip: int = 0) -> Iterator[Any]:
-    """This rank's collated micro-batches of the stream from micro-batch ``skip`` on.
-    ``iter_numpy(batch_size)`` yields the stream's consecutive rows as dicts of numpy arrays."""
-    lo, hi = rank * per_device, (rank + 1) * per_device
-    for i, b in enumerate(iter_numpy(per_device * world)):
-        if i < skip:
-            continue
-        if len(b[ROW_ID]) < per_device * world:
-            return  # the stream holds whole global micro-batches; a short tail is not trained on
-        yield collate({k: v[lo:hi] for k, v in b.items()})
 
 
 def eval_prompts(eval_ds, k: int) -> list[dict[str, list[int]]]:

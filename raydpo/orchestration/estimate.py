@@ -77,7 +77,7 @@ PROMPT_TOKENS = 1  # the worst case: a 1-token prompt leaves both responses L - 
 # Saved activations per token per layer, in units of s: what autograd keeps in a LlamaDecoderLayer
 # whose base weights are frozen (a frozen linear, nn.Linear or bitsandbytes, keeps no input):
 # the two norms' inputs (x, x2) 2h, rotary q 1h, attention output 1h; k, v and the rejected
-# response's copies of them (padding-free attention, `raydpo.models.factory.pair_attention`) 3·kv; MLP
+# response's copies of them (padding-free attention, `raydpo.models.pairs.pair_attention`) 3·kv; MLP
 # gate, SiLU(gate) and up 3i. Plus the LoRA adapters' inputs (`_layer_saved_bytes`).
 ACT_H = 4
 ACT_KV = 3
