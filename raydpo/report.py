@@ -9,7 +9,7 @@ marked and a beta x lr scatter coloured by the search metric.
 
 Everything is read through `raydpo.tracking` (the only module importing mlflow); matplotlib is
 imported lazily and used without pyplot (a bare ``Figure`` on the Agg canvas), as in
-`tracking.plot_reward_curves`.
+`raydpo.tracking.plots`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import base64
 import html
-import io
 import math
 import re
 import sys
@@ -28,13 +27,14 @@ from typing import Any
 
 from raydpo import tracking
 from raydpo.metric_names import EVAL_ACCURACY, EVAL_MARGINS, TOKENS_PER_S
-from raydpo.orchestration.tune import BEST_TAG, TRIAL_TAG, TrialRow
+from raydpo.tracking.plots import PLOT_KEYS, figure, png, trials_scatter
+from raydpo.tracking.trials import BEST_TAG, TRIAL_TAG, TrialRow
 
 EXIT_USAGE = 2
 # eval first (what runs are compared on), margins and accuracy leading; train curves follow for diagnosis
 _LEAD = ("rewards/margins", "rewards/accuracies", "loss")
 CHART_KEYS = tuple(f"{split}/{k}" for split in ("eval", "train")
-                   for k in sorted(tracking.PLOT_KEYS, key=lambda k: _LEAD.index(k) if k in _LEAD else len(_LEAD)))
+                   for k in sorted(PLOT_KEYS, key=lambda k: _LEAD.index(k) if k in _LEAD else len(_LEAD)))
 _FETCH_KEYS = list(CHART_KEYS) + [TOKENS_PER_S]
 
 
@@ -108,7 +108,7 @@ def load_runs(uri: str, experiment_name: str) -> list[RunInfo]:
 
 
 def trial_rows(parent: RunInfo, runs: list[RunInfo]) -> tuple[list[TrialRow], TrialRow | None]:
-    """The trials (child runs) of a Tune parent as `raydpo.orchestration.tune.TrialRow`, and the best one: the
+    """The trials (child runs) of a Tune parent as `raydpo.tracking.trials.TrialRow`, and the best one: the
     child tagged ``raydpo.best_trial`` or named by the parent's ``raydpo.best_run_id``."""
     rows, best = [], None
     best_id = parent.tags.get("raydpo.best_run_id")
@@ -126,28 +126,13 @@ def trial_rows(parent: RunInfo, runs: list[RunInfo]) -> tuple[list[TrialRow], Tr
 
 # -- charts (PNG bytes, no pyplot) ------------------------------------------------------------
 
-def _figure(size: tuple[float, float]):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=size)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, dpi=80, format="png")
-    return buf.getvalue()
-
-
 def compare_chart(key: str, runs: list[RunInfo]) -> bytes | None:
     """PNG of ``key`` over steps, one line per run that logged it; None when none did."""
     series = [(r.name, [(h["step"], h[key]) for h in r.history if key in h]) for r in runs]
     series = [(name, pts) for name, pts in series if pts]
     if not series:
         return None
-    fig = _figure((6.4, 3.6))
+    fig = figure((6.4, 3.6))
     ax = fig.subplots()
     for name, pts in series:
         xs, ys = zip(*pts)
@@ -157,33 +142,7 @@ def compare_chart(key: str, runs: list[RunInfo]) -> bytes | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best", ncol=1 + len(series) // 8)
     fig.tight_layout()
-    return _png(fig)
-
-
-def trials_scatter(rows: list[TrialRow], metric: str, best: TrialRow | None) -> bytes | None:
-    """PNG of the trials in (beta, lr), coloured by ``metric``, the best one ringed; None when no
-    trial has both values."""
-    pts = [r for r in rows if not (math.isnan(r.beta) or math.isnan(r.lr))]
-    if not pts:
-        return None
-    vals = [r.score(metric) for r in pts]
-    fig = _figure((5.6, 4.0))
-    ax = fig.subplots()
-    sc = ax.scatter([r.beta for r in pts], [r.lr for r in pts], c=[v if not math.isnan(v) else 0.0 for v in vals],
-                    cmap="viridis", s=80, edgecolors="k")
-    if best is not None and any(r is best for r in pts):  # identity: NaN fields defeat ==
-        ax.scatter([best.beta], [best.lr], s=260, facecolors="none", edgecolors="red", linewidths=2, label="best")
-        ax.legend(fontsize=8, loc="best")
-    if all(r.beta > 0 for r in pts):
-        ax.set_xscale("log")
-    if all(r.lr > 0 for r in pts):
-        ax.set_yscale("log")
-    ax.set_xlabel("beta")
-    ax.set_ylabel("learning rate")
-    ax.set_title(f"trials coloured by {metric}")
-    fig.colorbar(sc, ax=ax, label=metric)
-    fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 # -- HTML ---------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 
 from raydpo import report, tracking
 from raydpo.metric_names import TOKENS_PER_S
-from raydpo.orchestration.tune import BEST_TAG
+from raydpo.tracking.trials import BEST_TAG
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPO = Path(__file__).resolve().parents[1]

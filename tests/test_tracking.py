@@ -13,6 +13,7 @@ import pytest
 from raydpo import tracking
 from raydpo.config import Config, flatten
 from raydpo.metric_names import EVAL_ACCURACY, LR, METRIC_KEYS, TOKENS_PER_S
+from raydpo.tracking.plots import plot_reward_curves
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -270,12 +271,12 @@ def _history(dpo: bool = True) -> list[dict[str, float]]:
 
 @pytest.mark.parametrize(("dpo", "panels"), [(True, 5), (False, 1)], ids=["dpo", "sft-loss-only"])
 def test_reward_curves_png_is_a_real_png_with_one_panel_per_logged_quantity(tmp_path, dpo, panels):
-    path = tracking.plot_reward_curves(_history(dpo), str(tmp_path / "curves.png"))
+    path = plot_reward_curves(_history(dpo), str(tmp_path / "curves.png"))
     data = Path(path).read_bytes()
     assert data[:8] == PNG_MAGIC
     width = int.from_bytes(data[16:20], "big")  # IHDR: 4 inches per panel at 80 dpi
     assert width == panels * 4 * 80
-    empty = Path(tracking.plot_reward_curves([], str(tmp_path / "empty.png"))).stat().st_size
+    empty = Path(plot_reward_curves([], str(tmp_path / "empty.png"))).stat().st_size
     assert len(data) > empty + 3_000  # curves were drawn, not just axes
 
 

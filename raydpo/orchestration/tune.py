@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from raydpo.config import Config, SearchSpace
 from raydpo.tracking.terminal import echo
 from raydpo.metric_names import EVAL_ACCURACY, EVAL_MARGINS
+from raydpo.tracking.trials import BEST_TAG, TRIAL_TAG, TrialRow
 
-BEST_TAG = "raydpo.best_trial"
-TRIAL_TAG = "raydpo.trial_id"
 
 
 def _space(s: SearchSpace):
@@ -64,23 +62,6 @@ def _trial(config: dict[str, Any], datasets: tuple[Any, Any] | None = None, *, b
               report_eval_only=True,
               tags={TRIAL_TAG: trial_id},
               params={"beta": str(cfg.dpo.beta), "lr": str(cfg.dpo.lr), "trial_id": trial_id})
-
-
-@dataclass
-class TrialRow:
-    trial_id: str
-    beta: float
-    lr: float
-    accuracy: float
-    margins: float
-    steps: int
-    status: str
-    run_id: str | None = None
-
-    def score(self, metric: str) -> float:
-        """The value ``metric`` (``tune.metric``: eval reward accuracy or margins) ranks this trial
-        by; higher is better. The one place that maps the metric's name to a column."""
-        return self.accuracy if metric == EVAL_ACCURACY else self.margins
 
 
 def run_tune(cfg: Config, *, resume: bool = False, progress=echo) -> tuple[list[TrialRow], TrialRow | None]:
@@ -226,32 +207,11 @@ def format_table(rows: list[TrialRow], best: TrialRow | None) -> str:
     return "\n".join(lines)
 
 
-def plot_trials(rows: list[TrialRow], metric: str, path: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = [r for r in rows if not math.isnan(r.accuracy)]
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    vals = [r.score(metric) for r in ok]
-    sc = ax.scatter([r.beta for r in ok], [r.lr for r in ok], c=vals, cmap="viridis", s=80, edgecolors="k")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("beta")
-    ax.set_ylabel("learning rate")
-    ax.set_title(f"trials coloured by {metric}")
-    fig.colorbar(sc, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
-
-
 def _finish(uri: str, parent: str, cfg: Config, rows: list[TrialRow], best: TrialRow | None, metric: str) -> None:
     import tempfile
 
     from raydpo import tracking
+    from raydpo.tracking.plots import trials_scatter
 
     client = tracking._client(uri)
     for r in rows:
@@ -264,7 +224,10 @@ def _finish(uri: str, parent: str, cfg: Config, rows: list[TrialRow], best: Tria
         elif status == "RUNNING":
             tracking.end_run(uri, r.run_id, "FAILED")
     with tempfile.TemporaryDirectory() as tmp:
-        client.log_artifact(parent, plot_trials(rows, metric, str(Path(tmp) / "trials.png")))
+        png = trials_scatter(rows, metric, best)
+        if png is not None:
+            (Path(tmp) / "trials.png").write_bytes(png)
+            client.log_artifact(parent, str(Path(tmp) / "trials.png"))
         (Path(tmp) / "trials.txt").write_text(format_table(rows, best) + "\n")
         client.log_artifact(parent, str(Path(tmp) / "trials.txt"))
     if best is not None and best.run_id:

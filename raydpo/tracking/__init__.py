@@ -44,10 +44,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from raydpo.metric_names import LOSS, REWARDS_ACCURACIES, REWARDS_CHOSEN, REWARDS_MARGINS, REWARDS_REJECTED
 
 # the panels of reward_curves.png, in order
-PLOT_KEYS = (LOSS, REWARDS_CHOSEN, REWARDS_REJECTED, REWARDS_MARGINS, REWARDS_ACCURACIES)
 
 SFT_RUN_TAG = "raydpo.sft_run_id"
 STAGE_TAG = "raydpo.stage"
@@ -355,35 +353,6 @@ def fetch_history(uri: str, run_id: str, keys: list[str] | None = None) -> list[
     return [by_step[s] for s in sorted(by_step)]
 
 
-def plot_reward_curves(history: list[dict[str, float]], path: str) -> str:
-    """PNG of loss and DPO reward curves (train line, eval markers) over steps, one panel per
-    quantity that was logged: an SFT run (loss only) gets a single loss panel, an empty history
-    an empty loss panel -- always a valid picture."""
-    # A bare Figure on the Agg canvas, no pyplot: no process-wide backend switch (a notebook
-    # calling this keeps its inline backend) and no global figure registry to leak into.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    logged = {k for h in history for k in h}
-    keys = [k for k in PLOT_KEYS if f"train/{k}" in logged or f"eval/{k}" in logged] or ["loss"]
-    fig = Figure(figsize=(4 * len(keys), 3.2))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(keys), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        for split, style in (("train", "-"), ("eval", "o--")):
-            pts = [(h["step"], h[f"{split}/{key}"]) for h in history if f"{split}/{key}" in h]
-            if pts:
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, style, label=split)
-        ax.set_title(key)
-        ax.set_xlabel("step")
-        if ax.lines:
-            ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=80, format="png")
-    return str(path)
-
-
 def log_final_artifacts(uri: str, run_id: str, *, adapter_dir: str | None = None, config_yaml: str | None = None,
                         history: list[dict[str, float]] | None = None) -> None:
     """Log the adapter folder's files under ``adapter/`` (loadable as is with
@@ -399,6 +368,8 @@ def log_final_artifacts(uri: str, run_id: str, *, adapter_dir: str | None = None
             p.write_text(config_yaml)
             client.log_artifact(run_id, str(p))
         if history:
+            from raydpo.tracking.plots import plot_reward_curves
+
             client.log_artifact(run_id, plot_reward_curves(history, str(Path(tmp) / "reward_curves.png")))
 
 
