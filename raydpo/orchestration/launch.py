@@ -447,7 +447,7 @@ def replay_spill(uri: str, folder: Path, stage: str, progress=echo) -> int:
     ``raydpo tracking replay`` when this fails."""
     from raydpo import tracking
 
-    spill = tracking.spill_path(folder, stage)
+    spill = storage.spill_file(folder, stage)
     if not spill.exists() or tracking.check_store(uri) is not None:
         return 0
     try:

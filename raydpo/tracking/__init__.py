@@ -434,11 +434,6 @@ FAIL_FAST_TIMEOUT_S = 5
 REPLAY_COMMAND = "raydpo tracking replay"
 
 
-def spill_path(folder: str | Path, stage: str) -> Path:
-    """Where a stage's workers write the metrics they could not send: beside its checkpoints."""
-    return Path(folder) / f"mlflow_buffer_{stage}.jsonl"
-
-
 def _warn(line: str) -> None:
     from raydpo.tracking.terminal import echo
 
