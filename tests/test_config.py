@@ -155,14 +155,6 @@ def test_ds_config_cpu_and_gpu():
     assert (comm_backend(False), comm_backend(True)) == ("gloo", "nccl")
 
 
-def test_light_imports():
-    code = ("import sys, raydpo.config, raydpo.losses, raydpo.train.deepspeed, raydpo.orchestration.estimate;"
-            "bad=[m for m in ('ray','deepspeed','bitsandbytes','mlflow') if m in sys.modules];"
-            "print(bad); sys.exit(1 if bad else 0)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
-
-
 def test_validate_cli_lists_errors_and_exits_2_without_ray(tmp_path):
     p = write(tmp_path, """
         dpo: {beta: -1}

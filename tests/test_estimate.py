@@ -200,13 +200,6 @@ def test_validate_without_estimate_unchanged(capsys):
     assert main(["validate", "--config", GPU_JOB, "--json"]) == 2  # --json belongs to --estimate
 
 
-def test_import_is_light():
-    code = ("import sys, raydpo.orchestration.estimate; "
-            "bad = [m for m in ('torch', 'ray', 'deepspeed', 'bitsandbytes', 'mlflow', 'transformers') "
-            "if m in sys.modules]; assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
-
-
 def test_benchmark_pairs_are_the_estimates_worst_case():
     """The memory benchmark measures pairs of exactly the estimate's token counts (T, S), in the
     layout every row trains (the default: padding-free, checkpointed rows included)."""

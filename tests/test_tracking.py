@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -52,14 +50,6 @@ def _run(store, name="run", **kw):
 def _dpo_metrics(step: int) -> dict[str, float]:
     # as the DPO loop logs them: train/ + every METRIC_KEYS name, plus the train-only keys
     return {**{f"train/{k}": step / 10 + i for i, k in enumerate(METRIC_KEYS)}, LR: 1e-4, TOKENS_PER_S: 1234.5}
-
-
-# -- light import ------------------------------------------------------------------------
-
-def test_importing_tracking_does_not_load_mlflow_or_matplotlib():
-    code = "import sys, raydpo.tracking; print(sorted(m for m in ('mlflow', 'matplotlib') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
 
 
 # -- where the store is ------------------------------------------------------------------
