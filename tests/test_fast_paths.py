@@ -119,7 +119,7 @@ def test_fast_default_training_follows_the_plain_loss_curve(cache):
 
 @pytest.mark.parametrize("cpus,override,want", [(0.5, None, 1), (2.0, None, 2), (1.5, None, 1), (0.5, 3, 3)])
 def test_a_worker_runs_as_many_torch_threads_as_cpus_it_was_given(cpus, override, want):
-    from raydpo.train.loop import set_torch_threads
+    from raydpo.train.engine import set_torch_threads
 
     before = torch.get_num_threads()
     try:

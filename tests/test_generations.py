@@ -19,7 +19,8 @@ from raydpo.models.factory import load_model, resolve_model_path
 from raydpo.data.tokenizer import load_tokenizer
 from raydpo.train import generate
 from raydpo.data.order import rank_batches
-from raydpo.train.loop import Hooks, WorkerEnv, run_stage
+from raydpo.train.engine import WorkerEnv
+from raydpo.train.loop import Hooks, run_stage
 
 STEPS, K = 6, 3
 

@@ -65,7 +65,7 @@ for m in ("deepspeed", "ray", "mlflow"):
 import torch
 import raydpo.train.standalone
 from raydpo.config import Config
-from raydpo.train.loop import WorkerEnv, build_engine
+from raydpo.train.engine import WorkerEnv, build_engine
 net = torch.nn.Linear(4, 1)
 cfg = Config().with_overrides({"deepspeed.enabled": False, "dpo.gradient_accumulation_steps": 1})
 engine, opt, sched = build_engine(net, cfg, cfg.dpo, WorkerEnv(0, 1, torch.device("cpu"), False))

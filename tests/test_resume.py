@@ -22,8 +22,9 @@ from raydpo.data.tokenize import tokenize_dpo
 from raydpo.models.factory import load_model, resolve_model_path
 from raydpo.data.tokenizer import load_tokenizer
 from raydpo.data.order import rank_batches
-from raydpo.train.loop import (CheckpointError, Hooks, NonFiniteError, WorkerEnv, run_stage,
-                               verify_checkpoint)
+from raydpo.train.checkpoint import CheckpointError, verify_checkpoint
+from raydpo.train.engine import WorkerEnv
+from raydpo.train.loop import Hooks, NonFiniteError, run_stage
 
 STEPS = 6
 
@@ -232,7 +233,8 @@ def test_the_plain_engine_backward_gives_deepspeeds_gradients(setup):
     from deepspeed.utils import safe_get_full_grad
 
     from raydpo.models.pairs import packed_attention
-    from raydpo.train.loop import build_engine, dpo_forward
+    from raydpo.train.engine import build_engine
+    from raydpo.train.loop import dpo_forward
 
     cfg, path, tok, cols = setup
     cfg = cfg.with_overrides({"dpo.gradient_accumulation_steps": 1, "lora.dropout": 0.0})
@@ -261,7 +263,7 @@ def test_the_plain_engine_backward_gives_deepspeeds_gradients(setup):
 
 def test_the_plain_engine_drops_a_step_whose_gradients_are_not_finite():
     """A finite loss with non-finite gradients (ZeRO's overflow case): no update, no scheduler step."""
-    from raydpo.train.loop import build_engine
+    from raydpo.train.engine import build_engine
 
     net = torch.nn.Linear(3, 1)
     cfg = Config().with_overrides({"deepspeed.enabled": False, "dpo.gradient_accumulation_steps": 1,

@@ -5,7 +5,7 @@
 
 Each row runs in a fresh process (so each high-water mark is its own): a random-init Llama of the
 shape is saved once, then loaded the way training loads it (`raydpo.models.factory.load_model`: bitsandbytes
-on load, LoRA r8 on q/v), wrapped by the loop's DeepSpeed engine (`raydpo.train.loop.build_engine`,
+on load, LoRA r8 on q/v), wrapped by the loop's DeepSpeed engine (`raydpo.train.engine.build_engine`,
 one gloo rank, ZeRO-2, fp32 on CPU) and trained for `STEPS` DPO steps (`dpo_forward`, backward,
 step) on pairs at the estimate's worst case (a 1-token prompt, two responses of ``L - 1`` tokens),
 collated as the loop collates them (shared prefix, padding-free, completion-only logits,
@@ -168,7 +168,8 @@ def measure_one(spec: dict) -> dict:
 
     from raydpo.train.deepspeed import comm_backend
     from raydpo.models.factory import load_model, packed_attention
-    from raydpo.train.loop import WorkerEnv, build_engine, dpo_forward
+    from raydpo.train.engine import WorkerEnv, build_engine
+    from raydpo.train.loop import dpo_forward
 
     use_gpu = torch.cuda.is_available()
     cfg = row_config(tuple(spec["shape"]), spec["batch"], spec["max_length"], spec["quant"], spec["checkpointing"],

@@ -15,6 +15,9 @@ stops a restarted worker from hitting it again, so a restart can show that it re
 ``nanrun`` fires on every step from its step on. The Ray driver reads the variable and hands it
 to its workers with the rest of their config (a running cluster's workers do not see the
 driver's environment).
+
+The loop sees only `StepHooks`, the three points of a step where a fault may enter (no-ops when
+none is named); `step_hooks` makes them from this rank's faults.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ import hashlib
 import os
 import signal
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ENV = "RAYDPO_FAULTS"
 DIR_ENV = "RAYDPO_FAULTS_DIR"
@@ -90,6 +95,10 @@ class Faults:
             return True
         return last_micro and self._take("nan", step)
 
+    def poison(self, loss: Any, step: int, last_micro: bool) -> Any:
+        """``loss`` (a tensor), or ``loss`` times NaN where `nan_loss` says so."""
+        return loss * float("nan") if self.nan_loss(step, last_micro=last_micro) else loss
+
     def before_step(self, step: int) -> None:
         if self.faults and self._take("oom", step):
             import torch
@@ -104,3 +113,30 @@ class Faults:
             os.kill(os.getpid(), signal.SIGKILL)
         if self._take("sigterm", step):
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _nothing(step: int) -> None:
+    return None
+
+
+def _unchanged(loss: Any, step: int, last_micro: bool) -> Any:
+    return loss
+
+
+@dataclass(frozen=True)
+class StepHooks:
+    """Where the loop lets a fault into an optimizer step; each a no-op by default. ``step`` is
+    1-based: the step about to be computed (``before_step``, ``loss``) or just finished
+    (``after_step``). ``loss(loss, step, last_micro)`` returns the micro-batch loss to use."""
+
+    before_step: Callable[[int], None] = _nothing
+    loss: Callable[[Any, int, bool], Any] = _unchanged
+    after_step: Callable[[int], None] = _nothing
+
+
+def step_hooks(rank: int, spec: str | None = None, fired_dir: str | None = None) -> StepHooks:
+    """This rank's faults (`Faults`: ``spec`` None reads ``$RAYDPO_FAULTS``) as step hooks."""
+    faults = Faults(rank, spec, fired_dir)
+    if not faults.faults:
+        return StepHooks()
+    return StepHooks(before_step=faults.before_step, loss=faults.poison, after_step=faults.after_step)

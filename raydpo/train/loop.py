@@ -2,22 +2,19 @@
 
 Nothing here imports Ray: `raydpo.train.worker` adapts Ray Train (dataset shards, report,
 checkpoints) to these functions, and `raydpo.train.standalone` runs them under plain
-``torchrun`` (how the GPU path is checked on machines without Ray). The loop reads top to
-bottom: build engine → (resume) → step-0 sanity → train / log / eval / save → final save.
+``torchrun`` (how the GPU path is checked on machines without Ray). `run_stage` reads top to
+bottom: `setup` (engine, resume), then per optimizer step `train_step` (its `micro_step`s), the
+non-finite count, the step-0 sanity check, `maybe_log` / `maybe_eval` / `maybe_save`, until the
+end or a preemption. Engines: `raydpo.train.engine`; checkpoint I/O: `raydpo.train.checkpoint`;
+injected faults: `raydpo.train.faults`'s step hooks.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-import os
-import random
 import resource
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -27,14 +24,16 @@ from raydpo import losses
 from raydpo.config import Config, Stage, TrainStageConfig
 from raydpo.data.collate import pair_tokens
 from raydpo.loss_names import NLL_ONLY, reads_chosen_nll, step0_skip_reason
-from raydpo.train.deepspeed import build_ds_config
-from raydpo.metric_names import (EVAL_ACCURACY, LR, NONFINITE_STEPS, PADDING_FRACTION, PEAK_MEMORY_GB,
-                                 PEAK_RSS_MIB, SAMPLES_PER_S, SCORED_TOKENS_PER_S, STEP_TIME, TOKENS_PER_S)
+from raydpo.metric_names import (LR, NONFINITE_STEPS, PADDING_FRACTION, PEAK_MEMORY_GB, PEAK_RSS_MIB, SAMPLES_PER_S,
+                                 SCORED_TOKENS_PER_S, STEP_TIME, TOKENS_PER_S)
 from raydpo.models.pairs import packed_attention, pair_logps, reference_logps
 from raydpo.train import generate
-from raydpo.train.faults import Faults
+from raydpo.train.checkpoint import SCORE_KEY, checkpoint_score, load_state, save_state
+from raydpo.train.engine import Engine, WorkerEnv, build_engine, discard_accumulated
+from raydpo.train.faults import StepHooks, step_hooks
 from raydpo.train.progress import format_progress
 
+Batch = dict[str, torch.Tensor]  # a collated micro-batch (`raydpo.data.collate`), on the device
 
 
 class SanityCheckError(RuntimeError):
@@ -43,20 +42,6 @@ class SanityCheckError(RuntimeError):
 
 class NonFiniteError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint folder is incomplete or damaged."""
-
-
-@dataclass
-class WorkerEnv:
-    """What a loop needs to know about where it runs."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-    use_gpu: bool
 
 
 @dataclass
@@ -83,7 +68,8 @@ class Hooks:
     stop_requested: Callable[[], bool] = lambda: False
     # saved in the checkpoint: a resumed run checks it was made by the same config
     config_fingerprint: dict[str, Any] = field(default_factory=dict)
-    # injected faults (raydpo.train.faults): None reads $RAYDPO_FAULTS; where fired ones are marked
+    # injected faults (raydpo.train.faults), made into the loop's step hooks by `setup`: None
+    # reads $RAYDPO_FAULTS; ``faults_dir`` is where fired ones are marked
     faults: str | None = None
     faults_dir: str | None = None
     # eval generations (raydpo.train.generate): ``eval_prompts(k)`` the run's k fixed held-out
@@ -97,23 +83,6 @@ class LoopResult:
     step: int
     history: list[dict[str, float]] = field(default_factory=list)
     preempted: bool = False
-
-
-def lr_lambda(stage: TrainStageConfig) -> Callable[[int], float]:
-    """Linear warmup then cosine / linear decay to 0 (or constant), as a LambdaLR factor."""
-
-    def f(step: int) -> float:
-        if stage.warmup_steps and step < stage.warmup_steps:
-            return (step + 1) / stage.warmup_steps
-        if stage.lr_scheduler == "constant":
-            return 1.0
-        span = max(1, stage.max_steps - stage.warmup_steps)
-        progress = min(1.0, (step - stage.warmup_steps) / span)
-        if stage.lr_scheduler == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return f
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -177,262 +146,328 @@ def _add(acc: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
         acc[k] = acc[k] + v if k in acc else v.clone()
 
 
-# -- the loop ------------------------------------------------------------------------------
-
-
-def skip_cpu_shm_comm_op() -> None:
-    """Keep DeepSpeed from compiling its CPU shared-memory all-reduce op when its comm backend
-    starts: gcc and ninja for ~45 s on 2 cores, once per machine and toolchain, for an op that only
-    DeepSpeed's ``inference_all_reduce`` calls. raydpo never calls it (gradients are reduced through
-    torch.distributed on gloo). DeepSpeed builds the op only when its table of compatible ops
-    (``deepspeed.ops.__compatible_ops__``, probed on first read) says so: marking the op
-    incompatible, before the first comm start in this process, leaves the table unprobed and the
-    op unbuilt. On GPU the accelerator has no such op and this is not called."""
-    import deepspeed.ops
-    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
-
-    vars(deepspeed.ops).setdefault("__compatible_ops__", {})[ShareMemCommBuilder.NAME] = False
-
-
-def build_engine(model, cfg: Config, stage_cfg: TrainStageConfig, env: WorkerEnv):
-    """The engine over the trainable (LoRA) parameters with torch AdamW + LambdaLR: DeepSpeed's,
-    or with ``deepspeed.enabled: false`` the plain torch one (`raydpo.train.plain`, DDP across
-    ranks), which needs no DeepSpeed installed (imported only here, only when enabled)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise RuntimeError("the model has no trainable parameters: LoRA target_modules matched nothing?")
-    opt = torch.optim.AdamW(params, lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(stage_cfg))
-    if not cfg.deepspeed.enabled:
-        from raydpo.train.plain import PlainEngine
-
-        engine = PlainEngine(model, opt, sched, accum=stage_cfg.gradient_accumulation_steps,
-                             max_grad_norm=stage_cfg.max_grad_norm, rank=env.rank, world_size=env.world_size,
-                             device=env.device)
-        return engine, opt, sched
-    import deepspeed
-
-    if not env.use_gpu:
-        skip_cpu_shm_comm_op()
-    ds_config = build_ds_config(cfg, stage_cfg, use_gpu=env.use_gpu, world_size=env.world_size)
-    engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config)
-    return engine, opt, sched
-
-
-def checkpoint_score(stage: Stage, last_eval: dict[str, float]) -> float:
-    """The number Ray keeps the best checkpoint by (higher is better): the latest eval reward
-    accuracy for DPO, minus the latest eval loss for SFT. A checkpoint taken between evaluations
-    carries the latest one; before the first, a floor (never missing, never NaN)."""
-    key = EVAL_ACCURACY if stage == "dpo" else f"eval/{losses.LOSS}"
-    if key not in last_eval or not math.isfinite(last_eval[key]):
-        return SCORE_FLOOR
-    return last_eval[key] if stage == "dpo" else -last_eval[key]
-
-
-SCORE_FLOOR = -1e30
-SCORE_KEY = "checkpoint_score"
-
-
 def _all_agree(flag: bool, device: torch.device) -> bool:
     """True on every rank if it is true on any."""
     t = all_reduce_sum(torch.tensor([1.0 if flag else 0.0], device=device))
     return bool(t.item() > 0)
 
 
-def _engine_skips_nonfinite(engine) -> bool:
-    """ZeRO 1-3 drop a step whose gradient norm is not finite (the overflow path of fp16 loss
-    scaling, also taken in fp32 and, with ``bf16.check_grad_overflow``, bf16): no optimizer or
-    scheduler step, gradients cleared. Without ZeRO the loop must do it (`_discard_accumulated`)."""
-    stage = getattr(engine, "zero_optimization_stage", lambda: 0)()
-    return stage >= 1
+@dataclass
+class Counts:
+    """Throughput counters of this rank, 0-dim float32 tensors on its device: tokens trained on,
+    samples (pairs for DPO, packed blocks for SFT) and, for the layouts scored by index
+    (``seq_ids``), the row slots, the padding among them and the scored tokens."""
+
+    tokens: torch.Tensor
+    samples: torch.Tensor
+    slots: torch.Tensor
+    pad: torch.Tensor
+    scored: torch.Tensor
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> Counts:
+        return cls(*(torch.zeros((), device=device) for _ in fields(cls)))
+
+    @classmethod
+    def of_batch(cls, b: Batch, sums: dict[str, torch.Tensor], device: torch.device) -> Counts:
+        tokens = pair_tokens(b) if "pair_lengths" in b else b["attention_mask"].sum()
+        if "seq_ids" in b:
+            slots = torch.tensor(float(b["seq_ids"].numel()), device=device)
+            pad, scored = (b["seq_ids"] < 0).sum(), (b["score_slot"] >= 0).sum()
+        else:
+            slots = pad = scored = torch.zeros((), device=device)
+        return cls(*(t.float().reshape(()).to(device) for t in (tokens, sums["count"].detach(), slots, pad, scored)))
+
+    def values(self) -> list[torch.Tensor]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+    def add(self, other: Counts) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
-def _discard_accumulated(engine, micro_done: int) -> None:
-    """Without ZeRO: drop the gradients (plain ``p.grad``) a step accumulated before one of its
-    micro-batches went non-finite, and rewind DeepSpeed's micro-step counter so the next step's
-    accumulation boundary is where it was: weights, optimizer and scheduler stay untouched."""
-    if micro_done == 0:
-        return
-    engine.optimizer.zero_grad(set_to_none=True)
-    engine.zero_grad()
-    engine.micro_steps -= micro_done
+@dataclass
+class Window:
+    """Since the last log line: the sums and counters of the steps that updated, the steps run
+    (skipped ones too), and when it opened (``perf_counter``; moved later by evaluation time)."""
+
+    sums: dict[str, torch.Tensor]
+    counts: Counts
+    steps: int
+    started: float
+
+    @classmethod
+    def open(cls, device: torch.device) -> Window:
+        return cls({}, Counts.zeros(device), 0, time.perf_counter())
+
+    def add_step(self, sums: dict[str, torch.Tensor], counts: Counts, skipped: bool) -> None:
+        self.steps += 1
+        if not skipped:  # a skipped step's batches count as consumed, not as trained on
+            for k, v in sums.items():
+                self.sums[k] = self.sums[k] + v if k in self.sums else v
+            self.counts.add(counts)
+
+
+@dataclass
+class RunState:
+    """The loop's running state; a checkpoint saves it and a resumed run starts from it."""
+
+    step: int = 0  # optimizer steps done
+    last_eval: dict[str, float] = field(default_factory=dict)
+    nonfinite_total: int = 0
+    nonfinite_run: int = 0  # skipped steps in a row
+    last_good: int | None = None  # the step of the last checkpoint
+    check_step0: bool = False
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class StageRun:
+    """What the steps of one stage share: what trains and where, the hooks, the running state."""
+
+    stage: Stage
+    cfg: Config
+    stage_cfg: TrainStageConfig
+    model: Any  # the PEFT model
+    tokenizer: Any
+    engine: Engine
+    sched: Any  # the LR scheduler: its last lr is logged
+    env: WorkerEnv
+    hooks: Hooks
+    faults: StepHooks
+    state: RunState
+    window: Window
+    # ZeRO 1-3 drop a step whose gradient norm is not finite (fp16's overflow path, also taken in
+    # fp32 and, with ``bf16.check_grad_overflow``, bf16); without ZeRO the loop does (`train_step`)
+    engine_skips_nonfinite: bool
+
+
+# -- the loop ------------------------------------------------------------------------------
+
+
+def setup(stage: Stage, cfg: Config, model, tokenizer, env: WorkerEnv, hooks: Hooks) -> StageRun:
+    """Seed, build the engine and the fault hooks, restore a checkpoint (engine, RNG, counters)
+    when resuming, and decide on the DPO step-0 sanity check."""
+    stage_cfg = cfg.stage(stage)
+    torch.manual_seed(stage_cfg.seed + env.rank)
+    engine, _opt, sched = build_engine(model, cfg, stage_cfg, env)
+    faults = step_hooks(env.rank, hooks.faults, hooks.faults_dir)
+    saved = load_state(engine, hooks.resume_dir, env.rank) if hooks.resume_dir else {}
+    state = RunState(int(saved["step"]) if saved else 0, dict(saved.get("last_eval", {})),
+                     int(saved.get("nonfinite_steps", 0)), int(saved.get("nonfinite_run", 0)),
+                     saved.get("last_good_checkpoint_step"))
+    if saved:
+        hooks.progress(f"[{stage}] resumed from {hooks.resume_dir} at step {state.step}")
+    state.check_step0 = stage == "dpo" and cfg.dpo.sanity_check and state.step == 0
+    if state.check_step0 and (why := step0_skip_reason(cfg.dpo.loss_types)):
+        hooks.progress(f"[dpo] step-0 sanity check off: {why}")
+        state.check_step0 = False
+    return StageRun(stage, cfg, stage_cfg, model, tokenizer, engine, sched, env, hooks, faults, state,
+                    Window.open(env.device), engine_skips_nonfinite=engine.zero_optimization_stage() >= 1)
 
 
 def run_stage(stage: Stage, cfg: Config, model, tokenizer, env: WorkerEnv, hooks: Hooks) -> LoopResult:
     """Train one stage to ``max_steps`` optimizer steps. ``model`` is the PEFT model."""
-    stage_cfg = cfg.stage(stage)
-    torch.manual_seed(stage_cfg.seed + env.rank)
-    engine, _opt, sched = build_engine(model, cfg, stage_cfg, env)
-    accum = stage_cfg.gradient_accumulation_steps
-    faults = Faults(env.rank, hooks.faults, hooks.faults_dir)
-
-    step, state = 0, {}
-    if hooks.resume_dir:
-        state = load_state(engine, hooks.resume_dir, env.rank)
-        step = int(state["step"])
-        hooks.progress(f"[{stage}] resumed from {hooks.resume_dir} at step {step}")
-
-    def forward(batch):
-        if stage == "sft":
-            return sft_forward(engine, batch)
-        return dpo_forward(engine, model, batch, cfg)
-
-    def evaluate() -> dict[str, float]:
-        engine.eval()
-        sums: dict[str, torch.Tensor] = {}
-        with torch.no_grad():
-            for i, b in enumerate(hooks.eval_batches()):
-                if stage_cfg.eval_max_batches is not None and i >= stage_cfg.eval_max_batches:
-                    break
-                _, s = forward(_to(b, env.device))
-                _add(sums, s)
-        engine.train()
-        if not sums:
-            return {}
-        return {f"eval/{k}": v for k, v in _finalize(sums, env.device).items()}
-
-    history: list[dict[str, float]] = []
-    last_eval: dict[str, float] = dict(state.get("last_eval", {}))
-    nonfinite_total = int(state.get("nonfinite_steps", 0))
-    nonfinite_run = int(state.get("nonfinite_run", 0))
-    last_good = state.get("last_good_checkpoint_step")
-    window: dict[str, torch.Tensor] = {}
-    tokens = torch.zeros((), device=env.device)
-    samples = torch.zeros((), device=env.device)  # pairs for DPO, packed blocks for SFT
-    slots, pad, scored = (torch.zeros((), device=env.device) for _ in range(3))
-    t_window, window_steps = time.perf_counter(), 0
-    check_step0 = stage == "dpo" and cfg.dpo.sanity_check and step == 0
-    if check_step0 and (why := step0_skip_reason(cfg.dpo.loss_types)):
-        hooks.progress(f"[dpo] step-0 sanity check off: {why}")
-        check_step0 = False
-    batches = iter(hooks.train_batches(step * accum))
-    preempted = False
-    engine.train()
-    while step < stage_cfg.max_steps:
-        faults.before_step(step + 1)
-        bad, discarded, done = False, False, 0
-        skips_before = getattr(engine, "skipped_steps", 0)
-        step_sums: dict[str, torch.Tensor] = {}
-        step_counts = torch.zeros(5, device=env.device)  # tokens, samples, slots, pad, scored
-        for micro in range(accum):
-            try:
-                raw = next(batches)
-            except StopIteration:
-                raise RuntimeError(f"the training stream ended at step {step}: fewer micro-batches than "
-                                   f"max_steps x gradient_accumulation_steps") from None
-            if discarded:  # the rest of a skipped step's batches are consumed unseen
-                continue
-            b = _to(raw, env.device)
-            with packed_attention(engine, b):  # checkpointed layers recompute in the backward
-                loss, s = forward(b)
-                if faults.nan_loss(step + 1, last_micro=micro == accum - 1):
-                    loss = loss * float("nan")
-                # every rank takes the same branch: backward and step are collective
-                if _all_agree(not bool(torch.isfinite(loss.detach()).all()), env.device):
-                    bad = True
-                    if not _engine_skips_nonfinite(engine):
-                        _discard_accumulated(engine, done)
-                        discarded = True
-                        continue
-                    # ZeRO: the non-finite gradients reach DeepSpeed's overflow check, which drops the
-                    # whole step (every micro-batch's gradients, no optimizer or scheduler step)
-                engine.backward(loss)
-            engine.step()  # DeepSpeed only updates at the accumulation boundary
-            done += 1
-            _add(step_sums, s)
-            step_counts += torch.stack([
-                (pair_tokens(b) if "pair_lengths" in b else b["attention_mask"].sum()).float(),
-                s["count"].detach().float().reshape(()),
-                *((torch.tensor(float(b["seq_ids"].numel()), device=env.device), (b["seq_ids"] < 0).sum().float(),
-                   (b["score_slot"] >= 0).sum().float()) if "seq_ids" in b
-                  else (torch.zeros((), device=env.device),) * 3)]).to(env.device)
-        step += 1
-        window_steps += 1
-        # DeepSpeed also drops a step whose loss was finite but whose gradients were not
-        skipped = bad or getattr(engine, "skipped_steps", 0) > skips_before
-        if bad and not discarded and getattr(engine, "skipped_steps", 0) == skips_before:
-            raise RuntimeError(f"{stage} step {step}: DeepSpeed applied an update although the loss was non-finite")
-        if not skipped:  # a skipped step's batches count as consumed, not as trained on
-            for k, v in step_sums.items():
-                window[k] = window[k] + v if k in window else v
-            tokens, samples = tokens + step_counts[0], samples + step_counts[1]
-            slots, pad, scored = slots + step_counts[2], pad + step_counts[3], scored + step_counts[4]
-        if skipped:
-            nonfinite_total += 1
-            nonfinite_run += 1
-            hooks.progress(f"[{stage}] step {step}: non-finite loss or gradients; batch consumed, no update "
-                           f"({nonfinite_run} in a row)")
-            if nonfinite_run >= stage_cfg.max_nonfinite_steps:
-                good = f"the last good checkpoint is step {last_good}" if last_good else "no checkpoint was saved yet"
-                raise NonFiniteError(
-                    f"{stage}: {nonfinite_run} steps in a row had a non-finite loss (last at step {step}); {good}. "
-                    f"Usual causes: a learning rate too high ({stage}.lr={stage_cfg.lr:g}), fp16 overflow "
-                    "(use bf16), or bad rows in the data")
-        else:
-            nonfinite_run = 0
-        if check_step0 and not skipped:
-            sanity_check(_finalize(dict(window), env.device), cfg)
-            check_step0 = False
-        faults.after_step(step)
+    run = setup(stage, cfg, model, tokenizer, env, hooks)
+    st, max_steps = run.state, run.stage_cfg.max_steps
+    batches = iter(hooks.train_batches(st.step * run.stage_cfg.gradient_accumulation_steps))
+    run.engine.train()
+    while st.step < max_steps:
+        skipped = train_step(run, batches)
+        st.step += 1
+        count_nonfinite(run, skipped)
+        maybe_check_step0(run, skipped)
+        run.faults.after_step(st.step)
         stop = _all_agree(hooks.stop_requested(), env.device)
-        last = step == stage_cfg.max_steps
-        metrics: dict[str, float] = {}
-        if step == 1 or step % stage_cfg.log_every == 0 or last or stop:
-            elapsed = time.perf_counter() - t_window
-            train = _finalize(window, env.device) if window else {}
-            rss = torch.tensor(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, device=env.device)
-            totals = all_reduce_sum(torch.stack([tokens, samples, slots, pad, scored, rss]).float())
-            metrics.update({f"train/{k}": v for k, v in train.items()})
-            metrics[TOKENS_PER_S] = float(totals[0]) / max(elapsed, 1e-9)
-            metrics[PEAK_RSS_MIB] = float(totals[5])  # all workers' high-water marks, summed
-            if float(totals[2]) > 0:
-                metrics[PADDING_FRACTION] = float(totals[3]) / float(totals[2])
-                metrics[SCORED_TOKENS_PER_S] = float(totals[4]) / max(elapsed, 1e-9)
-            metrics[SAMPLES_PER_S] = float(totals[1]) / max(elapsed, 1e-9)
-            metrics[STEP_TIME] = elapsed / max(window_steps, 1)
-            metrics[NONFINITE_STEPS] = float(nonfinite_total)
-            if env.use_gpu:
-                metrics[PEAK_MEMORY_GB] = torch.cuda.max_memory_allocated(env.device) / 2**30
-            metrics[LR] = float(sched.get_last_lr()[0])
-            window, t_window, window_steps = {}, time.perf_counter(), 0
-            tokens, samples = torch.zeros((), device=env.device), torch.zeros((), device=env.device)
-            slots, pad, scored = (torch.zeros((), device=env.device) for _ in range(3))
-        if step % stage_cfg.eval_every == 0 or last:
-            t_eval = time.perf_counter()
-            ev = evaluate()
-            last_eval.update(ev)
-            metrics.update(ev)
-            if stage == "dpo" and generate.due(cfg.generations, last):
-                hooks.log_generations(generate.eval_generations(
-                    model, tokenizer, hooks.eval_prompts(cfg.generations.num_prompts), cfg.generations, step=step,
-                    seed=stage_cfg.seed, rank=env.rank, world_size=env.world_size, device=env.device), step)
-            t_window += time.perf_counter() - t_eval  # eval time is not training throughput
-        save = step % stage_cfg.save_every == 0 or last or stop
-        if metrics:
-            metrics["step"] = float(step)
-            history.append(metrics)
-            hooks.log({k: v for k, v in metrics.items() if k != "step"}, step)
-            hooks.progress(format_progress(stage, step, stage_cfg.max_steps, metrics))
-        if save or metrics:
-            ckpt = None
-            if save:
-                ckpt = save_state(engine, model, tokenizer, step, stage, env, {
-                    "micro_batches": step * accum, "last_eval": last_eval, "nonfinite_steps": nonfinite_total,
-                    "nonfinite_run": nonfinite_run, "last_good_checkpoint_step": step,
-                    "config": hooks.config_fingerprint, "preempted": stop and not last,
-                })
-                last_good = step
-            report = {**metrics, "step": float(step), SCORE_KEY: checkpoint_score(stage, last_eval)}
-            if stop and not last:
-                report["preempted"] = 1.0
-            if ckpt or not hooks.report_eval_only or any(k.startswith("eval/") for k in metrics):
-                hooks.report(report, ckpt)
+        last = st.step == max_steps
+        metrics = maybe_log(run, stop, last)
+        metrics.update(maybe_eval(run, last))
+        publish(run, metrics)
+        maybe_save(run, metrics, stop, last)
         if stop and not last:
-            hooks.progress(f"[{stage}] stop requested (preemption): checkpointed at step {step} of "
-                           f"{stage_cfg.max_steps}")
-            preempted = True
-            break
-    return LoopResult(step=step, history=history, preempted=preempted)
+            hooks.progress(f"[{stage}] stop requested (preemption): checkpointed at step {st.step} of {max_steps}")
+            return LoopResult(step=st.step, history=st.history, preempted=True)
+    return LoopResult(step=st.step, history=st.history)
+
+
+def _forward(run: StageRun, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    if run.stage == "sft":
+        return sft_forward(run.engine, batch)
+    return dpo_forward(run.engine, run.model, batch, run.cfg)
+
+
+def micro_step(run: StageRun, b: Batch, step: int, last_micro: bool) -> tuple[dict[str, torch.Tensor], bool]:
+    """Forward, backward and engine step of micro-batch ``b`` (on the device) of optimizer step
+    ``step``. Returns its metric sums and whether its loss was finite on every rank; a non-finite
+    one gets no backward and no engine step unless the engine drops the step itself (ZeRO)."""
+    with packed_attention(run.engine, b):  # checkpointed layers recompute in the backward
+        loss, sums = _forward(run, b)
+        loss = run.faults.loss(loss, step, last_micro)
+        # every rank takes the same branch: backward and step are collective
+        finite = not _all_agree(not bool(torch.isfinite(loss.detach()).all()), run.env.device)
+        if not finite and not run.engine_skips_nonfinite:
+            return sums, False
+        # under ZeRO the non-finite gradients reach DeepSpeed's overflow check, which drops the
+        # whole step (every micro-batch's gradients, no optimizer or scheduler step)
+        run.engine.backward(loss)
+    run.engine.step()  # DeepSpeed only updates at the accumulation boundary
+    return sums, finite
+
+
+def train_step(run: StageRun, batches: Iterator[Batch]) -> bool:
+    """Optimizer step ``state.step + 1``: one `micro_step` per accumulated micro-batch, added to
+    the window. After a non-finite loss without ZeRO, the step's gradients are dropped and its
+    remaining batches consumed unseen; under ZeRO DeepSpeed drops the step (also one whose
+    gradients alone were not finite). Returns whether the step was skipped (no update)."""
+    engine, device, step = run.engine, run.env.device, run.state.step + 1
+    accum = run.stage_cfg.gradient_accumulation_steps
+    run.faults.before_step(step)
+    sums: dict[str, torch.Tensor] = {}
+    counts = Counts.zeros(device)
+    skips_before, done, bad, discarded = engine.skipped_steps, 0, False, False
+    for micro in range(accum):
+        if (raw := next(batches, None)) is None:
+            raise RuntimeError(f"the training stream ended at step {run.state.step}: fewer micro-batches than "
+                               "max_steps x gradient_accumulation_steps")
+        if discarded:  # the rest of a skipped step's batches are consumed unseen
+            continue
+        b = _to(raw, device)
+        micro_sums, finite = micro_step(run, b, step, last_micro=micro == accum - 1)
+        bad = bad or not finite
+        if not finite and not run.engine_skips_nonfinite:
+            discard_accumulated(engine, done)
+            discarded = True
+            continue
+        done += 1
+        _add(sums, micro_sums)
+        counts.add(Counts.of_batch(b, micro_sums, device))
+    dropped = engine.skipped_steps > skips_before
+    if bad and not discarded and not dropped:
+        raise RuntimeError(f"{run.stage} step {step}: DeepSpeed applied an update although the loss was non-finite")
+    run.window.add_step(sums, counts, skipped=bad or dropped)
+    return bad or dropped
+
+
+def count_nonfinite(run: StageRun, skipped: bool) -> None:
+    """Count a skipped step; ``max_nonfinite_steps`` in a row stop the stage (`NonFiniteError`)."""
+    st, stage, stage_cfg = run.state, run.stage, run.stage_cfg
+    if not skipped:
+        st.nonfinite_run = 0
+        return
+    st.nonfinite_total += 1
+    st.nonfinite_run += 1
+    run.hooks.progress(f"[{stage}] step {st.step}: non-finite loss or gradients; batch consumed, no update "
+                       f"({st.nonfinite_run} in a row)")
+    if st.nonfinite_run >= stage_cfg.max_nonfinite_steps:
+        good = f"the last good checkpoint is step {st.last_good}" if st.last_good else "no checkpoint was saved yet"
+        raise NonFiniteError(
+            f"{stage}: {st.nonfinite_run} steps in a row had a non-finite loss (last at step {st.step}); {good}. "
+            f"Usual causes: a learning rate too high ({stage}.lr={stage_cfg.lr:g}), fp16 overflow "
+            "(use bf16), or bad rows in the data")
+
+
+def maybe_check_step0(run: StageRun, skipped: bool) -> None:
+    """The DPO step-0 sanity check (`sanity_check`) on the first step that updated."""
+    if run.state.check_step0 and not skipped:
+        sanity_check(_finalize(dict(run.window.sums), run.env.device), run.cfg)
+        run.state.check_step0 = False
+
+
+def maybe_log(run: StageRun, stop: bool, last: bool) -> dict[str, float]:
+    """On the first step, every ``log_every``, the last and a stop: the window's train metrics
+    (means over every rank's samples) and throughput (summed over ranks); a new window opens."""
+    step, env, window = run.state.step, run.env, run.window
+    if not (step == 1 or step % run.stage_cfg.log_every == 0 or last or stop):
+        return {}
+    elapsed = time.perf_counter() - window.started
+    train = _finalize(window.sums, env.device) if window.sums else {}
+    rss = torch.tensor(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, device=env.device)
+    summed = all_reduce_sum(torch.stack([*window.counts.values(), rss]).float())
+    total = Counts(*summed[:5])
+    metrics = {f"train/{k}": v for k, v in train.items()}
+    metrics[TOKENS_PER_S] = float(total.tokens) / max(elapsed, 1e-9)
+    metrics[PEAK_RSS_MIB] = float(summed[5])  # all workers' high-water marks, summed
+    if float(total.slots) > 0:
+        metrics[PADDING_FRACTION] = float(total.pad) / float(total.slots)
+        metrics[SCORED_TOKENS_PER_S] = float(total.scored) / max(elapsed, 1e-9)
+    metrics[SAMPLES_PER_S] = float(total.samples) / max(elapsed, 1e-9)
+    metrics[STEP_TIME] = elapsed / max(window.steps, 1)
+    metrics[NONFINITE_STEPS] = float(run.state.nonfinite_total)
+    if env.use_gpu:
+        metrics[PEAK_MEMORY_GB] = torch.cuda.max_memory_allocated(env.device) / 2**30
+    metrics[LR] = float(run.sched.get_last_lr()[0])
+    run.window = Window.open(env.device)
+    return metrics
+
+
+def evaluate(run: StageRun) -> dict[str, float]:
+    """``eval/`` metrics over every rank's eval shard (at most ``eval_max_batches`` each)."""
+    engine, env, max_batches = run.engine, run.env, run.stage_cfg.eval_max_batches
+    engine.eval()
+    sums: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for i, b in enumerate(run.hooks.eval_batches()):
+            if max_batches is not None and i >= max_batches:
+                break
+            _, s = _forward(run, _to(b, env.device))
+            _add(sums, s)
+    engine.train()
+    if not sums:
+        return {}
+    return {f"eval/{k}": v for k, v in _finalize(sums, env.device).items()}
+
+
+def maybe_eval(run: StageRun, last: bool) -> dict[str, float]:
+    """Every ``eval_every`` steps and the last: the eval metrics and, for DPO when due, the eval
+    generations (`raydpo.train.generate`) handed to ``hooks.log_generations``."""
+    step, cfg, env = run.state.step, run.cfg, run.env
+    if not (step % run.stage_cfg.eval_every == 0 or last):
+        return {}
+    t_eval = time.perf_counter()
+    ev = evaluate(run)
+    run.state.last_eval.update(ev)
+    if run.stage == "dpo" and generate.due(cfg.generations, last):
+        prompts = run.hooks.eval_prompts(cfg.generations.num_prompts)
+        run.hooks.log_generations(generate.eval_generations(
+            run.model, run.tokenizer, prompts, cfg.generations, step=step, seed=run.stage_cfg.seed,
+            rank=env.rank, world_size=env.world_size, device=env.device), step)
+    run.window.started += time.perf_counter() - t_eval  # eval time is not training throughput
+    return ev
+
+
+def publish(run: StageRun, metrics: dict[str, float]) -> None:
+    """A step's metrics, if any, to the history, the logger and rank 0's progress line."""
+    if not metrics:
+        return
+    step = run.state.step
+    metrics["step"] = float(step)
+    run.state.history.append(metrics)
+    run.hooks.log({k: v for k, v in metrics.items() if k != "step"}, step)
+    run.hooks.progress(format_progress(run.stage, step, run.stage_cfg.max_steps, metrics))
+
+
+def maybe_save(run: StageRun, metrics: dict[str, float], stop: bool, last: bool) -> None:
+    """Every ``save_every`` steps, the last and on a stop: this rank's part of a checkpoint, with
+    the trainer state a resumed run needs. A step with metrics or a checkpoint is reported (on
+    every rank alike), except, under ``report_eval_only``, one with neither eval metrics nor a
+    checkpoint."""
+    st, hooks = run.state, run.hooks
+    save = st.step % run.stage_cfg.save_every == 0 or last or stop
+    if not (save or metrics):
+        return
+    ckpt = None
+    if save:
+        ckpt = save_state(run.engine, run.model, run.tokenizer, st.step, run.stage, run.env, {
+            "micro_batches": st.step * run.stage_cfg.gradient_accumulation_steps, "last_eval": st.last_eval,
+            "nonfinite_steps": st.nonfinite_total, "nonfinite_run": st.nonfinite_run,
+            "last_good_checkpoint_step": st.step, "config": hooks.config_fingerprint, "preempted": stop and not last,
+        })
+        st.last_good = st.step
+    report = {**metrics, "step": float(st.step), SCORE_KEY: checkpoint_score(run.stage, st.last_eval)}
+    if stop and not last:
+        report["preempted"] = 1.0
+    if ckpt or not hooks.report_eval_only or any(k.startswith("eval/") for k in metrics):
+        hooks.report(report, ckpt)
 
 
 def sanity_check(m: dict[str, float], cfg: Config) -> None:
@@ -460,156 +495,3 @@ def sanity_check(m: dict[str, float], cfg: Config) -> None:
             "merged into the base?), precomputed reference log-probs come from another model or tokenizer, or "
             "dropout/precision differs between the two passes. Set dpo.sanity_check=false to run anyway."
         )
-
-
-# -- checkpoints ---------------------------------------------------------------------------
-
-ADAPTER_DIR = "adapter"
-DS_DIR = "deepspeed"
-STATE_FILE = "trainer_state.json"
-RNG_FILE = "rng_r{rank}.pt"
-MANIFEST = "manifest_r{rank}.json"
-
-
-def _rng_state() -> dict[str, Any]:
-    import numpy as np
-
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict[str, Any]) -> None:
-    import numpy as np
-
-    torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
-    random.setstate(st["python"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _write_manifest(folder: Path, rank: int) -> None:
-    """Last file a rank writes: the size and digest of every file it wrote. A checkpoint is
-    complete only when every rank's manifest is there and matches (`verify_checkpoint`)."""
-    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(folder.rglob("*")) if p.is_file()}
-    tmp = folder / f".{MANIFEST.format(rank=rank)}.tmp"
-    tmp.write_text(json.dumps(files))
-    os.replace(tmp, folder / MANIFEST.format(rank=rank))
-
-
-def verify_checkpoint(ckpt_dir: str | Path) -> dict[str, Any]:
-    """The checkpoint's state (``trainer_state.json``) if every rank's files are present and
-    intact, else `CheckpointError` naming what is wrong."""
-    d = Path(ckpt_dir)
-    try:
-        state = json.loads((d / STATE_FILE).read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{d}: no readable {STATE_FILE} ({e.__class__.__name__})") from None
-    for r in range(int(state.get("world_size", 1))):
-        m = d / MANIFEST.format(rank=r)
-        try:
-            files = json.loads(m.read_text())
-        except (OSError, ValueError):
-            raise CheckpointError(f"{d}: rank {r}'s manifest is missing or unreadable (a half-written checkpoint)") from None
-        for name, want in files.items():
-            p = d / name
-            if not p.is_file() or p.stat().st_size != want["size"] or _sha256(p) != want["sha256"]:
-                raise CheckpointError(f"{d}: {name} is missing or damaged")
-    return state
-
-
-def save_state(engine, model, tokenizer, step: int, stage: str, env: WorkerEnv, extra: dict[str, Any] | None = None) -> str:
-    """Write this rank's part of a checkpoint into a fresh local folder and return it.
-
-    Rank 0 writes the PEFT adapter + tokenizer (Hugging Face format, loadable as is) and the
-    trainer state (step, data position, last eval, config fingerprint); every rank writes its
-    DeepSpeed optimizer/scheduler shard, its RNG state and, last, a manifest of its files. Ray
-    Train merges the ranks' folders into one checkpoint directory in storage; a checkpoint is
-    only used when all the manifests are there and match (`verify_checkpoint`).
-    """
-    import tempfile
-
-    out = Path(tempfile.mkdtemp(prefix=f"raydpo-{stage}-ckpt-{step}-r{env.rank}-"))
-    engine.save_checkpoint(str(out / DS_DIR), tag="state", exclude_frozen_parameters=True,
-                           client_state={"step": step})
-    torch.save(_rng_state(), out / RNG_FILE.format(rank=env.rank))
-    with gathered_adapter(model):
-        if env.rank == 0:
-            model.save_pretrained(str(out / ADAPTER_DIR))
-            tokenizer.save_pretrained(str(out / ADAPTER_DIR))
-            state = {"step": step, "stage": stage, "world_size": env.world_size, **(extra or {})}
-            (out / STATE_FILE).write_text(json.dumps(state))
-    _write_manifest(out, env.rank)
-    return str(out)
-
-
-def load_state(engine, ckpt_dir: str, rank: int = 0) -> dict[str, Any]:
-    """Restore the DeepSpeed engine (LoRA weights, optimizer, scheduler) and this rank's RNG from
-    a verified checkpoint; returns the trainer state."""
-    state = verify_checkpoint(ckpt_dir)
-    _, client = engine.load_checkpoint(
-        str(Path(ckpt_dir) / DS_DIR), tag="state", load_module_strict=False,
-        load_optimizer_states=True, load_lr_scheduler_states=True,
-    )
-    if client is None:
-        raise CheckpointError(f"could not load the engine state from {ckpt_dir} (a DeepSpeed checkpoint and a plain "
-                              "one, deepspeed.enabled=false, do not resume each other)")
-    rng = Path(ckpt_dir) / RNG_FILE.format(rank=rank)
-    if rng.exists():
-        _set_rng_state(torch.load(rng, weights_only=False))
-    return state
-
-
-class gathered_adapter:
-    """Under ZeRO-3 the LoRA weights are partitioned; gather them (on every rank) to save."""
-
-    def __init__(self, model):
-        self.model = model
-        self.ctx = None
-
-    def __enter__(self):
-        params = [p for p in self.model.parameters() if p.requires_grad and hasattr(p, "ds_id")]
-        if params:
-            import deepspeed
-
-            self.ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-            self.ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
-        return False
-
-
-def set_torch_threads(scaling) -> int:
-    """A worker runs torch with as many threads as the CPUs it was given (at least 1), or
-    ``scaling.torch_threads``. Ray only sets ``OMP_NUM_THREADS`` from the CPU request; say it
-    here, once, where the loop runs, and report what torch got."""
-    n = scaling.torch_threads or max(1, int(scaling.cpus_per_worker))
-    torch.set_num_threads(n)
-    return torch.get_num_threads()
-
-
-def env_from_torch(use_gpu: bool) -> WorkerEnv:
-    """WorkerEnv from an initialised torch.distributed group (Ray Train or torchrun)."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if use_gpu:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    return WorkerEnv(rank=rank, world_size=world, device=device, use_gpu=use_gpu)

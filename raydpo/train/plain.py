@@ -1,19 +1,21 @@
 """The training engine without DeepSpeed (``deepspeed.enabled: false``): a torch optimizer and
 LR scheduler around the PEFT model, DDP when the world size is above 1.
 
-It offers the few engine calls the loop makes (call, ``backward``, ``step``, ``train``/``eval``,
-``save_checkpoint``/``load_checkpoint``, ``module``, ``micro_steps``) with DeepSpeed's semantics,
-so `raydpo.train.loop` runs the same code either way and the two give the same numbers
+It offers the engine calls the loop makes (`raydpo.train.engine.Engine`: call, ``backward``,
+``step``, ``train``/``eval``, ``save_checkpoint``/``load_checkpoint``, ``module``, ``micro_steps``,
+``skipped_steps``, ``zero_optimization_stage``) with DeepSpeed's semantics, so
+`raydpo.train.loop` runs the same code either way and the two give the same numbers
 (``tests/test_resume.py``): ``backward`` divides the loss by the accumulation steps (as
 DeepSpeed's ``scale_wrt_gas``); ``step`` updates only at the accumulation boundary, clipping the
 global gradient norm to ``max_grad_norm`` first, then steps the scheduler. No ZeRO: every rank
 holds all optimizer states (LoRA's are small). Nothing here imports DeepSpeed, so a host without
 it runs the standalone path (``tests/test_gpu_check.py``).
 
-Checkpoint: under the loop's ``deepspeed/`` folder, ``state/plain_r{rank}.pt`` holds the
-trainable weights, optimizer, scheduler and the client state; the adapter folder beside it is
-the same Hugging Face PEFT folder as with DeepSpeed. A DeepSpeed checkpoint does not resume a
-plain run or the reverse (the optimizer layouts differ); the loop says so in one line.
+Checkpoint: in the checkpoint's ``deepspeed/`` folder (`raydpo.storage.deepspeed_dir`),
+``state/plain_r{rank}.pt`` holds the trainable weights, optimizer, scheduler and the client
+state; the adapter folder beside it is the same Hugging Face PEFT folder as with DeepSpeed. A
+DeepSpeed checkpoint does not resume a plain run or the reverse (the optimizer layouts differ);
+`raydpo.train.checkpoint.load_state` says so in one line.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ class PlainEngine:
         return self
 
     def zero_optimization_stage(self) -> int:
-        return 0
+        return 0  # no ZeRO: the loop itself drops a step whose loss went non-finite
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

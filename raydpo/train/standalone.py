@@ -17,6 +17,12 @@ import os
 import shutil
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from raydpo import storage
+
+if TYPE_CHECKING:
+    from raydpo.train.engine import WorkerEnv
 
 GENERATIONS_PREFIX = "[generations] "
 
@@ -64,125 +70,202 @@ def add_reference(model, cols: dict[str, list], pad_token_id: int, cfg, device) 
 
 
 def main(argv: list[str] | None = None) -> None:
-    import numpy as np
+    """Every rank takes these steps in this order (the model path, the eval row count and the
+    loop's own all-reduces are collectives)."""
     import torch
     import torch.distributed as dist
 
     from raydpo.config import load_config
-    from raydpo.data.collate import collate_dpo, collate_sft, ragged
-    from raydpo.data.order import epoch_order, epochs_needed, usable_rows
-    from raydpo.data.tokenize import block_row_ids, pack_sft, tokenize_dpo
-    from raydpo.train.generate import held_out_prompts
-    from raydpo.data.order import rank_batches
-    from raydpo.models.factory import load_model, resolve_model_path
     from raydpo.data.tokenizer import load_tokenizer
-    from raydpo.train.deepspeed import comm_backend
-    from raydpo.train.loop import Hooks, env_from_torch, run_stage
+    from raydpo.train.loop import Hooks, run_stage
 
+    args = parse_args(argv)
+    stage = args.stage
+    cfg = load_config(args.config, args.overrides)
+    env = init_distributed(cfg)
+    path = shared_model_path(cfg, env)
+    tok = load_tokenizer(path)
+    rows = _rows(cfg, stage, path)
+    # training: every rank holds all train rows and walks the same stream (raydpo.data.order),
+    # keeping its slice of each global micro-batch, as the Ray workers do
+    train_cols = tokenize_rows(tok, cfg, stage, [r for r in rows if not r["is_eval"]])
+    # evaluation: each rank its share, the same number of rows on every rank (the metric
+    # all-reduce is collective), the last partial batch kept
+    eval_cols = tokenize_rows(tok, cfg, stage, [r for r in rows if r["is_eval"]][env.rank::env.world_size])
+    n_eval = fewest_on_any_rank(len(eval_cols["row_id"]), env)
+    model = load_policy(cfg, stage, path, env)
+    if stage == "dpo" and cfg.dpo.precomputed_reference:  # none for a reference-free loss
+        # the reference pass, in-process: each rank scores its own rows once, before training
+        for cols in (train_cols, eval_cols):
+            add_reference(model, cols, tok.pad_token_id, cfg, env.device)
+    if env.use_gpu:  # train/peak_memory_gb: the training's peak, as on a Ray worker (no reference pass there)
+        torch.cuda.reset_peak_memory_stats(env.device)
+
+    collate = collate_fn(cfg, stage, tok.pad_token_id)
+    prompts = generation_prompts(tok, cfg, stage, rows)
+    hooks = Hooks(train_batches=train_stream(train_cols, collate, cfg, stage, env),
+                  eval_batches=eval_share(eval_cols, n_eval, collate, cfg.stage(stage).per_device_batch_size),
+                  report=copy_checkpoints(storage.standalone_dir(cfg.run.storage_path, cfg.run.name, stage)),
+                  log=rank0_metrics(env.rank),
+                  progress=lambda s: print(s, flush=True) if env.rank == 0 else None,
+                  eval_prompts=lambda k: prompts[:k], log_generations=rank0_generations(env.rank))
+    run_stage(stage, cfg, model, tok, env, hooks)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("--config")
     p.add_argument("--stage", choices=["sft", "dpo"], default="dpo")
     p.add_argument("--set", dest="overrides", action="append", default=[])
-    args = p.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    return p.parse_args(argv)
+
+
+def init_distributed(cfg) -> WorkerEnv:
+    """Join torchrun's process group (NCCL on GPU, gloo on CPU): this rank's `WorkerEnv`."""
+    import torch
+    import torch.distributed as dist
+
+    from raydpo.train.deepspeed import comm_backend
+    from raydpo.train.engine import env_from_torch
+
     use_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
     dist.init_process_group(comm_backend(use_gpu))
-    env = env_from_torch(use_gpu)
+    return env_from_torch(use_gpu)
 
-    path = resolve_model_path(cfg.model) if env.rank == 0 else None
-    obj = [path]
-    dist.broadcast_object_list(obj, src=0)  # rank 0 materializes the tiny model once
-    path = obj[0]
-    tok = load_tokenizer(path)
-    rows = _rows(cfg, args.stage, path)
-    stage_cfg = cfg.stage(args.stage)
-    bs = stage_cfg.per_device_batch_size
 
-    dpo_cols: list[dict] = []
+def shared_model_path(cfg, env: WorkerEnv) -> str:
+    """The base model's local folder: rank 0 materializes the tiny model (or finds the model) once,
+    and every rank uses its path."""
+    import torch.distributed as dist
 
-    def columns(mine: list[dict]):
-        if args.stage == "sft":
-            blocks = pack_sft(tok, [r["prompt"] + r["chosen"] for r in mine], cfg.data.sft_block_size,
-                              [r["templated"] for r in mine])
-            return {"input_ids": blocks, "row_id": block_row_ids(blocks)}, collate_sft
-        cols = tokenize_dpo(tok, [r["prompt"] for r in mine], [r["chosen"] for r in mine],
-                            [r["rejected"] for r in mine], cfg.data.max_length, cfg.data.max_prompt_length,
-                            [r["templated"] for r in mine])
-        dpo_cols.append(cols)
-        return cols, partial(collate_dpo, pad_token_id=tok.pad_token_id, share_prefix=cfg.dpo.share_prefix,
-                             pack=cfg.dpo.padding_free)
+    from raydpo.models.factory import resolve_model_path
 
-    def pick(cols, idx):
-        return {k: ragged(v[i] for i in idx) for k, v in cols.items()}
+    obj = [resolve_model_path(cfg.model) if env.rank == 0 else None]
+    dist.broadcast_object_list(obj, src=0)
+    return obj[0]
 
-    # training: every rank holds all train rows and walks the same stream (raydpo.data.order),
-    # keeping its slice of each global micro-batch, as the Ray workers do
-    train_cols, collate = columns([r for r in rows if not r["is_eval"]])
-    n_train = len(train_cols["row_id"])
+
+def tokenize_rows(tok, cfg, stage: str, rows: list[dict]) -> dict[str, list]:
+    """The stage's token columns of ``rows``: packed SFT blocks with their row ids, or DPO pairs."""
+    from raydpo.data.tokenize import block_row_ids, pack_sft, tokenize_dpo
+
+    if stage == "sft":
+        blocks = pack_sft(tok, [r["prompt"] + r["chosen"] for r in rows], cfg.data.sft_block_size,
+                          [r["templated"] for r in rows])
+        return {"input_ids": blocks, "row_id": block_row_ids(blocks)}
+    return tokenize_dpo(tok, [r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows],
+                        cfg.data.max_length, cfg.data.max_prompt_length, [r["templated"] for r in rows])
+
+
+def collate_fn(cfg, stage: str, pad_token_id: int) -> Callable[[dict], dict]:
+    from raydpo.data.collate import collate_dpo, collate_sft
+
+    if stage == "sft":
+        return collate_sft
+    return partial(collate_dpo, pad_token_id=pad_token_id, share_prefix=cfg.dpo.share_prefix,
+                   pack=cfg.dpo.padding_free)
+
+
+def _pick(cols: dict[str, list], idx) -> dict:
+    from raydpo.data.collate import ragged
+
+    return {k: ragged(v[i] for i in idx) for k, v in cols.items()}
+
+
+def train_stream(cols: dict[str, list], collate, cfg, stage: str, env: WorkerEnv):
+    """`Hooks.train_batches`: the run's whole ordered stream of ``cols`` (every epoch it needs),
+    this rank's slice of each global micro-batch, from micro-batch ``skip`` on."""
+    import numpy as np
+
+    from raydpo.data.order import epoch_order, epochs_needed, rank_batches, usable_rows
+
+    st = cfg.stage(stage)
+    bs, n_train = st.per_device_batch_size, len(cols["row_id"])
 
     def train_batches(skip: int):
         g = bs * env.world_size
-        micro = stage_cfg.max_steps * stage_cfg.gradient_accumulation_steps
-        stream = np.concatenate([epoch_order(train_cols["row_id"], cfg.data.seed, e)[:usable_rows(n_train, g)]
+        micro = st.max_steps * st.gradient_accumulation_steps
+        stream = np.concatenate([epoch_order(cols["row_id"], cfg.data.seed, e)[:usable_rows(n_train, g)]
                                  for e in range(epochs_needed(n_train, g, micro))])
 
         def numpy_batches(n):
             for lo in range(0, len(stream) - n + 1, n):
-                yield pick(train_cols, stream[lo:lo + n])
+                yield _pick(cols, stream[lo:lo + n])
         return rank_batches(numpy_batches, bs, env.world_size, env.rank, collate, skip)
 
-    # evaluation: each rank its share, the same number of rows on every rank (the metric
-    # all-reduce is collective), the last partial batch kept
-    eval_cols, _ = columns([r for r in rows if r["is_eval"]][env.rank::env.world_size])
-    n = torch.tensor([len(eval_cols["row_id"])], device=env.device)
-    dist.all_reduce(n, op=dist.ReduceOp.MIN)
-    n_eval = int(n.item())
+    return train_batches
 
+
+def fewest_on_any_rank(n: int, env: WorkerEnv) -> int:
+    """The smallest ``n`` of all ranks (an all-reduce: every rank calls it)."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([n], device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def eval_share(cols: dict[str, list], n_eval: int, collate, bs: int):
+    """`Hooks.eval_batches`: this rank's first ``n_eval`` eval rows in batches of ``bs``."""
     def eval_batches():
         for lo in range(0, n_eval, bs):
-            yield collate(pick(eval_cols, range(lo, min(lo + bs, n_eval))))
+            yield collate(_pick(cols, range(lo, min(lo + bs, n_eval))))
+    return eval_batches
 
-    torch.manual_seed(stage_cfg.seed)  # the fresh adapter's init: the same on every rank and every run
-    model = load_model(cfg.model, cfg.quantization, cfg.lora, base_path=path, device=env.device)
-    if args.stage == "dpo" and cfg.dpo.precomputed_reference:  # none for a reference-free loss
-        # the reference pass, in-process: each rank scores its own rows once, before training
-        for cols in dpo_cols:
-            add_reference(model, cols, tok.pad_token_id, cfg, env.device)
-    if env.use_gpu:  # train/peak_memory_gb: the training's peak, as on a Ray worker (no reference pass there)
-        torch.cuda.reset_peak_memory_stats(env.device)
-    out_dir = Path(cfg.run.storage_path) / f"{cfg.run.name}-{args.stage}-standalone"
 
+def load_policy(cfg, stage: str, path: str, env: WorkerEnv):
+    import torch
+
+    from raydpo.models.factory import load_model
+
+    torch.manual_seed(cfg.stage(stage).seed)  # the fresh adapter's init: the same on every rank and every run
+    return load_model(cfg.model, cfg.quantization, cfg.lora, base_path=path, device=env.device)
+
+
+def copy_checkpoints(out_dir: Path) -> Callable[[dict[str, float], str | None], None]:
+    """`Hooks.report`: each checkpoint copied to ``out_dir/step_<n>`` (no Ray to take it)."""
     def report(metrics, ckpt_dir):
         if ckpt_dir:
             dest = out_dir / f"step_{int(metrics['step'])}"
             dest.mkdir(parents=True, exist_ok=True)
             shutil.copytree(ckpt_dir, dest, dirs_exist_ok=True)
             shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return report
 
+
+def rank0_metrics(rank: int) -> Callable[[dict[str, float], int], None]:
+    """`Hooks.log`: rank 0 prints each step's metrics as one JSON line (the lines starting with "{")."""
     def log(metrics, step):
-        if env.rank == 0:
+        if rank == 0:
             print(json.dumps({"step": step, **metrics}), flush=True)
+    return log
 
-    # eval generations: every rank holds all rows, so each picks the same prompts (row_id order)
-    prompts: list[dict] = []
-    if args.stage == "dpo" and cfg.generations.enabled:
-        ev = [r for r in rows if r["is_eval"]]
-        ev_cols = tokenize_dpo(tok, [r["prompt"] for r in ev], [r["chosen"] for r in ev], [r["rejected"] for r in ev],
-                               cfg.data.max_length, cfg.data.max_prompt_length)
-        by_id = sorted(range(len(ev)), key=lambda i: ev_cols["row_id"][i])
-        prompts = held_out_prompts(({k: ev_cols[k][i] for k in ("prompt_input_ids", "chosen_input_ids")}
-                                    for i in by_id), cfg.generations.num_prompts)
 
+def generation_prompts(tok, cfg, stage: str, rows: list[dict]) -> list[dict]:
+    """The eval generations' prompts: every rank holds all rows, so each picks the same ones (row_id
+    order); none for SFT or when generations are off."""
+    from raydpo.data.tokenize import tokenize_dpo
+    from raydpo.train.generate import held_out_prompts
+
+    if stage != "dpo" or not cfg.generations.enabled:
+        return []
+    ev = [r for r in rows if r["is_eval"]]
+    ev_cols = tokenize_dpo(tok, [r["prompt"] for r in ev], [r["chosen"] for r in ev], [r["rejected"] for r in ev],
+                           cfg.data.max_length, cfg.data.max_prompt_length)
+    by_id = sorted(range(len(ev)), key=lambda i: ev_cols["row_id"][i])
+    return held_out_prompts(({k: ev_cols[k][i] for k in ("prompt_input_ids", "chosen_input_ids")}
+                             for i in by_id), cfg.generations.num_prompts)
+
+
+def rank0_generations(rank: int) -> Callable[[list[dict], int], None]:
+    """`Hooks.log_generations`: rank 0 prints the table on one line after `GENERATIONS_PREFIX`."""
     def log_generations(rows, step):
-        if env.rank == 0:  # a prefix: lines starting with "{" are the metrics
+        if rank == 0:  # a prefix: lines starting with "{" are the metrics
             print(f"{GENERATIONS_PREFIX}{json.dumps({'step': step, 'rows': rows})}", flush=True)
-
-    hooks = Hooks(train_batches=train_batches, eval_batches=eval_batches, report=report, log=log,
-                  progress=lambda s: print(s, flush=True) if env.rank == 0 else None,
-                  eval_prompts=lambda k: prompts[:k], log_generations=log_generations)
-    run_stage(args.stage, cfg, model, tok, env, hooks)
-    dist.barrier()
-    dist.destroy_process_group()
+    return log_generations
 
 
 if __name__ == "__main__":

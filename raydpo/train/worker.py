@@ -10,13 +10,19 @@ of the stage's storage folder; never a half-written one.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from raydpo import storage
 from raydpo.train.inputs import WorkerInputs
+
+if TYPE_CHECKING:
+    from raydpo.config import Config
+    from raydpo.train.engine import WorkerEnv
 
 
 def oom_message(stage: str, cfg) -> str:
@@ -34,7 +40,7 @@ def resume_candidates(restored, storage_dir: str | None, progress) -> list[tuple
     restored one (the checkpoint it registered last, verified file by file) and those of the
     stage folder (a preemption checkpoint whose report never reached Ray, or older intact ones
     when Ray's is damaged)."""
-    from raydpo.train.loop import CheckpointError, verify_checkpoint
+    from raydpo.train.checkpoint import CheckpointError, verify_checkpoint
 
     found: list[tuple[int, str, bool]] = []
     if restored is not None:
@@ -55,7 +61,7 @@ def agree_on_resume(found: list[tuple[int, str, bool]], device, rank: int) -> tu
     import torch
     import torch.distributed as dist
 
-    from raydpo.train.loop import CheckpointError
+    from raydpo.train.checkpoint import CheckpointError
 
     want = torch.tensor([found[0][0] if found else -1], device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -76,7 +82,7 @@ def agree_on_resume(found: list[tuple[int, str, bool]], device, rank: int) -> tu
 
 def intact_checkpoints(storage_dir: str | None) -> list[Path]:
     """The stage's checkpoint folders that pass `verify_checkpoint`, newest step first."""
-    from raydpo.train.loop import CheckpointError, verify_checkpoint
+    from raydpo.train.checkpoint import CheckpointError, verify_checkpoint
 
     if not storage_dir or not Path(storage_dir).is_dir():
         return []
@@ -90,88 +96,28 @@ def intact_checkpoints(storage_dir: str | None) -> list[Path]:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train's worker function; ``config`` is `WorkerInputs.to_dict()`."""
-    import json
-    import os
-
+    """Ray Train's worker function; ``config`` is `WorkerInputs.to_dict()`. Every rank takes these
+    steps in this order: agreeing on the resume step is a collective."""
     import ray.train
-    import ray.train.torch
     import torch
 
-    from raydpo.config import Config
-    from raydpo.data.ray_collate import DPOCollate, SFTCollate
-    from raydpo.models.factory import load_model
-    from raydpo.data.tokenizer import load_tokenizer
-    from raydpo.tracking import make_logger
-    from raydpo.data.order import rank_batches
-    from raydpo.train.loop import Hooks, env_from_torch, run_stage, set_torch_threads
+    from raydpo.train.loop import Hooks, run_stage
     from raydpo.train.preempt import StopWatch
 
     inputs = WorkerInputs.from_dict(config)
-    cfg = Config.from_dict(inputs.config)
-    stage = inputs.stage
-    stage_cfg = cfg.stage(stage)
-    env = env_from_torch(cfg.scaling.use_gpu)
-    threads = set_torch_threads(cfg.scaling)
-    if cfg.scaling.use_gpu:
-        env.device = ray.train.torch.get_device()
-    storage_dir = inputs.storage_dir
-
-    def progress(line: str) -> None:
-        if env.rank == 0:
-            print(line, flush=True)
-
-    oom = storage.oom_marker(storage_dir) if storage_dir else None
-    if oom is not None and oom.exists():  # a restart after an OOM would only run out again
-        raise RuntimeError(json.loads(oom.read_text())["message"])
-
-    tokenizer = load_tokenizer(inputs.tokenizer_path, revision=cfg.model.revision)
-    torch.manual_seed(stage_cfg.seed)  # the fresh adapter's init: the same on every rank and every run
-    model = load_model(cfg.model, cfg.quantization, cfg.lora, base_path=inputs.base_path, device=env.device)
-
-    collate = (DPOCollate(tokenizer.pad_token_id, cfg.dpo.share_prefix, cfg.dpo.padding_free) if stage == "dpo"
-               else SFTCollate())
-    train_shard = ray.train.get_dataset_shard("train")  # the whole ordered stream (raydpo.orchestration.ingest)
-    # an empty eval split is not passed (launch.fit_stage warns): train without evaluation
-    eval_shard = ray.train.get_dataset_shard("eval") if inputs.has_eval else None
-    bs = stage_cfg.per_device_batch_size
-
-    def train_batches(skip: int):
-        return rank_batches(lambda n: train_shard.iter_batches(batch_size=n, batch_format="numpy", drop_last=True),
-                            bs, env.world_size, env.rank, collate, skip)
-
-    def eval_batches():
-        return iter(eval_shard.iter_torch_batches(batch_size=bs, collate_fn=collate)) if eval_shard else iter(())
-
-    def report(metrics: dict[str, float], ckpt_dir: str | None) -> None:
-        ckpt = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
-        ray.train.report(metrics, checkpoint=ckpt)
-        if ckpt_dir:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-
-    found = resume_candidates(ray.train.get_checkpoint(), storage_dir, progress)
+    cfg, env, threads = worker_setup(inputs)
+    progress = rank0_printer(env.rank)
+    refuse_after_oom(inputs.storage_dir)
+    tokenizer, model = load_policy(inputs, cfg, env)
+    train_batches, eval_batches = ray_batches(inputs, cfg, tokenizer.pad_token_id, env)
+    found = resume_candidates(ray.train.get_checkpoint(), inputs.storage_dir, progress)
     resume_dir, resume_copy = agree_on_resume(found, env.device, env.rank)
-    progress(f"[{stage}] {env.world_size} worker(s), {threads} torch thread(s) each")
+    progress(f"[{inputs.stage}] {env.world_size} worker(s), {threads} torch thread(s) each")
+    logger, exporter, log = open_logging(inputs, cfg, env.rank, resume_dir)
 
-    # steps an earlier attempt already logged are not logged again: ask the store (a worker
-    # restart within this fit logged past what the driver saw); if it is down, what the driver saw
-    skip_through = inputs.logged_through_step
-    if env.rank == 0 and inputs.run_id and (resume_dir or skip_through):
-        from raydpo.tracking import check_store, max_logged_step
-
-        if check_store(inputs.tracking_uri, timeout_s=5) is None:
-            skip_through = max(skip_through, max_logged_step(inputs.tracking_uri, inputs.run_id))
-    logger = make_logger(inputs.tracking_uri, inputs.run_id, env.rank, buffered=True,
-                         skip_through_step=skip_through or None)
-    log, exporter = logger.log_metrics, None
-    if env.rank == 0:  # metrics are already all-reduced: one exporter, as one MLflow logger
-        from raydpo.tracking.prometheus import TrainMetricsExporter
-
-        exporter = TrainMetricsExporter(stage, cfg.tracking.experiment_name, cfg.tracking.run_name or cfg.run.name)
-        log = exporter.wrap(log)
-
+    storage_dir = inputs.storage_dir
     watch = StopWatch(str(storage.stop_file(storage_dir)) if storage_dir else None)
-    hooks = Hooks(train_batches=train_batches, eval_batches=eval_batches, report=report,
+    hooks = Hooks(train_batches=train_batches, eval_batches=eval_batches, report=report_to_ray,
                   log=log, resume_dir=resume_dir, progress=progress,
                   report_eval_only=inputs.report_eval_only,
                   stop_requested=watch.requested, config_fingerprint=inputs.fingerprint,
@@ -180,19 +126,133 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                   eval_prompts=lambda k: list(inputs.eval_prompts)[:k],
                   log_generations=logger.log_generations)
     try:
-        run_stage(stage, cfg, model, tokenizer, env, hooks)
+        run_stage(inputs.stage, cfg, model, tokenizer, env, hooks)
     except torch.OutOfMemoryError:
-        msg = oom_message(stage, cfg)
-        if oom is not None:
-            oom.parent.mkdir(parents=True, exist_ok=True)
-            oom.write_text(json.dumps({"message": msg, "rank": env.rank, "pid": os.getpid()}))
-        raise RuntimeError(msg) from None
+        raise RuntimeError(record_oom(inputs, cfg, env.rank)) from None
     finally:
         watch.close()
-        spill = str(storage.spill_file(storage_dir, stage)) if storage_dir else None
-        if hasattr(logger, "close"):
-            logger.close(timeout_s=10, spill_path=spill)
-        if exporter is not None:
-            exporter.close()
+        close_logging(logger, exporter, inputs)
         if resume_dir and resume_copy:
             shutil.rmtree(resume_dir, ignore_errors=True)
+
+
+def worker_setup(inputs: WorkerInputs) -> tuple[Config, WorkerEnv, int]:
+    """The typed config, this rank's `WorkerEnv` (on GPU, the device Ray Train gave it) and the
+    number of torch threads it runs."""
+    import ray.train.torch
+
+    from raydpo.config import Config
+    from raydpo.train.engine import env_from_torch, set_torch_threads
+
+    cfg = Config.from_dict(inputs.config)
+    env = env_from_torch(cfg.scaling.use_gpu)
+    threads = set_torch_threads(cfg.scaling)
+    if cfg.scaling.use_gpu:
+        env.device = ray.train.torch.get_device()
+    return cfg, env, threads
+
+
+def rank0_printer(rank: int) -> Callable[[str], None]:
+    def progress(line: str) -> None:
+        if rank == 0:
+            print(line, flush=True)
+    return progress
+
+
+def refuse_after_oom(storage_dir: str | None) -> None:
+    """A restart after an out-of-memory failure would only run out again: fail with its message."""
+    oom = storage.oom_marker(storage_dir) if storage_dir else None
+    if oom is not None and oom.exists():
+        raise RuntimeError(json.loads(oom.read_text())["message"])
+
+
+def record_oom(inputs: WorkerInputs, cfg: Config, rank: int) -> str:
+    """The out-of-memory message, written where a restarted worker finds it (`refuse_after_oom`)."""
+    msg = oom_message(inputs.stage, cfg)
+    if inputs.storage_dir:
+        oom = storage.oom_marker(inputs.storage_dir)
+        oom.parent.mkdir(parents=True, exist_ok=True)
+        oom.write_text(json.dumps({"message": msg, "rank": rank, "pid": os.getpid()}))
+    return msg
+
+
+def load_policy(inputs: WorkerInputs, cfg: Config, env: WorkerEnv):
+    """The tokenizer and the model with a fresh adapter, on this rank's device."""
+    import torch
+
+    from raydpo.data.tokenizer import load_tokenizer
+    from raydpo.models.factory import load_model
+
+    tokenizer = load_tokenizer(inputs.tokenizer_path, revision=cfg.model.revision)
+    torch.manual_seed(cfg.stage(inputs.stage).seed)  # the fresh adapter's init: the same on every rank and every run
+    model = load_model(cfg.model, cfg.quantization, cfg.lora, base_path=inputs.base_path, device=env.device)
+    return tokenizer, model
+
+
+def ray_batches(inputs: WorkerInputs, cfg: Config, pad_token_id: int, env: WorkerEnv):
+    """``(train_batches(skip), eval_batches())`` of `Hooks`, read from this worker's Ray Data shards."""
+    import ray.train
+
+    from raydpo.data.order import rank_batches
+    from raydpo.data.ray_collate import DPOCollate, SFTCollate
+
+    collate = (DPOCollate(pad_token_id, cfg.dpo.share_prefix, cfg.dpo.padding_free) if inputs.stage == "dpo"
+               else SFTCollate())
+    train_shard = ray.train.get_dataset_shard("train")  # the whole ordered stream (raydpo.orchestration.ingest)
+    # an empty eval split is not passed (launch.fit_stage warns): train without evaluation
+    eval_shard = ray.train.get_dataset_shard("eval") if inputs.has_eval else None
+    bs = cfg.stage(inputs.stage).per_device_batch_size
+
+    def train_batches(skip: int):
+        return rank_batches(lambda n: train_shard.iter_batches(batch_size=n, batch_format="numpy", drop_last=True),
+                            bs, env.world_size, env.rank, collate, skip)
+
+    def eval_batches():
+        return iter(eval_shard.iter_torch_batches(batch_size=bs, collate_fn=collate)) if eval_shard else iter(())
+
+    return train_batches, eval_batches
+
+
+def report_to_ray(metrics: dict[str, float], ckpt_dir: str | None) -> None:
+    """`Hooks.report`: Ray Train takes the metrics and a copy of the checkpoint; the local one goes."""
+    import ray.train
+
+    ckpt = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
+    ray.train.report(metrics, checkpoint=ckpt)
+    if ckpt_dir:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+
+def open_logging(inputs: WorkerInputs, cfg: Config, rank: int, resume_dir: str | None):
+    """``(logger, exporter or None, log)``: rank 0's buffered MLflow logger, whose ``log`` also feeds
+    the Prometheus exporter; other ranks' no-op logger."""
+    from raydpo.tracking import make_logger
+
+    # steps an earlier attempt already logged are not logged again: ask the store (a worker
+    # restart within this fit logged past what the driver saw); if it is down, what the driver saw
+    skip_through = inputs.logged_through_step
+    if rank == 0 and inputs.run_id and (resume_dir or skip_through):
+        from raydpo.tracking import check_store, max_logged_step
+
+        if check_store(inputs.tracking_uri, timeout_s=5) is None:
+            skip_through = max(skip_through, max_logged_step(inputs.tracking_uri, inputs.run_id))
+    logger = make_logger(inputs.tracking_uri, inputs.run_id, rank, buffered=True,
+                         skip_through_step=skip_through or None)
+    log, exporter = logger.log_metrics, None
+    if rank == 0:  # metrics are already all-reduced: one exporter, as one MLflow logger
+        from raydpo.tracking.prometheus import TrainMetricsExporter
+
+        exporter = TrainMetricsExporter(inputs.stage, cfg.tracking.experiment_name,
+                                        cfg.tracking.run_name or cfg.run.name)
+        log = exporter.wrap(log)
+    return logger, exporter, log
+
+
+def close_logging(logger, exporter, inputs: WorkerInputs) -> None:
+    """Flush what the logger holds (what the store does not take in time is spilled to the stage
+    folder), then stop the exporter."""
+    spill = str(storage.spill_file(inputs.storage_dir, inputs.stage)) if inputs.storage_dir else None
+    if hasattr(logger, "close"):
+        logger.close(timeout_s=10, spill_path=spill)
+    if exporter is not None:
+        exporter.close()
