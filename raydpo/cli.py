@@ -120,8 +120,8 @@ def guarded(fn, resume_hint: str | None = None, console=None) -> int:
     before any training; a preemption exits 0 once its checkpoint is written, saying how to
     resume; a failed stage exits 1 with its worker's message, after the end of the run's log
     (``console``: `raydpo.orchestration.console.Console`), which it names."""
-    from raydpo.orchestration import launch
     from raydpo.config import ConfigError
+    from raydpo.orchestration.errors import SETUP_ERRORS, Preempted, WorkerOOM, explain
     from raydpo.tracking.terminal import echo
 
     def failed(line: str) -> None:
@@ -135,16 +135,16 @@ def guarded(fn, resume_hint: str | None = None, console=None) -> int:
 
     try:
         return fn()
-    except launch.SETUP_ERRORS as e:
+    except SETUP_ERRORS as e:
         echo(f"error: {e}", err=True)
         return EXIT_USAGE
     except ConfigError as e:
         _print_errors(e.errors)
         return EXIT_USAGE
-    except launch.Preempted as e:
+    except Preempted as e:
         echo(f"raydpo: {e}" + (f": {resume_hint}" if resume_hint else ""))
         return 0
-    except launch.WorkerOOM as e:
+    except WorkerOOM as e:
         failed(f"error: {e}")
         return 1
     except KeyboardInterrupt:
@@ -153,16 +153,17 @@ def guarded(fn, resume_hint: str | None = None, console=None) -> int:
     except Exception as e:  # noqa: BLE001 - a stage failed: say why in one line
         if os.environ.get("RAYDPO_TRACEBACK"):
             raise
-        failed(f"error: {launch.explain(e)} (RAYDPO_TRACEBACK=1 shows the traceback)")
+        failed(f"error: {explain(e)} (RAYDPO_TRACEBACK=1 shows the traceback)")
         return 1
 
 
 def _with_console(cfg: Config, args, fn, resume_hint: str | None = None, bars: bool = True) -> int:
     """``guarded(fn)`` with the run's console: raydpo's lines and a progress bar per stage on the
     terminal, everything else in ``<run.storage_path>/<run.name>/raydpo.log``."""
-    from raydpo.orchestration.console import Console, log_path
+    from raydpo import storage
+    from raydpo.orchestration.console import Console
 
-    with Console(log_path(cfg.run.storage_path, cfg.run.name), verbose=args.verbose, bars=bars) as console:
+    with Console(storage.log_file(cfg.run.storage_path, cfg.run.name), verbose=args.verbose, bars=bars) as console:
         return guarded(fn, resume_hint, console)
 
 

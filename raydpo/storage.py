@@ -17,6 +17,11 @@ The layout of a run's storage (``<root>`` = ``run.storage_path``)::
           adapter/ deepspeed/ trainer_state.json rng_r<k>.pt manifest_r<k>.json
       <run>-<stage>-standalone/       the torchrun runner's output (`standalone_dir`)
       reference/                      reference log-prob caches and content digests (`reference_dir`)
+        digests.json                  file digests remembered by (path, size, mtime) (`digest_memo`)
+        <key>/                        one cache, by content key (`reference_dir`)
+          train/ eval/                parquet of each split (`reference_split`)
+          _SUCCESS                    written last: the row count of every split (`reference_marker`)
+        .<key>.building-<pid>/        a cache being built (`reference_building`)
       <tune name>/                    a Tune search's experiment folder (`tune_dir`)
 
 Torch-free and Ray-free: the driver, the workers and the tools all ask it.
@@ -33,6 +38,8 @@ LOG_FILE = "raydpo.log"
 MERGED_DIR = "sft-merged"
 MERGED_MARKER = "raydpo_merged.json"
 REFERENCE_DIR = "reference"
+REFERENCE_MARKER = "_SUCCESS"
+DIGEST_MEMO = "digests.json"
 FAULTS_DIR = "faults_fired"
 CHECKPOINT_GLOB = "checkpoint_*"  # Ray Train's name for the checkpoints of a run folder
 # inside a checkpoint
@@ -73,6 +80,28 @@ def reference_dir(storage_path: str | Path, key: str | None = None) -> Path:
     """The reference caches' folder, or one cache's folder by its content key."""
     d = root(storage_path) / REFERENCE_DIR
     return d / key if key else d
+
+
+def digest_memo(memo_dir: str | Path) -> Path:
+    return Path(memo_dir) / DIGEST_MEMO
+
+
+def reference_split(cache: str | Path, split: str) -> Path:
+    return Path(cache) / split
+
+
+def reference_marker(cache: str | Path) -> Path:
+    return Path(cache) / REFERENCE_MARKER
+
+
+def reference_building(cache: Path, pid: int) -> Path:
+    """Where a cache is built before it is renamed into place (beside it, hidden)."""
+    return cache.with_name(f".{cache.name}.building-{pid}")
+
+
+def partition_dir(folder: str | Path, column: str, value: str) -> Path:
+    """The folder a hive-partitioned parquet write (Ray Data's ``partition_cols``) puts a value in."""
+    return Path(folder) / f"{column}={value}"
 
 
 def stage_dir(storage_path: str | Path, run_name: str, stage: str) -> Path:

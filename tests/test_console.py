@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from raydpo import cli
-from raydpo.orchestration.console import Console, log_path
+from raydpo.orchestration.console import Console
+from raydpo.storage import log_file as log_path
 from raydpo.tracking.terminal import echo
 from raydpo.train.progress import format_progress, parse_progress
 

@@ -221,6 +221,47 @@ def test_the_checkers_see_lazy_imports_upward_arrows_and_never_rows(tmp_path):
     assert RANK[_layer("raydpo.orchestration.launch")] > RANK[_layer("raydpo.data.tokenize")]
     assert any(_within(m, "ray.data") for m in _all_imports(src)) and not _within("raydpo.cli", "ray")
     assert _sublayer("raydpo.train.worker")[1] > _sublayer("raydpo.train.loop")[1]
+    assert _spells("raydpo_run.json", "raydpo_run.json", False) and _spells("adapter", "adapter", True)
+    assert _spells("runs/*/sft-merged/x", "sft-merged", False) and _spells("mlflow_buffer_{stage}.jsonl", "mlflow_buffer_", True)
+    assert not _spells("adapter_config.json", "adapter", True) and not _spells("the reference", "reference", False)
+
+
+def test_run_folder_names_are_spelled_only_in_storage():
+    """`raydpo.storage` is the one module that names what lies under ``run.storage_path``: no
+    other module outside the benchmarks joins one of its names to a path or spells it in one."""
+    from raydpo import storage
+
+    names = [v.split("{")[0].rstrip("*_") for k, v in vars(storage).items() if k.isupper() and isinstance(v, str)]
+    spelled = []
+    for path in _modules():
+        if path == PACKAGE / "storage.py" or _within(_module(path), "raydpo.benchmarks"):
+            continue
+        for node, joined in _strings(ast.parse(path.read_text())):
+            hits = [n for n in names + ["mlflow_buffer_"] if _spells(node.value, n, joined)]
+            spelled += [f"{_module(path)}:{node.lineno} spells {n!r}" for n in hits]
+    assert spelled == []
+
+
+def _strings(tree: ast.AST):
+    """(string constant, whether it is the right operand of ``/``: a path join)."""
+    joins = {id(n.right) for n in ast.walk(tree) if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Div)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            yield node, id(node) in joins
+
+
+def _spells(text: str, name: str, joined: bool) -> bool:
+    """``text`` names ``name`` as a path: joined to one, a path or glob built from it, or a file
+    name of its own (with a dot, dash or underscore: never a word of prose or a dict key)."""
+    import re
+
+    if " " in text or "\n" in text:
+        return False
+    if joined and (text == name or re.match(rf"{re.escape(name)}(_[a-z]*\{{|_\*|\{{)", text)):
+        return True
+    if re.search(rf"(^|/){re.escape(name)}([/*]|$)", text) and ("/" in text or "*" in text):
+        return True
+    return text.startswith(name) and any(c in name for c in "._-") and name not in ("deepspeed",)
 
 
 def layout_table() -> str:

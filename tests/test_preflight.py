@@ -96,7 +96,8 @@ def test_a_gated_model_without_a_token_is_refused_before_any_download(tmp_path, 
 
 def test_a_rerun_with_another_config_names_the_keys(tmp_path, capsys):
     from raydpo.config import resume_fingerprint
-    from raydpo.orchestration.launch import RUN_FILE, stage_storage
+    from raydpo.orchestration.launch import stage_storage
+    from raydpo.storage import RUN_RECORD as RUN_FILE
     from raydpo.config.presets import demo_config
 
     cfg = demo_config(overrides=[f"run.storage_path={tmp_path / 'runs'}", "run.name=same"]).with_absolute_paths()

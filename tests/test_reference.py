@@ -69,7 +69,8 @@ def test_reference_pass_uses_every_free_replica_slot(monkeypatch, resources, ove
 def test_the_driver_refuses_a_trainer_that_leaves_ray_data_no_cpu_and_tune_runs_what_fits(monkeypatch):
     import ray
 
-    from raydpo.orchestration.launch import ResourceError, check_cpu_budget
+    from raydpo.orchestration.checks import check_cpu_budget
+    from raydpo.orchestration.errors import ResourceError
     from raydpo.orchestration.tune import max_concurrent
 
     cfg = Config().with_overrides({"scaling.num_workers": 2, "scaling.cpus_per_worker": 1.0})
@@ -104,7 +105,8 @@ def test_files_digest_follows_content_not_path_and_is_remembered(tmp_path):
 def test_cache_key_changes_with_the_reference_the_tokenizer_and_the_data(tmp_path):
     import shutil
 
-    from raydpo.orchestration.reference import MERGED_MARKER, cache_key
+    from raydpo.orchestration.reference import cache_key
+    from raydpo.storage import MERGED_MARKER
 
     cfg = Config().with_overrides({"model.cache_dir": str(tmp_path / "cache"), "run.storage_path": str(tmp_path / "runs")})
     path = resolve_model_path(cfg.model)
@@ -142,7 +144,8 @@ def test_a_cache_folder_is_trusted_only_with_a_marker_matching_its_files(tmp_pat
 
     import pyarrow.parquet as pq
 
-    from raydpo.orchestration.reference import MARKER, valid_cache
+    from raydpo.orchestration.reference import valid_cache
+    from raydpo.storage import REFERENCE_MARKER as MARKER
 
     root = tmp_path / "key"
     for split, n in (("train", 3), ("eval", 0)):
@@ -164,8 +167,8 @@ def test_a_finished_merge_of_the_same_sft_content_is_linked_never_a_different_or
     merge of other content, or a folder without weights, is never used."""
     import json
 
-    from raydpo.orchestration.launch import _link_same_merge
-    from raydpo.orchestration.reference import MERGED_MARKER
+    from raydpo.orchestration.base import _link_same_merge
+    from raydpo.storage import MERGED_MARKER
 
     want = {"adapter_digest": "a1", "base_identity": "b1"}
 

@@ -32,6 +32,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from raydpo import storage
 from raydpo.tracking import STAGE_TAG
 
 SAVE_EVERY = 3
@@ -217,7 +218,7 @@ class Suite:
         name = "corrupt"
         rc, out, s1 = self.cli(name, env={"RAYDPO_FAULTS": "sigterm@5:rank=0"})
         folder = self.work / "runs" / f"{name}-dpo"
-        ckpts = sorted(d for d in folder.glob("checkpoint_*") if d.is_dir())
+        ckpts = storage.checkpoints(folder)
         if ckpts:
             blob = next(ckpts[-1].rglob("*optim_states.pt"))
             data = bytearray(blob.read_bytes())
@@ -309,7 +310,7 @@ class Suite:
                 if _http_ok(uri):
                     break
                 time.sleep(1)
-            spill = self.work / "runs" / "midrun-dpo" / "mlflow_buffer_dpo.jsonl"
+            spill = storage.spill_file(storage.stage_dir(self.work / "runs", "midrun", "dpo"), "dpo")
             if spill.exists():
                 # the store was not back before the workers closed (a restart can take longer than the
                 # rest of the run on a loaded machine): the points wait on disk; replay them as the
@@ -393,8 +394,8 @@ class Suite:
         trials = self.work / "runs"
 
         def finished_trial(d: Path) -> bool:
-            return any(json.loads((c / "trainer_state.json").read_text())["step"] >= 6
-                       for c in d.glob("checkpoint_*") if c.is_dir() and (c / "trainer_state.json").exists())
+            return any(json.loads(storage.state_file(c).read_text())["step"] >= 6
+                       for c in storage.checkpoints(d) if storage.state_file(c).exists())
 
         done_before = [d.name for d in trials.glob("tune-trial-*-dpo") if finished_trial(d)]
         rc2, out2, s2 = self.cli("tune", "--resume", *args, command="tune", timeout=1200)
@@ -410,7 +411,7 @@ class Suite:
         per_trial = {}
         for k in kids:
             per_trial.setdefault(k.data.tags.get("raydpo.trial_id"), []).append(k)
-        rerun = [n for n in done_before if any(c.is_dir() and c.stat().st_mtime > killed_at for c in (trials / n).glob("checkpoint_*"))]
+        rerun = [n for n in done_before if any(c.is_dir() and c.stat().st_mtime > killed_at for c in storage.checkpoints(trials / n))]
         row.mlflow_runs = len(kids)
         row.notes.append(f"killed with {len(done_before)} trial(s) finished; "
                          f"{len(per_trial)} trials, child runs per trial {sorted(len(v) for v in per_trial.values())}")

@@ -28,16 +28,10 @@ from typing import IO, Any
 
 from raydpo.tracking import terminal
 
-LOG_NAME = "raydpo.log"
 _RAY_HANDLER = "ray_print_logs"  # the name Ray registers its printer under (ray._private.worker)
 _OURS = re.compile(r"^(\[[a-z0-9_-]+\] |warning: |error: |raydpo: )")
 DEDUP_S = 5.0
 _active: Console | None = None
-
-
-def log_path(storage_path: str | Path, run_name: str) -> Path:
-    """The run folder's log: beside the stages' checkpoint folders and the merged SFT base."""
-    return Path(storage_path).resolve() / run_name / LOG_NAME
 
 
 def _terminal(stream: IO[str], fd: int) -> IO[str]:

@@ -12,7 +12,7 @@ the dataset fingerprint the same way): a digest of the reference weights (for a 
 model, of its base and of the SFT adapter files), of the tokenizer files, and a fingerprint of
 the data (the source's bytes or generator settings plus every data setting tokenization reads).
 A new SFT adapter written under the same run name therefore gets fresh log-probs. A cache folder
-is built beside its final name and renamed into place with its marker (``_SUCCESS``, holding the
+is built beside its final name and renamed into place with its marker (`raydpo.storage.reference_marker`, holding the
 row count of every split) written last; a folder without a valid marker, or whose parquet row
 counts disagree with it, is rebuilt, never trusted.
 """
@@ -26,15 +26,13 @@ import shutil
 import warnings
 from pathlib import Path
 
+from raydpo import storage
 from raydpo.config import BUILTIN_SOURCE, Config
 from raydpo.tracking.terminal import echo
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 SPLITS = ("train", "eval")
 SPLIT_COLUMN = "split"  # tags the rows of the one scoring pass; it becomes the folder, never a column
-MARKER = "_SUCCESS"
-MERGED_MARKER = "raydpo_merged.json"  # written by launch.merged_sft_base
-_DIGEST_MEMO = "digests.json"
 
 
 class RefLogps:
@@ -83,10 +81,10 @@ def files_digest(path: str | Path, memo_dir: str | Path | None = None) -> str:
     model's weights are read once, not at every run."""
     p = Path(path).resolve()
     files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and not any(
-        part.startswith(".") for part in f.relative_to(p).parts) and f.name not in (MERGED_MARKER,))
+        part.startswith(".") for part in f.relative_to(p).parts) and f.name not in (storage.MERGED_MARKER,))
     stat = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     stamp = hashlib.sha256(json.dumps(stat).encode()).hexdigest()
-    memo_file = Path(memo_dir) / _DIGEST_MEMO if memo_dir else None
+    memo_file = storage.digest_memo(memo_dir) if memo_dir else None
     memo = {}
     if memo_file and memo_file.exists():
         try:
@@ -116,8 +114,8 @@ def model_identity(path: str, revision: str | None, memo_dir: str | Path | None 
     files' digest (recorded by the merge). A local folder: its files' digest. A hub id: id and
     revision (pin ``model.revision`` to a commit for a cache that can never go stale)."""
     p = Path(path)
-    if (p / MERGED_MARKER).exists():
-        m = json.loads((p / MERGED_MARKER).read_text())
+    if storage.merged_marker(p).exists():
+        m = json.loads(storage.merged_marker(p).read_text())
         if m.get("adapter_digest") and m.get("base_identity"):
             return hashlib.sha256(f"{m['base_identity']}+{m['adapter_digest']}".encode()).hexdigest()
     if p.exists():
@@ -157,7 +155,7 @@ CACHE_LAYOUT = 2  # 2: rows carry their stable row_id (the training order's key)
 def cache_key(cfg: Config, base_path: str, tok_path: str | None = None) -> tuple[str, dict]:
     """``(key, parts)``: the reference's content, the tokenizer's, the data's, and the settings
     that change the numbers (dtype, attention kernel, quantization)."""
-    memo = Path(cfg.run.storage_path).resolve() / "reference"
+    memo = storage.reference_dir(cfg.run.storage_path)
     parts = {
         "layout": CACHE_LAYOUT,
         "reference": model_identity(base_path, cfg.model.revision if base_path == cfg.model.name_or_path else None, memo),
@@ -184,8 +182,9 @@ def parquet_rows(folder: Path) -> int:
 def valid_cache(root: Path) -> dict | None:
     """The marker of a complete cache folder, or None (no marker, unreadable, row counts off)."""
     try:
-        marker = json.loads((root / MARKER).read_text())
-        return marker if all(parquet_rows(root / s) == int(marker["rows"][s]) for s in SPLITS) else None
+        marker = json.loads(storage.reference_marker(root).read_text())
+        return marker if all(parquet_rows(storage.reference_split(root, s)) == int(marker["rows"][s])
+                             for s in SPLITS) else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -209,14 +208,14 @@ def reference_datasets(cfg: Config, base_path: str, tok_path: str, progress=echo
     from raydpo.data.pipeline import build_datasets
 
     key, parts = cache_key(cfg, base_path, tok_path)
-    root = Path(cfg.run.storage_path).resolve() / "reference" / key
+    root = storage.reference_dir(cfg.run.storage_path, key)
     marker = valid_cache(root)
     if marker is None:
         if root.exists():
             progress(f"[reference] {root} is incomplete or damaged: rebuilding it")
             shutil.rmtree(root)
         progress(f"[reference] computing reference log-probs once into {root}")
-        tmp = root.with_name(f".{key}.building-{os.getpid()}")
+        tmp = storage.reference_building(root, os.getpid())
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         train, evals = build_datasets(cfg, "dpo", tok_path)
@@ -232,11 +231,11 @@ def reference_datasets(cfg: Config, base_path: str, tok_path: str, progress=echo
                          ).write_parquet(str(tmp), partition_cols=[SPLIT_COLUMN])
         rows = {}
         for name in SPLITS:
-            written = tmp / f"{SPLIT_COLUMN}={name}"
+            written = storage.partition_dir(tmp, SPLIT_COLUMN, name)
             if written.is_dir():
-                written.rename(tmp / name)
-            rows[name] = parquet_rows(tmp / name)
-        (tmp / MARKER).write_text(json.dumps({"rows": rows, "key": parts, "base": base_path}))  # last: complete
+                written.rename(storage.reference_split(tmp, name))
+            rows[name] = parquet_rows(storage.reference_split(tmp, name))
+        storage.reference_marker(tmp).write_text(json.dumps({"rows": rows, "key": parts, "base": base_path}))  # last: complete
         try:
             os.replace(tmp, root)
         except OSError:  # another driver finished the same key first: theirs is as good
@@ -248,13 +247,13 @@ def reference_datasets(cfg: Config, base_path: str, tok_path: str, progress=echo
         progress(f"[reference] reusing reference log-probs in {root} (same reference, tokenizer and data)")
     if marker["rows"]["train"] == 0:
         raise RuntimeError("no training pairs: the train split is empty (check data.source and data.eval_fraction)")
-    train_ds = read_split(root / "train", cfg.data.tokenize_num_cpus)
+    train_ds = read_split(storage.reference_split(root, "train"), cfg.data.tokenize_num_cpus)
     if marker["rows"]["eval"] == 0:
         warnings.warn("the eval split is empty: DPO trains without evaluation (raise data.eval_fraction to get one)",
                       stacklevel=2)
         progress("[reference] warning: the eval split is empty; training runs without evaluation")
         return train_ds, None
-    return train_ds, read_split(root / "eval", cfg.data.tokenize_num_cpus)
+    return train_ds, read_split(storage.reference_split(root, "eval"), cfg.data.tokenize_num_cpus)
 
 
 def read_split(folder: Path, num_cpus: float, local_read_max_bytes: int | None = None):

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from raydpo import storage
 from raydpo.config import Config, SearchSpace
 from raydpo.tracking.terminal import echo
 from raydpo.metric_names import EVAL_ACCURACY, EVAL_MARGINS
@@ -65,66 +66,114 @@ def _trial(config: dict[str, Any], datasets: tuple[Any, Any] | None = None, *, b
 
 
 def run_tune(cfg: Config, *, resume: bool = False, progress=echo) -> tuple[list[TrialRow], TrialRow | None]:
-    from functools import partial
-
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
+    """The search: checks, the trials' config, the base and the data once for every trial, the
+    parent MLflow run, the tuner, then the best trial tagged (and registered) in the parent run."""
     from raydpo import tracking
-    from raydpo.orchestration.launch import check_cpu_budget, merged_sft_base, resolve_base, stage_datasets
+    from raydpo.orchestration.base import stage_base
+    from raydpo.orchestration.checks import check_cpu_budget, preflight
     from raydpo.orchestration.ray_connect import ensure_ray
-
-    from raydpo.orchestration.launch import preflight
 
     preflight(cfg)
     ensure_ray()
     check_cpu_budget(cfg)
-    t = cfg.tune
+    cfg = trial_config(cfg)
+    base = stage_base(cfg, "dpo")
+    shared, ref_s = search_data(cfg, base, progress)
+    uri = tracking.resolve_tracking_uri(cfg.tracking)
+    name = f"{cfg.run.name}-tune"
+    parent = open_parent_run(cfg, uri, name, resume)
+    progress(f"[tune] MLflow parent run {parent}; {_reference_note(cfg, ref_s)}")
+    grid = build_tuner(cfg, name, base, parent, shared, resume, progress).fit()
+    rows = _rows(grid, cfg.dpo.max_steps, uri, cfg.tracking.experiment_name, parent)
+    best = pick_best(rows, cfg.tune.metric)
+    _finish(uri, parent, cfg, rows, best, cfg.tune.metric)
+    return rows, best
+
+
+def trial_config(cfg: Config) -> Config:
+    """The config every trial starts from: it reports to Tune (and checkpoints) on evaluation
+    steps, shares the reference when ``tune.shared_reference``, and has absolute paths and the
+    driver's MLflow store (trials run in their own trial folder)."""
+    from raydpo import tracking
+
     # trials report to Tune only at evaluations; checkpoints land on evaluation steps too
     ev = cfg.dpo.eval_every
     overrides: dict[str, Any] = {"dpo.log_every": ev, "dpo.save_every": max(ev, cfg.dpo.save_every // ev * ev)}
-    if t.shared_reference:
+    if cfg.tune.shared_reference:
         overrides["dpo.reference"] = "precomputed"
     # trials run in their own trial folder: give them absolute paths and the driver's MLflow store
     overrides["tracking.tracking_uri"] = tracking.resolve_tracking_uri(cfg.tracking)
-    cfg = cfg.with_absolute_paths().with_overrides(overrides)
-    base_path, tok_path = resolve_base(cfg)
-    if cfg.dpo.sft_adapter:
-        base_path = tok_path = merged_sft_base(cfg, cfg.dpo.sft_adapter, base_path)
+    return cfg.with_absolute_paths().with_overrides(overrides)
+
+
+def search_data(cfg: Config, base: tuple[str, str], progress) -> tuple[tuple[Any, Any] | None, float]:
+    """(the (train, eval) datasets materialized once for every trial, or None without
+    ``tune.share_data``; the seconds the reference pass took). An empty eval split is an error:
+    trials are ranked on it."""
+    from raydpo.orchestration.checks import check_batch_fits
+    from raydpo.orchestration.launch import stage_datasets
+
     t0 = time.perf_counter()
-    datasets = stage_datasets(cfg, "dpo", base_path, tok_path, progress)
+    datasets = stage_datasets(cfg, "dpo", *base, progress)
     ref_s = time.perf_counter() - t0
     if datasets[1] is None:
-        raise ValueError(f"the eval split is empty: Tune ranks trials on {t.metric}; raise data.eval_fraction")
-    shared = None
-    if t.share_data:
-        # every trial would otherwise start its own Ray Data read (+ tokenization when the reference
-        # is not shared) of the same pairs: ~25 s of a trial's start-up on 2 cores
-        shared = tuple(ds.materialize() for ds in datasets)
-        need = cfg.dpo.per_device_batch_size * cfg.scaling.num_workers
-        if shared[0].count() < need:
-            from raydpo.orchestration.launch import DataError
+        raise ValueError(f"the eval split is empty: Tune ranks trials on {cfg.tune.metric}; raise data.eval_fraction")
+    if not cfg.tune.share_data:
+        return None, ref_s
+    # every trial would otherwise start its own Ray Data read (+ tokenization when the reference
+    # is not shared) of the same pairs: ~25 s of a trial's start-up on 2 cores
+    shared = tuple(ds.materialize() for ds in datasets)
+    n_train = shared[0].count()
+    check_batch_fits("tune", n_train, "pairs", cfg.scaling.num_workers, cfg.dpo.per_device_batch_size)
+    progress(f"[tune] {n_train} train / {shared[1].count()} eval pairs materialized once for every "
+             f"trial in {time.perf_counter() - t0 - ref_s:.0f}s")
+    return shared, ref_s
 
-            raise DataError(f"tune: {shared[0].count()} training pairs remain after filtering and the eval split, fewer "
-                            f"than one batch per worker ({cfg.scaling.num_workers} workers x "
-                            f"{cfg.dpo.per_device_batch_size} = {need}); add data or lower the batch size")
-        progress(f"[tune] {shared[0].count()} train / {shared[1].count()} eval pairs materialized once for every "
-                 f"trial in {time.perf_counter() - t0 - ref_s:.0f}s")
 
-    uri = tracking.resolve_tracking_uri(cfg.tracking)
+def open_parent_run(cfg: Config, uri: str, name: str, resume: bool) -> str:
+    """The search's parent MLflow run: ``--resume``'s newest one called ``name``, or a new one
+    tagged with the SFT run the adapter came from, the config as params."""
+    from raydpo import tracking
+
     exp_id = tracking.setup_experiment(uri, cfg.tracking.experiment_name)
-    name = f"{cfg.run.name}-tune"
     parent = _find_parent(uri, cfg.tracking.experiment_name, name) if resume else None
     if parent is None:
         sft_run = tracking.run_for_adapter(uri, cfg.tracking.experiment_name, cfg.dpo.sft_adapter) if cfg.dpo.sft_adapter else None
         parent = tracking.start_run(uri, exp_id, name, tags={tracking.STAGE_TAG: "tune", tracking.SFT_RUN_TAG: sft_run or "",
                                                              "raydpo.sft_adapter": cfg.dpo.sft_adapter or ""})
         tracking.log_params(uri, parent, cfg.flat())
-    ready = (f"reference log-probs ready in {ref_s:.0f}s" if cfg.dpo.precomputed_reference
-             else f"no reference pass ({'/'.join(cfg.dpo.loss_types)} reads no reference)" if not cfg.dpo.needs_reference
-             else "a reference forward in every trial step (dpo.reference=adapter_disabled)")
-    progress(f"[tune] MLflow parent run {parent}; {ready}")
+    return parent
 
+
+def _reference_note(cfg: Config, ref_s: float) -> str:
+    """How the trials get their reference log-probs, for the parent run's line."""
+    return (f"reference log-probs ready in {ref_s:.0f}s" if cfg.dpo.precomputed_reference
+            else f"no reference pass ({'/'.join(cfg.dpo.loss_types)} reads no reference)" if not cfg.dpo.needs_reference
+            else "a reference forward in every trial step (dpo.reference=adapter_disabled)")
+
+
+def _trainable(cfg: Config, base: tuple[str, str], parent: str, shared: tuple[Any, Any] | None):
+    """`_trial` with everything but the sampled point bound; it needs no CPU of its own."""
+    from functools import partial
+
+    from ray import tune
+
+    fn = partial(_trial, base_cfg=cfg.to_dict(), base=base, parent_run_id=parent)
+    if shared is not None:
+        fn = tune.with_parameters(fn, datasets=shared)  # the object store holds the blocks once
+    # the trial only drives its TorchTrainer; CPUs stay with Ray Data
+    return tune.with_resources(fn, {"CPU": 0, "memory": 1})
+
+
+def build_tuner(cfg: Config, name: str, base: tuple[str, str], parent: str, shared: tuple[Any, Any] | None,
+                resume: bool, progress):
+    """The search's `Tuner` in `storage.tune_dir`, its trials children of MLflow run ``parent``:
+    restored with ``--resume`` where it can be, else new (ASHA unless ``tune.scheduler=fifo``,
+    Optuna when ``tune.searcher=optuna``)."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    t = cfg.tune
     n_evals = math.ceil(cfg.dpo.max_steps / cfg.dpo.eval_every)
     scheduler = None if t.scheduler == "fifo" else ASHAScheduler(metric=t.metric, mode="max", time_attr="training_iteration",
                               # past the last evaluation: a trial that runs to the end finishes on its
@@ -138,32 +187,24 @@ def run_tune(cfg: Config, *, resume: bool = False, progress=echo) -> tuple[list[
         except ImportError as e:  # pragma: no cover - depends on the optional extra
             raise RuntimeError("tune.searcher=optuna needs `pip install optuna`") from e
         search_alg = OptunaSearch(metric=t.metric, mode="max")
-    fn = partial(_trial, base_cfg=cfg.to_dict(), base=(base_path, tok_path), parent_run_id=parent)
-    if shared is not None:
-        fn = tune.with_parameters(fn, datasets=shared)  # the object store holds the blocks once
-    # the trial only drives its TorchTrainer; CPUs stay with Ray Data
-    trainable = tune.with_resources(fn, {"CPU": 0, "memory": 1})
-    storage = str(Path(cfg.run.storage_path).resolve())
-    path = f"{storage}/{name}"
-    if resume and tune.Tuner.can_restore(path):
-        progress(f"[tune] resuming {path}")
-        tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"beta": _space(t.beta), "lr": _space(t.lr)},
-            tune_config=tune.TuneConfig(num_samples=t.num_samples, scheduler=scheduler, search_alg=search_alg,
-                                        max_concurrent_trials=max_concurrent(cfg)),
-            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0),
-        )
-    grid = tuner.fit()
-    rows = _rows(grid, cfg.dpo.max_steps, uri, cfg.tracking.experiment_name, parent)
-    scored = [r for r in rows if not math.isnan(r.score(t.metric))]
-    # the best finished trial (it has an adapter to register); a stopped one only if none finished
-    best = max([r for r in scored if r.status == "DONE"] or scored,
-               key=lambda r: r.score(t.metric), default=None)
-    _finish(uri, parent, cfg, rows, best, t.metric)
-    return rows, best
+    trainable = _trainable(cfg, base, parent, shared)
+    folder = storage.tune_dir(cfg.run.storage_path, name)
+    if resume and tune.Tuner.can_restore(str(folder)):
+        progress(f"[tune] resuming {folder}")
+        return tune.Tuner.restore(str(folder), trainable, resume_errored=True)
+    return tune.Tuner(
+        trainable,
+        param_space={"beta": _space(t.beta), "lr": _space(t.lr)},
+        tune_config=tune.TuneConfig(num_samples=t.num_samples, scheduler=scheduler, search_alg=search_alg,
+                                    max_concurrent_trials=max_concurrent(cfg)),
+        run_config=tune.RunConfig(name=folder.name, storage_path=str(folder.parent), verbose=0),
+    )
+
+
+def pick_best(rows: list[TrialRow], metric: str) -> TrialRow | None:
+    """The best finished trial (it has an adapter to register); a stopped one only if none finished."""
+    scored = [r for r in rows if not math.isnan(r.score(metric))]
+    return max([r for r in scored if r.status == "DONE"] or scored, key=lambda r: r.score(metric), default=None)
 
 
 def _find_parent(uri: str, experiment: str, name: str) -> str | None:

@@ -41,7 +41,7 @@ def _ref(ds):
 
 @pytest.mark.timeout(600)
 def test_a_new_sft_adapter_under_the_same_run_name_gets_fresh_reference_logps(tmp_path, ray_connected):
-    from raydpo.orchestration.launch import merged_sft_base, resolve_base
+    from raydpo.orchestration.base import merged_sft_base, resolve_base
     from raydpo.orchestration.reference import reference_datasets
 
     cfg = _cfg(tmp_path).with_absolute_paths()

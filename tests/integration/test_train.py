@@ -94,7 +94,7 @@ def _assert_checkpoint(path, step, stage):
     assert any((p / "deepspeed" / "state").glob("*optim_states.pt"))  # optimizer shards of every rank
     state = json.loads((p / "trainer_state.json").read_text())
     assert (state["step"], state["stage"]) == (step, stage)
-    from raydpo.train.loop import verify_checkpoint
+    from raydpo.train.checkpoint import verify_checkpoint
 
     assert verify_checkpoint(p)["world_size"] == 2  # every rank's manifest present and matching
 
@@ -161,7 +161,8 @@ def test_zero3_4bit_dpo_from_an_sft_adapter_loads_and_generates(zero3):
 def test_rerun_resumes_from_latest_checkpoint(zero3):
     """On the ZeRO-3 run above: the same DPO command again reuses the finished stage; a longer run
     resumes from its latest checkpoint (ZeRO-3 partitioned states) in the same MLflow run."""
-    from raydpo.orchestration.launch import ResumeConfigError, fit_stage
+    from raydpo.orchestration.errors import ResumeConfigError
+    from raydpo.orchestration.launch import fit_stage
 
     first, dpo = zero3
     n = first.dpo.max_steps
