@@ -167,7 +167,8 @@ def measure_one(spec: dict) -> dict:
     import torch.distributed as dist
 
     from raydpo.train.deepspeed import comm_backend
-    from raydpo.models.factory import load_model, packed_attention
+    from raydpo.models.factory import load_model
+    from raydpo.models.pairs import packed_attention
     from raydpo.train.engine import WorkerEnv, build_engine
     from raydpo.train.loop import dpo_forward
 

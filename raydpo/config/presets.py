@@ -18,9 +18,9 @@ def demo_config_path() -> str:
 
 
 # the search: 4 trials, each DPO evaluated 3 times, so ASHA can stop the weak ones early
-# One worker per trial, so 2 trials run at once on 2 cores (2 x 0.5 CPU + 1 for Ray Data): a
-# trial's fixed start-up (~70 s of process spawns and imports here) then overlaps with another's
-# training; SFT shortened too, so SFT + 4 trials stay under 10 minutes.
+# One worker per trial, so 2 trials run at once on 2 CPUs (2 x 0.5 CPU + 1 for Ray Data): a
+# trial's fixed start-up (process spawns and imports) then overlaps with another's training;
+# SFT shortened too (README, Performance: what these presets cost on the development machine).
 TUNE = ["tune.num_samples=4", "scaling.num_workers=1", "sft.max_steps=50", "dpo.max_steps=40", "dpo.eval_every=10",
         "dpo.save_every=40", "tune.grace_period=1", "tune.reduction_factor=2"]
 TUNE_QUICK = ["tune.num_samples=4", "scaling.num_workers=1", "dpo.max_steps=4", "dpo.eval_every=2", "dpo.save_every=4"]

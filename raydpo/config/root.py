@@ -33,6 +33,7 @@ from raydpo.config.sections import (
     TuneConfig,
 )
 
+
 class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)

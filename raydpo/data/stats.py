@@ -7,7 +7,7 @@ Both reductions are tiny however large the source: a group count over (reason, i
 dozen groups at most, and one global aggregate. They run on Ray Data's task-based sort shuffle,
 which combines each block on the map side and merges a handful of partial results, instead of
 Ray 2.60's default hash shuffle, which starts a pool of aggregator actors for every reduction
-(~4 s each on 2 cores, for the same numbers: `test_data_pipeline`).
+(the same numbers, `test_data_pipeline`; the cost is in README, Performance).
 """
 
 from __future__ import annotations

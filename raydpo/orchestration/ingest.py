@@ -61,8 +61,8 @@ def ordered_stream(ds, n_rows: int, *, seed: int, global_batch: int, micro_batch
     sort otherwise hands blocks on as they finish), and the epochs are concatenated block list
     after block list (a ``union`` interleaves its inputs' blocks). A split of at most
     ``local_sort_max_bytes`` is gathered into one block once and each epoch is sorted whole in one
-    task: Ray Data's distributed sort (sample, partition and merge stages) costs ~5 s of task
-    start-ups on 2 cores even for a few hundred rows, one task ~0.3 s."""
+    task: Ray Data's distributed sort (sample, partition and merge stages) pays three stages of task
+    start-ups even for a few hundred rows (README, Performance)."""
     import ray.data
 
     keep = usable_rows(n_rows, global_batch)

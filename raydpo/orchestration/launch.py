@@ -402,7 +402,9 @@ def _end_quietly(uri: str, run_id: str, status: str) -> None:
 def run_pipeline(cfg: Config, progress=echo, restart: bool = False) -> tuple[StageResult, StageResult]:
     """SFT, then DPO from the SFT result with the SFT model as the reference. Rerun after a
     failure, a finished SFT is reused and DPO resumes from its latest checkpoint."""
+    from raydpo import tracking
+
     sft = fit_stage(cfg, "sft", progress=progress, restart=restart)
     dpo_cfg = cfg.with_overrides({"dpo.sft_adapter": sft.adapter_path})
-    dpo = fit_stage(dpo_cfg, "dpo", tags={"raydpo.sft_run_id": sft.run_id or ""}, progress=progress, restart=restart)
+    dpo = fit_stage(dpo_cfg, "dpo", tags={tracking.SFT_RUN_TAG: sft.run_id or ""}, progress=progress, restart=restart)
     return sft, dpo

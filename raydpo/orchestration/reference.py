@@ -260,8 +260,7 @@ def read_split(folder: Path, num_cpus: float, local_read_max_bytes: int | None =
     """One cached split as a Ray dataset. Parquet files of at most ``local_read_max_bytes`` in all
     (default: `raydpo.orchestration.ingest.LOCAL_SORT_MAX_BYTES`, the size the training stream handles in
     one block anyway) are read here, on the driver, into the object store: Ray Data's parquet read
-    plans, samples and runs read tasks, ~1.5 s a split on a warm 2-core cluster and ~4 s in a fresh
-    driver, for the same rows. Larger splits are read by Ray Data's tasks. Row order is not a
+    plans, samples and runs read tasks, seconds of fixed cost for the same rows (README, Performance). Larger splits are read by Ray Data's tasks. Row order is not a
     property of a split: training sorts it (`raydpo.orchestration.ingest.ordered_stream`), evaluation sums
     over it, and the eval prompts are picked by ``row_id``."""
     import ray

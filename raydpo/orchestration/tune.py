@@ -121,7 +121,7 @@ def search_data(cfg: Config, base: tuple[str, str], progress) -> tuple[tuple[Any
     if not cfg.tune.share_data:
         return None, ref_s
     # every trial would otherwise start its own Ray Data read (+ tokenization when the reference
-    # is not shared) of the same pairs: ~25 s of a trial's start-up on 2 cores
+    # is not shared) of the same pairs, in its own start-up
     shared = tuple(ds.materialize() for ds in datasets)
     n_train = shared[0].count()
     check_batch_fits("tune", n_train, "pairs", cfg.scaling.num_workers, cfg.dpo.per_device_batch_size)

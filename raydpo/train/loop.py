@@ -222,7 +222,7 @@ class RunState:
 
 
 @dataclass
-class StageRun:
+class LoopRun:
     """What the steps of one stage share: what trains and where, the hooks, the running state."""
 
     stage: Stage
@@ -245,7 +245,7 @@ class StageRun:
 # -- the loop ------------------------------------------------------------------------------
 
 
-def setup(stage: Stage, cfg: Config, model, tokenizer, env: WorkerEnv, hooks: Hooks) -> StageRun:
+def setup(stage: Stage, cfg: Config, model, tokenizer, env: WorkerEnv, hooks: Hooks) -> LoopRun:
     """Seed, build the engine and the fault hooks, restore a checkpoint (engine, RNG, counters)
     when resuming, and decide on the DPO step-0 sanity check."""
     stage_cfg = cfg.stage(stage)
@@ -262,7 +262,7 @@ def setup(stage: Stage, cfg: Config, model, tokenizer, env: WorkerEnv, hooks: Ho
     if state.check_step0 and (why := step0_skip_reason(cfg.dpo.loss_types)):
         hooks.progress(f"[dpo] step-0 sanity check off: {why}")
         state.check_step0 = False
-    return StageRun(stage, cfg, stage_cfg, model, tokenizer, engine, sched, env, hooks, faults, state,
+    return LoopRun(stage, cfg, stage_cfg, model, tokenizer, engine, sched, env, hooks, faults, state,
                     Window.open(env.device), engine_skips_nonfinite=engine.zero_optimization_stage() >= 1)
 
 
@@ -290,13 +290,13 @@ def run_stage(stage: Stage, cfg: Config, model, tokenizer, env: WorkerEnv, hooks
     return LoopResult(step=st.step, history=st.history)
 
 
-def _forward(run: StageRun, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _forward(run: LoopRun, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     if run.stage == "sft":
         return sft_forward(run.engine, batch)
     return dpo_forward(run.engine, run.model, batch, run.cfg)
 
 
-def micro_step(run: StageRun, b: Batch, step: int, last_micro: bool) -> tuple[dict[str, torch.Tensor], bool]:
+def micro_step(run: LoopRun, b: Batch, step: int, last_micro: bool) -> tuple[dict[str, torch.Tensor], bool]:
     """Forward, backward and engine step of micro-batch ``b`` (on the device) of optimizer step
     ``step``. Returns its metric sums and whether its loss was finite on every rank; a non-finite
     one gets no backward and no engine step unless the engine drops the step itself (ZeRO)."""
@@ -314,7 +314,7 @@ def micro_step(run: StageRun, b: Batch, step: int, last_micro: bool) -> tuple[di
     return sums, finite
 
 
-def train_step(run: StageRun, batches: Iterator[Batch]) -> bool:
+def train_step(run: LoopRun, batches: Iterator[Batch]) -> bool:
     """Optimizer step ``state.step + 1``: one `micro_step` per accumulated micro-batch, added to
     the window. After a non-finite loss without ZeRO, the step's gradients are dropped and its
     remaining batches consumed unseen; under ZeRO DeepSpeed drops the step (also one whose
@@ -348,7 +348,7 @@ def train_step(run: StageRun, batches: Iterator[Batch]) -> bool:
     return bad or dropped
 
 
-def count_nonfinite(run: StageRun, skipped: bool) -> None:
+def count_nonfinite(run: LoopRun, skipped: bool) -> None:
     """Count a skipped step; ``max_nonfinite_steps`` in a row stop the stage (`NonFiniteError`)."""
     st, stage, stage_cfg = run.state, run.stage, run.stage_cfg
     if not skipped:
@@ -366,14 +366,14 @@ def count_nonfinite(run: StageRun, skipped: bool) -> None:
             "(use bf16), or bad rows in the data")
 
 
-def maybe_check_step0(run: StageRun, skipped: bool) -> None:
+def maybe_check_step0(run: LoopRun, skipped: bool) -> None:
     """The DPO step-0 sanity check (`sanity_check`) on the first step that updated."""
     if run.state.check_step0 and not skipped:
         sanity_check(_finalize(dict(run.window.sums), run.env.device), run.cfg)
         run.state.check_step0 = False
 
 
-def maybe_log(run: StageRun, stop: bool, last: bool) -> dict[str, float]:
+def maybe_log(run: LoopRun, stop: bool, last: bool) -> dict[str, float]:
     """On the first step, every ``log_every``, the last and a stop: the window's train metrics
     (means over every rank's samples) and throughput (summed over ranks); a new window opens."""
     step, env, window = run.state.step, run.env, run.window
@@ -400,7 +400,7 @@ def maybe_log(run: StageRun, stop: bool, last: bool) -> dict[str, float]:
     return metrics
 
 
-def evaluate(run: StageRun) -> dict[str, float]:
+def evaluate(run: LoopRun) -> dict[str, float]:
     """``eval/`` metrics over every rank's eval shard (at most ``eval_max_batches`` each)."""
     engine, env, max_batches = run.engine, run.env, run.stage_cfg.eval_max_batches
     engine.eval()
@@ -417,7 +417,7 @@ def evaluate(run: StageRun) -> dict[str, float]:
     return {f"eval/{k}": v for k, v in _finalize(sums, env.device).items()}
 
 
-def maybe_eval(run: StageRun, last: bool) -> dict[str, float]:
+def maybe_eval(run: LoopRun, last: bool) -> dict[str, float]:
     """Every ``eval_every`` steps and the last: the eval metrics and, for DPO when due, the eval
     generations (`raydpo.train.generate`) handed to ``hooks.log_generations``."""
     step, cfg, env = run.state.step, run.cfg, run.env
@@ -435,7 +435,7 @@ def maybe_eval(run: StageRun, last: bool) -> dict[str, float]:
     return ev
 
 
-def publish(run: StageRun, metrics: dict[str, float]) -> None:
+def publish(run: LoopRun, metrics: dict[str, float]) -> None:
     """A step's metrics, if any, to the history, the logger and rank 0's progress line."""
     if not metrics:
         return
@@ -446,7 +446,7 @@ def publish(run: StageRun, metrics: dict[str, float]) -> None:
     run.hooks.progress(format_progress(run.stage, step, run.stage_cfg.max_steps, metrics))
 
 
-def maybe_save(run: StageRun, metrics: dict[str, float], stop: bool, last: bool) -> None:
+def maybe_save(run: LoopRun, metrics: dict[str, float], stop: bool, last: bool) -> None:
     """Every ``save_every`` steps, the last and on a stop: this rank's part of a checkpoint, with
     the trainer state a resumed run needs. A step with metrics or a checkpoint is reported (on
     every rank alike), except, under ``report_eval_only``, one with neither eval metrics nor a

@@ -3,7 +3,7 @@
 * On the driver (`install_driver_handler`), SIGTERM writes the stage's stop file; the workers
   look for it after every step.
 * On a Ray worker, the training loop runs in a thread that cannot install signal handlers, and
-  Ray's own handler on the main thread exits the process within ~10 ms. So
+  Ray's own handler on the main thread exits the process at once. So
   `raydpo.orchestration.ray_callbacks.SigtermToStop` (a Ray Train worker callback, run on the worker's
   main thread) replaces it with one that only raises `TERM`. Under torchrun the loop owns the
   main thread and `StopWatch` installs the same handler itself.
