@@ -5,7 +5,8 @@ heavy libraries late, so most of its arrows are there). Three tables:
 
 * ``LAYERS``: the layers, bottom to top, with their modules; README's Layout table is rendered
   from it (``python tests/test_layers.py`` prints it; a test checks README holds exactly that).
-* ``SUBLAYERS``: the same rule inside a package (the loop below the Ray worker, ...).
+* ``SUBLAYERS``: the same rule inside a package (the loop below the Ray worker, a stage's launch
+  below Tune, ...).
 * ``NEVER``: imports a module must never make, whatever the layers allow, with the reason.
 * ``WEIGHT``: what importing a module may not load into a fresh interpreter (the light-import
   rule: ``raydpo validate`` and the driver's tools stay fast and never start Ray).
@@ -14,6 +15,7 @@ heavy libraries late, so most of its arrows are there). Three tables:
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +51,15 @@ SUBLAYERS = {  # package -> its modules' sub-layers, bottom to top (a module not
         ["raydpo.train.plain", "raydpo.train.engine", "raydpo.train.checkpoint"],
         ["raydpo.train.loop"],
         ["raydpo.train.worker", "raydpo.train.standalone"],
+    ],
+    "raydpo.orchestration": [
+        ["raydpo.orchestration", "raydpo.orchestration.errors", "raydpo.orchestration.console",
+         "raydpo.orchestration.ingest", "raydpo.orchestration.preemption", "raydpo.orchestration.ray_callbacks",
+         "raydpo.orchestration.estimate", "raydpo.orchestration.submit"],
+        ["raydpo.orchestration.checks", "raydpo.orchestration.ray_connect", "raydpo.orchestration.reference"],
+        ["raydpo.orchestration.base"],
+        ["raydpo.orchestration.launch"],
+        ["raydpo.orchestration.tune"],
     ],
     "raydpo.tracking": [
         ["raydpo.tracking.terminal", "raydpo.tracking.trials", "raydpo.tracking.store", "raydpo.tracking.prometheus"],
@@ -204,12 +215,36 @@ def test_never_rows_hold():
     assert broken == []
 
 
-@pytest.mark.parametrize("module,heavy", WEIGHT, ids=[m for m, _ in WEIGHT])
-def test_import_weight(module, heavy):
-    code = (f"import sys, {module}; "
-            f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
-    assert out.strip() == "[]", f"importing {module} loads {out.strip()}"
+_WEIGH = """
+import importlib, json, sys
+loaded = {}
+for module, heavy in json.loads(sys.argv[1]):
+    if any(m in sys.modules for m in heavy):  # an earlier row loaded it: weigh this one afresh
+        break
+    importlib.import_module(module)
+    loaded[module] = sorted(m for m in heavy if m in sys.modules)
+print(json.dumps(loaded))
+"""
+
+
+@pytest.fixture(scope="module")
+def import_weights() -> dict[str, list[str]]:
+    """What importing each ``WEIGHT`` module loaded of its heavy list. The rows run in order in one
+    fresh interpreter, each weighed before the next is imported, until a row finds one of its
+    heavy libraries already loaded by an earlier row: it and the rest go on in a new interpreter
+    (the light rows come first, so a few interpreters weigh them all)."""
+    weights: dict[str, list[str]] = {}
+    while len(weights) < len(WEIGHT):
+        rest = [(m, list(h)) for m, h in WEIGHT if m not in weights]
+        out = subprocess.run([sys.executable, "-c", _WEIGH, json.dumps(rest)], capture_output=True, text=True,
+                             check=True, cwd=ROOT).stdout
+        weights.update(json.loads(out.strip().splitlines()[-1]))
+    return weights
+
+
+@pytest.mark.parametrize("module", [m for m, _ in WEIGHT])
+def test_import_weight(module, import_weights):
+    assert import_weights[module] == [], f"importing {module} loads {import_weights[module]}"
 
 
 def test_the_checkers_see_lazy_imports_upward_arrows_and_never_rows(tmp_path):
@@ -224,6 +259,11 @@ def test_the_checkers_see_lazy_imports_upward_arrows_and_never_rows(tmp_path):
     assert _spells("raydpo_run.json", "raydpo_run.json", False) and _spells("adapter", "adapter", True)
     assert _spells("runs/*/sft-merged/x", "sft-merged", False) and _spells("mlflow_buffer_{stage}.jsonl", "mlflow_buffer_", True)
     assert not _spells("adapter_config.json", "adapter", True) and not _spells("the reference", "reference", False)
+    # the weigher sees what an import loads, and weighs a row afresh after a row that loaded its library
+    rows = [["raydpo.config", ["yaml"]], ["raydpo.storage", ["yaml"]]]
+    out = subprocess.run([sys.executable, "-c", _WEIGH, json.dumps(rows)], capture_output=True, text=True, check=True,
+                         cwd=ROOT).stdout
+    assert json.loads(out) == {"raydpo.config": ["yaml"]}
 
 
 def test_run_folder_names_are_spelled_only_in_storage():

@@ -234,7 +234,7 @@ def _claim_folder(run: StageRun) -> tuple[Callable[[], None], threading.Event]:
     """The run record (a rerun finds its MLflow run and checks its config against it), no stop
     file or OOM marker left from an earlier fit, and SIGTERM on the driver -> the stop file."""
     from raydpo.config import fingerprint_hash
-    from raydpo.train.preempt import install_driver_handler
+    from raydpo.orchestration.preemption import install_driver_handler
 
     folder = run.folder
     folder.mkdir(parents=True, exist_ok=True)

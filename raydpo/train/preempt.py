@@ -1,7 +1,7 @@
 """Preemption: a SIGTERM anywhere ends the run at the next step with a checkpoint, not a loss.
 
-* On the driver (`install_driver_handler`), SIGTERM writes the stage's stop file; the workers
-  look for it after every step.
+* On the driver (`raydpo.orchestration.preemption.install_driver_handler`), SIGTERM writes the
+  stage's stop file; the workers look for it after every step (`StopWatch`).
 * On a Ray worker, the training loop runs in a thread that cannot install signal handlers, and
   Ray's own handler on the main thread exits the process at once. So
   `raydpo.orchestration.ray_callbacks.SigtermToStop` (a Ray Train worker callback, run on the worker's
@@ -48,21 +48,3 @@ class StopWatch:
     def close(self) -> None:
         if self._prev is not None:
             signal.signal(signal.SIGTERM, self._prev)
-
-
-def install_driver_handler(stop_file: str):
-    """SIGTERM on the driver → the stop file (workers checkpoint and stop). Returns a function
-    restoring the previous handler, and an event set when it fired. Only from the main thread
-    (elsewhere Python forbids handlers: a no-op)."""
-    fired = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        return (lambda: None), fired
-
-    def on_term(signum, frame):
-        fired.set()
-        os.makedirs(os.path.dirname(stop_file), exist_ok=True)
-        with open(stop_file, "w") as f:
-            f.write("SIGTERM\n")
-
-    prev = signal.signal(signal.SIGTERM, on_term)
-    return (lambda: signal.signal(signal.SIGTERM, prev)), fired

@@ -1,0 +1,27 @@
+"""Preemption on the driver: SIGTERM writes the stage's stop file, which every worker reads after
+each step (`raydpo.train.preempt.StopWatch`), so the stage checkpoints and stops instead of dying.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+
+def install_driver_handler(stop_file: str):
+    """SIGTERM on the driver → the stop file (workers checkpoint and stop). Returns a function
+    restoring the previous handler, and an event set when it fired. Only from the main thread
+    (elsewhere Python forbids handlers: a no-op)."""
+    fired = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        return (lambda: None), fired
+
+    def on_term(signum, frame):
+        fired.set()
+        os.makedirs(os.path.dirname(stop_file), exist_ok=True)
+        with open(stop_file, "w") as f:
+            f.write("SIGTERM\n")
+
+    prev = signal.signal(signal.SIGTERM, on_term)
+    return (lambda: signal.signal(signal.SIGTERM, prev)), fired
