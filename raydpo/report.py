@@ -28,7 +28,7 @@ from typing import Any
 from raydpo import tracking
 from raydpo.metric_names import EVAL_ACCURACY, EVAL_MARGINS, TOKENS_PER_S
 from raydpo.tracking.plots import PLOT_KEYS, figure, png, trials_scatter
-from raydpo.tracking.trials import BEST_TAG, TRIAL_TAG, TrialRow
+from raydpo.tracking.trials import BEST_RUN_TAG, BEST_TAG, TRIAL_TAG, TrialRow
 
 EXIT_USAGE = 2
 # eval first (what runs are compared on), margins and accuracy leading; train curves follow for diagnosis
@@ -111,7 +111,7 @@ def trial_rows(parent: RunInfo, runs: list[RunInfo]) -> tuple[list[TrialRow], Tr
     """The trials (child runs) of a Tune parent as `raydpo.tracking.trials.TrialRow`, and the best one: the
     child tagged ``raydpo.best_trial`` or named by the parent's ``raydpo.best_run_id``."""
     rows, best = [], None
-    best_id = parent.tags.get("raydpo.best_run_id")
+    best_id = parent.tags.get(BEST_RUN_TAG)
     for r in runs:
         if r.parent_id != parent.run_id:
             continue

@@ -12,10 +12,12 @@ The layout of a run's storage (``<root>`` = ``run.storage_path``)::
         raydpo_stop_requested         the driver's preemption flag (`stop_file`)
         raydpo_oom.json               a worker's out-of-memory message (`oom_marker`)
         mlflow_buffer_<stage>.jsonl   metrics the workers could not send (`spill_file`)
+        mlflow_buffer_<stage>.jsonl.replayed   the same, once sent (`replayed_file`)
         faults_fired/                 which injected faults already fired (`faults_dir`)
         checkpoint_*/                 Ray Train's checkpoints (`checkpoints`)
           adapter/ deepspeed/ trainer_state.json rng_r<k>.pt manifest_r<k>.json
       <run>-<stage>-standalone/       the torchrun runner's output (`standalone_dir`)
+        step_<n>/                     its checkpoint of step n (`standalone_step_dir`)
       reference/                      reference log-prob caches and content digests (`reference_dir`)
         digests.json                  file digests remembered by (path, size, mtime) (`digest_memo`)
         <key>/                        one cache, by content key (`reference_dir`)
@@ -32,6 +34,9 @@ from __future__ import annotations
 from pathlib import Path
 
 RUN_RECORD = "raydpo_run.json"
+SPILL_FILE = "mlflow_buffer_{stage}.jsonl"
+REPLAYED_SUFFIX = ".replayed"
+STANDALONE_STEP = "step_{step}"
 STOP_FILE = "raydpo_stop_requested"
 OOM_MARKER = "raydpo_oom.json"
 LOG_FILE = "raydpo.log"
@@ -110,7 +115,12 @@ def stage_dir(storage_path: str | Path, run_name: str, stage: str) -> Path:
 
 
 def standalone_dir(storage_path: str | Path, run_name: str, stage: str) -> Path:
+    # not through `root`: the torchrun runner writes relative to its cwd, as it always has
     return Path(storage_path) / f"{run_name}-{stage}-standalone"
+
+
+def standalone_step_dir(standalone: str | Path, step: int) -> Path:
+    return Path(standalone) / STANDALONE_STEP.format(step=step)
 
 
 def tune_dir(storage_path: str | Path, name: str) -> Path:
@@ -134,7 +144,12 @@ def oom_marker(stage_folder: str | Path) -> Path:
 
 def spill_file(stage_folder: str | Path, stage: str) -> Path:
     """Where a stage's workers write the metrics they could not send: beside its checkpoints."""
-    return Path(stage_folder) / f"mlflow_buffer_{stage}.jsonl"
+    return Path(stage_folder) / SPILL_FILE.format(stage=stage)
+
+
+def replayed_file(spill: str | Path) -> Path:
+    """Where `raydpo tracking replay` moves a spill file once every point in it is sent."""
+    return Path(f"{spill}{REPLAYED_SUFFIX}")
 
 
 def faults_dir(stage_folder: str | Path) -> Path:

@@ -530,7 +530,7 @@ def test_gpu_worker_groups_fit_the_gpu_recipe():
             assert s.gpus_per_worker <= pod_gpu and s.cpus_per_worker <= pod_cpu, f"{which}: a train worker fits no pod"
             gpus += pod_gpu * g["maxReplicas"]
             cpus += pod_cpu * g["maxReplicas"]
-        # counted as the driver counts before training (launch.check_cpu_budget, tune)
+        # counted as the driver counts before training (orchestration.checks.check_cpu_budget, tune)
         assert s.slots({"CPU": cpus, "GPU": gpus}, s.trainer_resources()) >= 1, which
 
 

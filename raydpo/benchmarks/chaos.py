@@ -34,6 +34,7 @@ from pathlib import Path
 
 from raydpo import storage
 from raydpo.tracking import STAGE_TAG
+from raydpo.tracking.trials import TRIAL_TAG
 
 SAVE_EVERY = 3
 STEPS = 9
@@ -321,7 +322,7 @@ class Suite:
                 row.notes.append(f"store back after the run: {n} points spilled, replay exit {r.returncode}")
                 if r.returncode != 0:
                     row.error = (r.stdout + r.stderr).strip().splitlines()[-1][:300]
-            elif spill.with_name(spill.name + ".replayed").exists():
+            elif storage.replayed_file(spill).exists():
                 row.notes.append("store back after the workers closed: the driver sent their spilled points")
             elif events:
                 row.notes.append("flushed live when the store returned")
@@ -410,7 +411,7 @@ class Suite:
         kids = [r for r in runs if parents and r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
         per_trial = {}
         for k in kids:
-            per_trial.setdefault(k.data.tags.get("raydpo.trial_id"), []).append(k)
+            per_trial.setdefault(k.data.tags.get(TRIAL_TAG), []).append(k)
         rerun = [n for n in done_before if any(c.is_dir() and c.stat().st_mtime > killed_at for c in storage.checkpoints(trials / n))]
         row.mlflow_runs = len(kids)
         row.notes.append(f"killed with {len(done_before)} trial(s) finished; "

@@ -3,7 +3,7 @@
 The driver turns the tokenized train split into the stream of the whole run
 (`ordered_stream`): per epoch, rows sorted by `raydpo.data.order.order_key`, cut to whole
 global micro-batches, epochs concatenated in order. Every worker reads that stream unsplit, in
-order (`data_config`), and keeps its own slice of each global micro-batch (`rank_batches`), so
+order (`data_config`), and keeps its own slice of each global micro-batch (`raydpo.data.order.rank_batches`), so
 the rows a step trains on depend on the seed, the step and the worker's rank only — not on
 block layout, caching, or which worker asked Ray Data first. A resumed worker skips the
 micro-batches before its checkpoint's position.

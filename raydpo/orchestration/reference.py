@@ -12,9 +12,9 @@ the dataset fingerprint the same way): a digest of the reference weights (for a 
 model, of its base and of the SFT adapter files), of the tokenizer files, and a fingerprint of
 the data (the source's bytes or generator settings plus every data setting tokenization reads).
 A new SFT adapter written under the same run name therefore gets fresh log-probs. A cache folder
-is built beside its final name and renamed into place with its marker (`raydpo.storage.reference_marker`, holding the
-row count of every split) written last; a folder without a valid marker, or whose parquet row
-counts disagree with it, is rebuilt, never trusted.
+is built beside its final name and renamed into place with its marker
+(`raydpo.storage.reference_marker`, holding the row count of every split) written last; a folder
+without a valid marker, or whose parquet row counts disagree with it, is rebuilt, never trusted.
 """
 
 from __future__ import annotations
@@ -258,10 +258,11 @@ def reference_datasets(cfg: Config, base_path: str, tok_path: str, progress=echo
 
 def read_split(folder: Path, num_cpus: float, local_read_max_bytes: int | None = None):
     """One cached split as a Ray dataset. Parquet files of at most ``local_read_max_bytes`` in all
-    (default: `raydpo.orchestration.ingest.LOCAL_SORT_MAX_BYTES`, the size the training stream handles in
-    one block anyway) are read here, on the driver, into the object store: Ray Data's parquet read
-    plans, samples and runs read tasks, seconds of fixed cost for the same rows (README, Performance). Larger splits are read by Ray Data's tasks. Row order is not a
-    property of a split: training sorts it (`raydpo.orchestration.ingest.ordered_stream`), evaluation sums
+    (default: `raydpo.orchestration.ingest.LOCAL_SORT_MAX_BYTES`, the size the training stream
+    handles in one block anyway) are read here, on the driver, into the object store: Ray Data's
+    parquet read plans, samples and runs read tasks, seconds of fixed cost for the same rows
+    (README, Performance). Larger splits are read by Ray Data's tasks. Row order is not a property
+    of a split: training sorts it (`raydpo.orchestration.ingest.ordered_stream`), evaluation sums
     over it, and the eval prompts are picked by ``row_id``."""
     import ray
 

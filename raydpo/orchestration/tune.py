@@ -20,7 +20,7 @@ from raydpo import storage
 from raydpo.config import Config, SearchSpace
 from raydpo.tracking.terminal import echo
 from raydpo.metric_names import EVAL_ACCURACY, EVAL_MARGINS
-from raydpo.tracking.trials import BEST_TAG, TRIAL_TAG, TrialRow
+from raydpo.tracking.trials import BEST_RUN_TAG, BEST_TAG, TRIAL_TAG, TrialRow
 
 
 
@@ -273,7 +273,7 @@ def _finish(uri: str, parent: str, cfg: Config, rows: list[TrialRow], best: Tria
         client.log_artifact(parent, str(Path(tmp) / "trials.txt"))
     if best is not None and best.run_id:
         client.set_tag(best.run_id, BEST_TAG, "true")
-        client.set_tag(parent, "raydpo.best_run_id", best.run_id)
+        client.set_tag(parent, BEST_RUN_TAG, best.run_id)
         client.log_metric(parent, f"best/{metric}", best.score(metric))
         if best.status == "DONE":
             name = cfg.tracking.register_model_name or f"{cfg.tracking.experiment_name}-dpo"

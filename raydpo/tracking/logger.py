@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from raydpo import storage
 from raydpo.tracking.runs import MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH, _log_generations, _log_tags
 from raydpo.tracking.store import _client, _fail_fast_http_env, _is_http, _short, check_store
 
@@ -427,6 +428,6 @@ def replay_buffer(path: str, uri: str | None = None) -> int:
             sent += len(todo[i:i + MAX_METRICS_PER_BATCH])
         if tags:
             _log_tags(client, run_id, list({t.key: t for t in tags}.values()))
-    os.replace(path, f"{path}.replayed")
+    os.replace(path, storage.replayed_file(path))
     return sent
 

@@ -11,6 +11,7 @@ from raydpo.metric_names import EVAL_ACCURACY
 
 BEST_TAG = "raydpo.best_trial"
 TRIAL_TAG = "raydpo.trial_id"
+BEST_RUN_TAG = "raydpo.best_run_id"  # on the search's parent run: its best trial's run id
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 `raydpo.orchestration.launch` builds it; Ray Train carries it to every worker as plain data
 (``train_loop_config``, `WorkerInputs.to_dict`), and `raydpo.train.worker` rebuilds it first
-thing (`WorkerInputs.from_dict`): a missing or unknown key fails there, by name.
+thing (`WorkerInputs.from_dict`): an unknown key, or a missing one without a default, fails there,
+by name.
 """
 
 from __future__ import annotations

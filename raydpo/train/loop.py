@@ -210,7 +210,8 @@ class Window:
 
 @dataclass
 class RunState:
-    """The loop's running state; a checkpoint saves it and a resumed run starts from it."""
+    """The loop's running state; a checkpoint saves its counters (not the history or the step-0
+    flag) and a resumed run starts from them."""
 
     step: int = 0  # optimizer steps done
     last_eval: dict[str, float] = field(default_factory=dict)
@@ -383,7 +384,7 @@ def maybe_log(run: LoopRun, stop: bool, last: bool) -> dict[str, float]:
     train = _finalize(window.sums, env.device) if window.sums else {}
     rss = torch.tensor(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, device=env.device)
     summed = all_reduce_sum(torch.stack([*window.counts.values(), rss]).float())
-    total = Counts(*summed[:5])
+    total = Counts(*summed[:len(fields(Counts))])
     metrics = {f"train/{k}": v for k, v in train.items()}
     metrics[TOKENS_PER_S] = float(total.tokens) / max(elapsed, 1e-9)
     metrics[PEAK_RSS_MIB] = float(summed[5])  # all workers' high-water marks, summed

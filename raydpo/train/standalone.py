@@ -229,7 +229,7 @@ def copy_checkpoints(out_dir: Path) -> Callable[[dict[str, float], str | None], 
     """`Hooks.report`: each checkpoint copied to ``out_dir/step_<n>`` (no Ray to take it)."""
     def report(metrics, ckpt_dir):
         if ckpt_dir:
-            dest = out_dir / f"step_{int(metrics['step'])}"
+            dest = storage.standalone_step_dir(out_dir, int(metrics['step']))
             dest.mkdir(parents=True, exist_ok=True)
             shutil.copytree(ckpt_dir, dest, dirs_exist_ok=True)
             shutil.rmtree(ckpt_dir, ignore_errors=True)

@@ -122,7 +122,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                   report_eval_only=inputs.report_eval_only,
                   stop_requested=watch.requested, config_fingerprint=inputs.fingerprint,
                   faults=inputs.faults, faults_dir=str(storage.faults_dir(storage_dir)) if storage_dir else None,
-                  # chosen once on the driver (launch.fit_stage): every rank generates the same prompts
+                  # chosen once on the driver (launch.build_trainer): every rank generates the same prompts
                   eval_prompts=lambda k: list(inputs.eval_prompts)[:k],
                   log_generations=logger.log_generations)
     try:
@@ -199,7 +199,7 @@ def ray_batches(inputs: WorkerInputs, cfg: Config, pad_token_id: int, env: Worke
     collate = (DPOCollate(pad_token_id, cfg.dpo.share_prefix, cfg.dpo.padding_free) if inputs.stage == "dpo"
                else SFTCollate())
     train_shard = ray.train.get_dataset_shard("train")  # the whole ordered stream (raydpo.orchestration.ingest)
-    # an empty eval split is not passed (launch.fit_stage warns): train without evaluation
+    # an empty eval split is not passed (launch.stage_data warns): train without evaluation
     eval_shard = ray.train.get_dataset_shard("eval") if inputs.has_eval else None
     bs = cfg.stage(inputs.stage).per_device_batch_size
 
