@@ -57,6 +57,10 @@ def cmd_validate(args) -> int:
     cfg = _load_checked(args)
     if cfg is None:
         return EXIT_USAGE
+    problem = _storage_problem(cfg)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     if not args.estimate:
         print(f"{args.config or '<defaults>'}: OK")
         return 0
@@ -71,6 +75,21 @@ def cmd_validate(args) -> int:
         print(f"warning: {w}", file=sys.stderr)
     print(est.to_json() if args.json else f"{args.config}: OK\n{format_estimate(est)}")
     return 0
+
+
+def _storage_problem(cfg) -> str | None:
+    """What validate can tell of ``run.storage_path`` from here: a URI takes writes (a local path
+    is checked where the job runs), a relative path is refused under a Ray job."""
+    from raydpo import storage
+    from raydpo.orchestration.checks import check_remote_storage
+    from raydpo.orchestration.errors import StorageError
+    from raydpo.orchestration.nodes import check_job_storage
+
+    try:
+        check_job_storage(cfg)
+    except StorageError as e:
+        return str(e)
+    return check_remote_storage(cfg.run.storage_path) if storage.is_remote(cfg.run.storage_path) else None
 
 
 def _stdout_for_json():

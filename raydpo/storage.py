@@ -26,11 +26,26 @@ The layout of a run's storage (``<root>`` = ``run.storage_path``)::
         .<key>.building-<pid>/        a cache being built (`reference_building`)
       <tune name>/                    a Tune search's experiment folder (`tune_dir`)
 
+``run.storage_path`` is a local folder (shared by every node: NFS, a mounted volume) or any URI
+pyarrow opens, as Ray Train's own storage does (``s3://``, ``gs://``, ``abfs://``; credentials and
+``AWS_ENDPOINT_URL`` from the standard environment). A location is therefore a ``str``: an
+absolute local path or a URI. The path functions below only join names; the I/O functions at the
+end (`exists`, `read_text`, `write_text`, `upload`, `local_copy`, ...) read and write either kind
+through ``pyarrow.fs``, so no caller opens a storage path itself.
+
 Torch-free and Ray-free: the driver, the workers and the tools all ask it.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+from functools import lru_cache
 from pathlib import Path
 
 RUN_RECORD = "raydpo_run.json"
@@ -42,10 +57,13 @@ OOM_MARKER = "raydpo_oom.json"
 LOG_FILE = "raydpo.log"
 MERGED_DIR = "sft-merged"
 MERGED_MARKER = "raydpo_merged.json"
+MODELS_DIR = "models"
 REFERENCE_DIR = "reference"
 REFERENCE_MARKER = "_SUCCESS"
 DIGEST_MEMO = "digests.json"
 FAULTS_DIR = "faults_fired"
+NODE_CHECK = ".raydpo_node_check-{token}"
+WRITE_CHECK = ".raydpo_write_check-{token}"
 CHECKPOINT_GLOB = "checkpoint_*"  # Ray Train's name for the checkpoints of a run folder
 # inside a checkpoint
 ADAPTER_DIR = "adapter"
@@ -53,69 +71,105 @@ DS_DIR = "deepspeed"
 STATE_FILE = "trainer_state.json"
 RNG_FILE = "rng_r{rank}.pt"
 MANIFEST = "manifest_r{rank}.json"
+COPY_DONE = ".raydpo_copy_complete"  # written last into a node-local copy of a remote folder
 
 
-def root(storage_path: str | Path) -> Path:
-    """``run.storage_path`` as an absolute local path."""
-    return Path(storage_path).expanduser().resolve()
+# -- locations -----------------------------------------------------------------------------
 
 
-def run_dir(storage_path: str | Path, run_name: str) -> Path:
-    return root(storage_path) / run_name
+def is_remote(loc: str | Path) -> bool:
+    """A URI with a scheme (``s3://``, ``gs://``, ...) other than ``file://``: not a local path."""
+    s = str(loc)
+    return "://" in s and not s.startswith("file://")
 
 
-def log_file(storage_path: str | Path, run_name: str) -> Path:
-    return run_dir(storage_path, run_name) / LOG_FILE
+def root(storage_path: str | Path) -> str:
+    """``run.storage_path`` as a location: a URI without its trailing slash, or an absolute local path."""
+    s = str(storage_path)
+    if is_remote(s):
+        return s.rstrip("/")
+    if s.startswith("file://"):
+        s = s[len("file://"):]
+    return str(Path(s).expanduser().resolve())
 
 
-def merged_sft_dir(storage_path: str | Path, run_name: str) -> Path:
-    return run_dir(storage_path, run_name) / MERGED_DIR
+def join(loc: str | Path, *names: str) -> str:
+    """``loc/name/...``: the one place a storage location is joined."""
+    s = str(loc)
+    return posixpath.join(s, *names) if is_remote(s) else os.path.join(s, *names)
 
 
-def merged_marker(merged_dir: str | Path) -> Path:
-    return Path(merged_dir) / MERGED_MARKER
+def name(loc: str | Path) -> str:
+    return posixpath.basename(str(loc).rstrip("/"))
 
 
-def merged_markers(storage_path: str | Path) -> list[Path]:
+def parent(loc: str | Path) -> str:
+    s = str(loc).rstrip("/")
+    return posixpath.dirname(s) if is_remote(s) else os.path.dirname(s)
+
+
+def run_dir(storage_path: str | Path, run_name: str) -> str:
+    return join(root(storage_path), run_name)
+
+
+def log_file(storage_path: str | Path, run_name: str) -> str:
+    return join(run_dir(storage_path, run_name), LOG_FILE)
+
+
+def merged_sft_dir(storage_path: str | Path, run_name: str) -> str:
+    return join(run_dir(storage_path, run_name), MERGED_DIR)
+
+
+def merged_marker(merged_dir: str | Path) -> str:
+    return join(merged_dir, MERGED_MARKER)
+
+
+def merged_markers(storage_path: str | Path) -> list[str]:
     """The merge markers of every run in this storage (another run's merge may be shared)."""
-    return sorted(root(storage_path).glob(f"*/{MERGED_DIR}/{MERGED_MARKER}"))
+    top = root(storage_path)
+    return sorted(m for run in list_dirs(top) if exists(m := merged_marker(join(top, run, MERGED_DIR))))
 
 
-def reference_dir(storage_path: str | Path, key: str | None = None) -> Path:
+def model_dir(storage_path: str | Path, model_name: str) -> str:
+    """A model every node reads (the built-in tiny Llama), published into run storage."""
+    return join(root(storage_path), MODELS_DIR, model_name)
+
+
+def reference_dir(storage_path: str | Path, key: str | None = None) -> str:
     """The reference caches' folder, or one cache's folder by its content key."""
-    d = root(storage_path) / REFERENCE_DIR
-    return d / key if key else d
+    d = join(root(storage_path), REFERENCE_DIR)
+    return join(d, key) if key else d
 
 
-def digest_memo(memo_dir: str | Path) -> Path:
-    return Path(memo_dir) / DIGEST_MEMO
+def digest_memo(memo_dir: str | Path) -> str:
+    return join(memo_dir, DIGEST_MEMO)
 
 
-def reference_split(cache: str | Path, split: str) -> Path:
-    return Path(cache) / split
+def reference_split(cache: str | Path, split: str) -> str:
+    return join(cache, split)
 
 
-def reference_marker(cache: str | Path) -> Path:
-    return Path(cache) / REFERENCE_MARKER
+def reference_marker(cache: str | Path) -> str:
+    return join(cache, REFERENCE_MARKER)
 
 
-def reference_building(cache: Path, pid: int) -> Path:
-    """Where a cache is built before it is renamed into place (beside it, hidden)."""
-    return cache.with_name(f".{cache.name}.building-{pid}")
+def reference_building(cache: str | Path, pid: int) -> str:
+    """Where a cache is built before it is moved into place (beside it, hidden)."""
+    return join(parent(cache), f".{name(cache)}.building-{pid}")
 
 
-def partition_dir(folder: str | Path, column: str, value: str) -> Path:
+def partition_dir(folder: str | Path, column: str, value: str) -> str:
     """The folder a hive-partitioned parquet write (Ray Data's ``partition_cols``) puts a value in."""
-    return Path(folder) / f"{column}={value}"
+    return join(folder, f"{column}={value}")
 
 
-def stage_dir(storage_path: str | Path, run_name: str, stage: str) -> Path:
+def stage_dir(storage_path: str | Path, run_name: str, stage: str) -> str:
     """Ray Train's folder of one stage's run: checkpoints, the run record, the stop file."""
-    return root(storage_path) / f"{run_name}-{stage}"
+    return join(root(storage_path), f"{run_name}-{stage}")
 
 
 def standalone_dir(storage_path: str | Path, run_name: str, stage: str) -> Path:
-    # not through `root`: the torchrun runner writes relative to its cwd, as it always has
+    # not through `root`: the torchrun runner writes relative to its cwd, as it always has (local only)
     return Path(storage_path) / f"{run_name}-{stage}-standalone"
 
 
@@ -123,67 +177,303 @@ def standalone_step_dir(standalone: str | Path, step: int) -> Path:
     return Path(standalone) / STANDALONE_STEP.format(step=step)
 
 
-def tune_dir(storage_path: str | Path, name: str) -> Path:
-    return root(storage_path) / name
+def tune_dir(storage_path: str | Path, tune_name: str) -> str:
+    return join(root(storage_path), tune_name)
+
+
+def write_check_file(storage_path: str | Path, token: str) -> str:
+    """The object written and deleted to learn that a storage URI takes writes (`check_storage`)."""
+    return join(root(storage_path), WRITE_CHECK.format(token=token))
 
 
 # -- inside a stage folder -----------------------------------------------------------------
 
 
-def run_record(stage_folder: str | Path) -> Path:
-    return Path(stage_folder) / RUN_RECORD
+def run_record(stage_folder: str | Path) -> str:
+    return join(stage_folder, RUN_RECORD)
 
 
-def stop_file(stage_folder: str | Path) -> Path:
-    return Path(stage_folder) / STOP_FILE
+def stop_file(stage_folder: str | Path) -> str:
+    return join(stage_folder, STOP_FILE)
 
 
-def oom_marker(stage_folder: str | Path) -> Path:
-    return Path(stage_folder) / OOM_MARKER
+def oom_marker(stage_folder: str | Path) -> str:
+    return join(stage_folder, OOM_MARKER)
 
 
-def spill_file(stage_folder: str | Path, stage: str) -> Path:
+def spill_file(stage_folder: str | Path, stage: str) -> str:
     """Where a stage's workers write the metrics they could not send: beside its checkpoints."""
-    return Path(stage_folder) / SPILL_FILE.format(stage=stage)
+    return join(stage_folder, SPILL_FILE.format(stage=stage))
 
 
-def replayed_file(spill: str | Path) -> Path:
+def replayed_file(spill: str | Path) -> str:
     """Where `raydpo tracking replay` moves a spill file once every point in it is sent."""
-    return Path(f"{spill}{REPLAYED_SUFFIX}")
+    return f"{spill}{REPLAYED_SUFFIX}"
 
 
-def faults_dir(stage_folder: str | Path) -> Path:
-    return Path(stage_folder) / FAULTS_DIR
+def faults_dir(stage_folder: str | Path) -> str:
+    return join(stage_folder, FAULTS_DIR)
 
 
-def checkpoints(stage_folder: str | Path) -> list[Path]:
+def checkpoints(stage_folder: str | Path) -> list[str]:
     """The stage folder's checkpoint folders, in name order (not checked for completeness)."""
-    return sorted(p for p in Path(stage_folder).glob(CHECKPOINT_GLOB) if p.is_dir())
+    return [join(stage_folder, d) for d in list_dirs(stage_folder, CHECKPOINT_GLOB)]
 
 
-def set_aside_name(folder: Path, stamp: str) -> Path:
+def set_aside_name(folder: str | Path, stamp: str) -> str:
     """Where ``--restart`` moves a stage's earlier folder (kept, never deleted)."""
-    return folder.with_name(f"{folder.name}.before-restart-{stamp}")
+    return join(parent(folder), f"{name(folder)}.before-restart-{stamp}")
 
 
 # -- inside a checkpoint -------------------------------------------------------------------
 
 
-def adapter_dir(checkpoint: str | Path) -> Path:
-    return Path(checkpoint) / ADAPTER_DIR
+def adapter_dir(checkpoint: str | Path) -> str:
+    return join(checkpoint, ADAPTER_DIR)
 
 
-def deepspeed_dir(checkpoint: str | Path) -> Path:
-    return Path(checkpoint) / DS_DIR
+def deepspeed_dir(checkpoint: str | Path) -> str:
+    return join(checkpoint, DS_DIR)
 
 
-def state_file(checkpoint: str | Path) -> Path:
-    return Path(checkpoint) / STATE_FILE
+def state_file(checkpoint: str | Path) -> str:
+    return join(checkpoint, STATE_FILE)
 
 
-def rng_file(checkpoint: str | Path, rank: int) -> Path:
-    return Path(checkpoint) / RNG_FILE.format(rank=rank)
+def rng_file(checkpoint: str | Path, rank: int) -> str:
+    return join(checkpoint, RNG_FILE.format(rank=rank))
 
 
-def manifest_file(checkpoint: str | Path, rank: int) -> Path:
-    return Path(checkpoint) / MANIFEST.format(rank=rank)
+def manifest_file(checkpoint: str | Path, rank: int) -> str:
+    return join(checkpoint, MANIFEST.format(rank=rank))
+
+
+# -- I/O: local paths and URIs alike, through pyarrow.fs -------------------------------------
+
+
+@lru_cache(maxsize=16)
+def _remote_fs(prefix: str):
+    """One pyarrow filesystem per ``scheme://bucket`` (creating an S3 client is not free)."""
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(prefix)[0]
+
+
+def filesystem(loc: str | Path):
+    """``(pyarrow filesystem, path on it)`` of a location, as Ray Train resolves its storage."""
+    import pyarrow.fs as pafs
+
+    s = str(loc)
+    if not is_remote(s):
+        return pafs.LocalFileSystem(), s[len("file://"):] if s.startswith("file://") else s
+    scheme, rest = s.split("://", 1)
+    bucket = rest.split("/", 1)[0]
+    return _remote_fs(f"{scheme}://{bucket}"), rest.rstrip("/")
+
+
+def _info(loc: str | Path):
+    fs, path = filesystem(loc)
+    return fs.get_file_info(path)
+
+
+def exists(loc: str | Path) -> bool:
+    import pyarrow.fs as pafs
+
+    return _info(loc).type != pafs.FileType.NotFound
+
+
+def is_file(loc: str | Path) -> bool:
+    import pyarrow.fs as pafs
+
+    return _info(loc).type == pafs.FileType.File
+
+
+def is_dir(loc: str | Path) -> bool:
+    import pyarrow.fs as pafs
+
+    return _info(loc).type == pafs.FileType.Directory
+
+
+def read_bytes(loc: str | Path) -> bytes:
+    """The file's bytes; `FileNotFoundError` (an `OSError`) when it is not there."""
+    fs, path = filesystem(loc)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def read_text(loc: str | Path) -> str:
+    return read_bytes(loc).decode()
+
+
+def write_bytes(loc: str | Path, data: bytes) -> None:
+    """Whole or not at all: a local file is written beside its name and renamed into place; an
+    object store's PUT is atomic already. Parent folders are made."""
+    s = str(loc)
+    if is_remote(s):
+        fs, path = filesystem(s)
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    p = Path(filesystem(s)[1])
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, p)
+
+
+def write_text(loc: str | Path, text: str) -> None:
+    write_bytes(loc, text.encode())
+
+
+def append_text(loc: str | Path, text: str) -> None:
+    """Add ``text`` at the end (an object store has no append: the object is rewritten)."""
+    if is_remote(loc):
+        old = read_bytes(loc) if exists(loc) else b""
+        write_bytes(loc, old + text.encode())
+        return
+    p = Path(filesystem(loc)[1])
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p, "a", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_json(loc: str | Path) -> dict | None:
+    """The JSON object in a file, or None when it is missing or unreadable."""
+    try:
+        return json.loads(read_text(loc))
+    except (OSError, ValueError):
+        return None
+
+
+def makedirs(loc: str | Path) -> None:
+    fs, path = filesystem(loc)
+    fs.create_dir(path, recursive=True)
+
+
+def remove(loc: str | Path) -> None:
+    """A file or a whole folder; nothing when it is not there."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(loc)
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif kind == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def move(src: str | Path, dst: str | Path) -> None:
+    """Rename (local: one atomic rename; an object store: copy, then delete the source)."""
+    if not is_remote(src):
+        os.replace(filesystem(src)[1], filesystem(dst)[1])
+        return
+    if is_dir(src):
+        copy_tree(src, dst)
+        remove(src)
+    else:
+        fs, path = filesystem(src)
+        fs.move(path, filesystem(dst)[1])
+
+
+def list_dirs(loc: str | Path, pattern: str = "*") -> list[str]:
+    """Names of the sub-folders of ``loc`` matching ``pattern``, sorted; [] when it is not there."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(loc)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(i.base_name for i in infos
+                  if i.type == pafs.FileType.Directory and fnmatch.fnmatch(i.base_name, pattern))
+
+
+def walk_files(loc: str | Path) -> dict[str, tuple[int, int]]:
+    """Every file under a folder: ``{relative name: (size, mtime_ns)}``."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(loc)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    base = path.rstrip("/") + "/"
+    return {i.path[len(base):]: (int(i.size or 0), int(i.mtime_ns or 0))
+            for i in infos if i.type == pafs.FileType.File}
+
+
+def copy_tree(src: str | Path, dst: str | Path) -> None:
+    """Copy a folder between any two locations (pyarrow's copy, many files at once)."""
+    import pyarrow.fs as pafs
+
+    sfs, spath = filesystem(src)
+    dfs, dpath = filesystem(dst)
+    if not is_remote(dst):
+        Path(dpath).mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(spath, dpath, source_filesystem=sfs, destination_filesystem=dfs, use_threads=True)
+
+
+def upload(local: str | Path, loc: str | Path) -> None:
+    """Put a local folder at ``loc`` (replacing what was there); the same folder: nothing."""
+    if not is_remote(loc) and os.path.realpath(local) == os.path.realpath(filesystem(loc)[1]):
+        return
+    remove(loc)
+    copy_tree(str(local), loc)
+
+
+def local_copy(loc: str | Path) -> str:
+    """A local path with the folder's (or file's) content: a local location itself; a remote one
+    downloaded once per node into the temp dir, keyed by its location and its files' sizes and
+    times (a folder rewritten in place gets a fresh copy), complete or not used."""
+    s = str(loc)
+    if not is_remote(s):
+        return filesystem(s)[1]
+    if is_file(s):
+        files = {name(s): (0, 0)}
+    else:
+        files = walk_files(s)
+        if not files:
+            raise FileNotFoundError(f"{s}: no such folder in storage")
+    key = hashlib.sha256(json.dumps([s, sorted(files.items())]).encode()).hexdigest()[:16]
+    out = Path(tempfile.gettempdir()) / "raydpo-storage-cache" / f"{name(s)}-{key}"
+    if (out / COPY_DONE).exists():
+        return str(out / name(s)) if is_file(s) else str(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        if is_file(s):
+            (tmp / name(s)).write_bytes(read_bytes(s))
+        else:
+            copy_tree(s, str(tmp))
+        (tmp / COPY_DONE).write_text(s)
+        tmp.chmod(0o755)  # mkdtemp makes it private; other users' processes on the node read it
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process on this node finished the same copy first
+            if not (out / COPY_DONE).exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(out / name(s)) if is_file(s) else str(out)
+
+
+def publish(local: str | Path, loc: str | Path) -> str:
+    """Put a finished local folder (the tiny model built on the driver) at ``loc`` in run storage
+    once, for every node to read: done when ``loc`` holds its completion marker (written last),
+    otherwise (re)copied. Returns ``loc``."""
+    loc = str(loc)
+    done = join(loc, COPY_DONE)
+    if exists(done):
+        return loc
+    if is_remote(loc):
+        remove(loc)
+        copy_tree(str(local), loc)
+        write_text(done, str(local))
+        return loc
+    tmp = join(parent(loc), f".{name(loc)}.publishing-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(local, tmp)
+    Path(tmp, COPY_DONE).write_text(str(local))
+    try:
+        os.replace(tmp, loc)
+    except OSError:  # another driver published the same folder first (the same build)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not exists(done):
+            raise
+    return loc

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -41,7 +42,7 @@ def test_progress_line_round_trips_the_metrics_the_bar_shows():
 
 def test_library_output_goes_to_the_log_and_raydpo_lines_to_the_terminal(tmp_path):
     out, err = io.StringIO(), io.StringIO()
-    path = log_path(tmp_path / "runs", "demo")
+    path = Path(log_path(tmp_path / "runs", "demo"))  # a local run storage: the location is a path
     with Console(path, out=out, err=err) as con:
         os.write(2, b"[2026-12-02 WARNING real_accelerator.py] Setting accelerator to CPU\n")  # C-level / raw fd
         os.write(1, b"DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully\n")

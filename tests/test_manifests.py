@@ -521,17 +521,25 @@ def test_shared_pvc_is_read_write_many_and_the_recipe_writes_to_it():
 
 
 def test_gpu_worker_groups_fit_the_gpu_recipe():
-    s = load_config(GPU_RECIPE).scaling
+    """Each KubeRay cluster starts with a num-cpus 0 head and zero workers; what the autoscaler can
+    add (every group at maxReplicas) holds the recipe's training workers + Ray Data, its SFT merge
+    and its reference replicas, each bundle on one node, as the stage's wait counts them
+    (`raydpo.orchestration.resources`)."""
+    from raydpo.orchestration.resources import fits, merge_needs, reference_needs, training_needs
+
+    cfg = load_config(GPU_RECIPE)
+    s = cfg.scaling
     for which, spec in ray_cluster_specs():
-        gpus = cpus = 0.0
+        assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0", which
+        nodes = [{"CPU": 0.0}]  # the head runs the driver only
         for g in spec["workerGroupSpecs"]:
+            assert g["replicas"] == 0 and g["minReplicas"] == 0, f"{which}: starts with worker nodes"
             (c,) = g["template"]["spec"]["containers"]
             pod_gpu, pod_cpu = float(c["resources"]["limits"]["nvidia.com/gpu"]), cpu(c["resources"]["limits"]["cpu"])
             assert s.gpus_per_worker <= pod_gpu and s.cpus_per_worker <= pod_cpu, f"{which}: a train worker fits no pod"
-            gpus += pod_gpu * g["maxReplicas"]
-            cpus += pod_cpu * g["maxReplicas"]
-        # counted as the driver counts before training (orchestration.checks.check_cpu_budget, tune)
-        assert s.slots({"CPU": cpus, "GPU": gpus}, s.trainer_resources()) >= 1, which
+            nodes += [{"CPU": pod_cpu, "GPU": pod_gpu}] * g["maxReplicas"]
+        for need in (training_needs(cfg), merge_needs(cfg), reference_needs(cfg)):
+            assert fits(nodes, need), (which, [str(n) for n in need])
 
 
 def test_rayjob_runs_the_gpu_recipe_with_the_pinned_runtime_env():
@@ -593,8 +601,14 @@ def test_launcher_yaml_shape():
     assert gpu, "no GPU worker type"
     for t in workers.values():
         assert 0 <= t.get("min_workers", 0) <= t["max_workers"] <= cfg["max_workers"]
-    s = load_config(GPU_RECIPE).scaling
-    assert sum(t["resources"]["GPU"] * t["max_workers"] for t in gpu.values()) >= s.num_workers * s.gpus_per_worker
+    recipe = load_config(GPU_RECIPE)
+    nodes = [dict(types[cfg["head_node_type"]]["resources"])]  # CPU 0: the driver only
+    for t in workers.values():
+        assert t.get("min_workers", 0) == 0  # a cold start: the stage asks the autoscaler for its nodes
+        nodes += [dict(t["resources"])] * t["max_workers"]
+    from raydpo.orchestration.resources import fits, merge_needs, training_needs
+
+    assert fits(nodes, training_needs(recipe)) and fits(nodes, merge_needs(recipe))
     setup = cfg["setup_commands"]
     assert f"torch=={p['torch']}" in setup[0]
     assert any("pip install" in c and "-e ~/raydpo" in c for c in setup[1:])

@@ -101,7 +101,7 @@ def test_a_rerun_with_another_config_names_the_keys(tmp_path, capsys):
     from raydpo.config.presets import demo_config
 
     cfg = demo_config(overrides=[f"run.storage_path={tmp_path / 'runs'}", "run.name=same"]).with_absolute_paths()
-    folder = stage_storage(cfg, "dpo")
+    folder = Path(stage_storage(cfg, "dpo"))  # a local storage path: the location is a path
     folder.mkdir(parents=True)
     (folder / RUN_FILE).write_text(json.dumps({"fingerprint": resume_fingerprint(cfg)}))
     yaml = tmp_path / "c.yaml"

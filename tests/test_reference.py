@@ -50,39 +50,6 @@ def test_precomputed_reference_matches_on_the_fly(tmp_path, quant, loss_type):
         assert abs(m_fly["rewards/chosen"].item()) > 1e-4  # the comparison is not trivially 0 == 0
 
 
-@pytest.mark.parametrize("resources,overrides,expected", [
-    ({"CPU": 2.0}, {}, 2),  # 2 CPUs, 1 kept for Ray Data, 0.5 per replica
-    ({"CPU": 16.0}, {"scaling.cpus_per_worker": 4.0}, 3),
-    ({"CPU": 1.0}, {}, 1),  # never fewer than one replica
-    ({"CPU": 64.0, "GPU": 8.0}, {"scaling.use_gpu": True}, 8),  # one per GPU, not per CPU
-    ({"CPU": 64.0, "GPU": 8.0}, {"scaling.use_gpu": True, "scaling.gpus_per_worker": 2.0}, 4),
-])
-def test_reference_pass_uses_every_free_replica_slot(monkeypatch, resources, overrides, expected):
-    import ray
-
-    from raydpo.orchestration.reference import inference_actors
-
-    monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
-    assert inference_actors(Config().with_overrides(overrides)) == expected
-
-
-def test_the_driver_refuses_a_trainer_that_leaves_ray_data_no_cpu_and_tune_runs_what_fits(monkeypatch):
-    import ray
-
-    from raydpo.orchestration.checks import check_cpu_budget
-    from raydpo.orchestration.errors import ResourceError
-    from raydpo.orchestration.tune import max_concurrent
-
-    cfg = Config().with_overrides({"scaling.num_workers": 2, "scaling.cpus_per_worker": 1.0})
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
-    with pytest.raises(ResourceError, match="2 workers x 1 CPU \\+ 1 for Ray Data = 3"):
-        check_cpu_budget(cfg)
-    assert max_concurrent(cfg) == 1  # never fewer than one trial
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 7.0})
-    check_cpu_budget(cfg)
-    assert max_concurrent(cfg) == 3  # (7 - 1) // (2 x 1)
-
-
 # -- the cache is keyed by content -------------------------------------------------------------
 
 

@@ -219,7 +219,7 @@ class Suite:
         name = "corrupt"
         rc, out, s1 = self.cli(name, env={"RAYDPO_FAULTS": "sigterm@5:rank=0"})
         folder = self.work / "runs" / f"{name}-dpo"
-        ckpts = storage.checkpoints(folder)
+        ckpts = [Path(c) for c in storage.checkpoints(folder)]
         if ckpts:
             blob = next(ckpts[-1].rglob("*optim_states.pt"))
             data = bytearray(blob.read_bytes())
@@ -311,7 +311,7 @@ class Suite:
                 if _http_ok(uri):
                     break
                 time.sleep(1)
-            spill = storage.spill_file(storage.stage_dir(self.work / "runs", "midrun", "dpo"), "dpo")
+            spill = Path(storage.spill_file(storage.stage_dir(self.work / "runs", "midrun", "dpo"), "dpo"))
             if spill.exists():
                 # the store was not back before the workers closed (a restart can take longer than the
                 # rest of the run on a loaded machine): the points wait on disk; replay them as the
@@ -322,7 +322,7 @@ class Suite:
                 row.notes.append(f"store back after the run: {n} points spilled, replay exit {r.returncode}")
                 if r.returncode != 0:
                     row.error = (r.stdout + r.stderr).strip().splitlines()[-1][:300]
-            elif storage.replayed_file(spill).exists():
+            elif Path(storage.replayed_file(spill)).exists():
                 row.notes.append("store back after the workers closed: the driver sent their spilled points")
             elif events:
                 row.notes.append("flushed live when the store returned")
@@ -395,8 +395,8 @@ class Suite:
         trials = self.work / "runs"
 
         def finished_trial(d: Path) -> bool:
-            return any(json.loads(storage.state_file(c).read_text())["step"] >= 6
-                       for c in storage.checkpoints(d) if storage.state_file(c).exists())
+            return any((storage.read_json(storage.state_file(c)) or {}).get("step", 0) >= 6
+                       for c in storage.checkpoints(d))
 
         done_before = [d.name for d in trials.glob("tune-trial-*-dpo") if finished_trial(d)]
         rc2, out2, s2 = self.cli("tune", "--resume", *args, command="tune", timeout=1200)
@@ -412,7 +412,7 @@ class Suite:
         per_trial = {}
         for k in kids:
             per_trial.setdefault(k.data.tags.get(TRIAL_TAG), []).append(k)
-        rerun = [n for n in done_before if any(c.is_dir() and c.stat().st_mtime > killed_at for c in storage.checkpoints(trials / n))]
+        rerun = [n for n in done_before if any(Path(c).is_dir() and Path(c).stat().st_mtime > killed_at for c in storage.checkpoints(trials / n))]
         row.mlflow_runs = len(kids)
         row.notes.append(f"killed with {len(done_before)} trial(s) finished; "
                          f"{len(per_trial)} trials, child runs per trial {sorted(len(v) for v in per_trial.values())}")

@@ -16,15 +16,22 @@ from raydpo.config.root import Config
 # checkpoint's config, or the resumed run would silently be a different experiment. (max_steps
 # growing also stretches the LR schedule from the resumed step on: the new run's schedule.)
 RESUME_FREE = ("tracking.", "run.max_failures", "run.timeout_s", "run.keep_checkpoints", "scaling.torch_threads",
-               "scaling.data_cpus", "data.tokenize_concurrency", "data.tokenize_num_cpus", "sft.log_every", "sft.eval_every", "sft.eval_max_batches",
+               "scaling.data_cpus", "scaling.resources_timeout_s", "data.tokenize_concurrency", "data.tokenize_num_cpus", "sft.log_every", "sft.eval_every", "sft.eval_max_batches",
                "sft.save_every", "sft.max_steps", "sft.max_nonfinite_steps", "sft.enabled", "dpo.log_every",
                "dpo.eval_every", "dpo.eval_max_batches", "dpo.save_every", "dpo.max_steps", "dpo.max_nonfinite_steps",
                "dpo.enabled", "tune.", "generations.")
 
 
+# Where things are kept, not what is computed: a resubmitted job (another cwd, another package
+# folder) or a run moved to another mount resumes.
+LOCATIONS = ("run.storage_path", "model.cache_dir")
+
+
 def resume_fingerprint(cfg: Config) -> dict[str, Any]:
-    """The flattened config minus `RESUME_FREE` keys, as stored in every checkpoint."""
-    return {k: v for k, v in cfg.flat().items() if not k.startswith(RESUME_FREE)}
+    """The flattened config minus `RESUME_FREE` keys and `LOCATIONS`, as stored in every
+    checkpoint. Take it from the config as the user wrote it (relative paths relative), not
+    from `Config.with_absolute_paths`: those paths change with the cwd."""
+    return {k: v for k, v in cfg.flat().items() if not k.startswith(RESUME_FREE) and k not in LOCATIONS}
 
 
 def fingerprint_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -36,7 +43,8 @@ def fingerprint_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str
     def was(k: str) -> Any:
         return saved[k] if k in saved else defaults.get(k, "<unset>")
 
-    return sorted(k for k in set(saved) | set(current) if was(k) != current.get(k, "<unset>"))
+    keys = (set(saved) | set(current)) - set(LOCATIONS)  # an older checkpoint's fingerprint has them
+    return sorted(k for k in keys if was(k) != current.get(k, "<unset>"))
 
 
 def fingerprint_hash(fp: dict[str, Any]) -> str:

@@ -162,6 +162,11 @@ class ScalingConfig(Section):
         1.0, ge=1.0, description="CPUs left to Ray Data; checked against the cluster before training. At least "
         "1: Ray 2.60 file reads plan listing/sampling tasks of one whole CPU, which never run on less"
     )
+    resources_timeout_s: float = Field(
+        600.0, gt=0.0, description="seconds a step waits for the cluster to have what it needs (workers, Ray "
+        "Data's CPUs, the merge, reference replicas), asking the autoscaler meanwhile; GPU nodes take minutes to "
+        "boot. Then it stops with one line and exit 2"
+    )
 
     # -- Ray resources: the one place that turns these fields into reservations and counts ----
     def worker_resources(self) -> dict[str, float]:

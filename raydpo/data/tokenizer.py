@@ -18,7 +18,10 @@ def load_tokenizer(name_or_path: str, revision: str | None = None) -> PreTrained
     """
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+    from raydpo import storage
+
+    # a folder in run storage (the tiny model, a merged base, an adapter) is read from this node's copy
+    tok = AutoTokenizer.from_pretrained(storage.local_copy(name_or_path), revision=revision)
     if tok.pad_token_id is None:
         fallback = tok.eos_token if tok.eos_token is not None else tok.unk_token
         if fallback is None:

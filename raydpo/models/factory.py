@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from raydpo import storage
 from raydpo.config import BUILTIN_MODEL, LoraConfig, ModelConfig, QuantizationConfig
 
 if TYPE_CHECKING:
@@ -93,9 +94,11 @@ def load_base(model_cfg: ModelConfig, quant_cfg: QuantizationConfig, *, base_pat
     from transformers import AutoModelForCausalLM
 
     path = base_path or resolve_model_path(model_cfg)
+    revision = model_cfg.revision if path == model_cfg.name_or_path else None
+    path = storage.local_copy(path)  # a folder in run storage (object store): this node's copy of it
     quant = bnb_config(quant_cfg)
     kwargs = dict(
-        revision=model_cfg.revision if path == model_cfg.name_or_path else None,
+        revision=revision,
         attn_implementation=model_cfg.attn_implementation,
         trust_remote_code=model_cfg.trust_remote_code,
         dtype=DTYPES[model_cfg.dtype],
@@ -152,7 +155,7 @@ def load_model(model_cfg: ModelConfig, quant_cfg: QuantizationConfig, lora_cfg: 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     if adapter_path:
-        model = peft.PeftModel.from_pretrained(model, adapter_path, is_trainable=trainable)
+        model = peft.PeftModel.from_pretrained(model, storage.local_copy(adapter_path), is_trainable=trainable)
     else:
         model = peft.get_peft_model(model, peft.LoraConfig(
             r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
@@ -180,18 +183,27 @@ def merge_adapter(base_path: str, adapter_path: str, out_dir: str, dtype: str = 
     Merging into 4-bit weights would round the update away, so the base is always loaded
     unquantized; the result can be loaded 4-bit again (DPO's base after SFT). The tokenizer
     comes from the adapter folder when it has one (training saves it there), else the base.
-    Returns ``out_dir``.
+    Any of the three may be in run storage (`raydpo.storage`: local or an object store); a merge
+    into an object store is written to a local folder first and uploaded. Returns ``out_dir``.
     """
+    import shutil
+    import tempfile
+
     import peft
     from transformers import AutoModelForCausalLM
 
     from raydpo.data.tokenizer import load_tokenizer
 
+    base_path, adapter_path = storage.local_copy(base_path), storage.local_copy(adapter_path)
+    local_out = tempfile.mkdtemp(prefix="raydpo-merge-") if storage.is_remote(out_dir) else out_dir
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=DTYPES[dtype])
     merged = peft.PeftModel.from_pretrained(base, adapter_path).merge_and_unload()
-    merged.save_pretrained(out_dir)
+    merged.save_pretrained(local_out)
     tok_src = adapter_path if (Path(adapter_path) / "tokenizer_config.json").exists() else base_path
-    load_tokenizer(tok_src).save_pretrained(out_dir)
+    load_tokenizer(tok_src).save_pretrained(local_out)
+    if local_out != out_dir:
+        storage.upload(local_out, out_dir)
+        shutil.rmtree(local_out, ignore_errors=True)
     return out_dir
 
 
@@ -200,11 +212,17 @@ def export_adapter(adapter_path: str, out_dir: str, merge: bool, dtype: str = "f
     import json
     import shutil
 
+    if storage.is_remote(adapter_path) and not storage.exists(storage.join(adapter_path, "adapter_config.json")):
+        raise FileNotFoundError(f"{adapter_path} is not a PEFT adapter folder (no adapter_config.json)")
+    adapter_path = storage.local_copy(adapter_path)  # an adapter in an object store: downloaded
     cfg_file = Path(adapter_path) / "adapter_config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{adapter_path} is not a PEFT adapter folder (no adapter_config.json)")
     if not merge:
-        shutil.copytree(adapter_path, out_dir, dirs_exist_ok=True)
+        if storage.is_remote(out_dir):
+            storage.upload(adapter_path, out_dir)
+        else:
+            shutil.copytree(adapter_path, out_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns(storage.COPY_DONE))
         return out_dir
     base = json.loads(cfg_file.read_text())["base_model_name_or_path"]
     return merge_adapter(base, adapter_path, out_dir, dtype)

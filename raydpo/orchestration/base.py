@@ -14,11 +14,17 @@ from raydpo.config import Config, Stage
 
 
 def resolve_base(cfg: Config) -> tuple[str, str]:
-    """(base model path, tokenizer path). 'tiny' is materialized here, once, on the driver."""
+    """(base model path, tokenizer path). 'tiny' is built here, once, on the driver, and
+    published into run storage: the workers on other nodes read it there, never from the
+    driver's disk. A hub id stays an id (every node downloads it); a local folder must be on a
+    filesystem every node shares (`raydpo.orchestration.nodes` checks it)."""
+    from raydpo.config import BUILTIN_MODEL
     from raydpo.models.factory import resolve_model_path
 
     p = resolve_model_path(cfg.model)
-    if Path(p).exists():
+    if cfg.model.name_or_path == BUILTIN_MODEL:
+        p = storage.publish(p, storage.model_dir(cfg.run.storage_path, Path(p).name))
+    elif Path(p).exists():
         p = str(Path(p).resolve())
     return p, p
 
@@ -50,6 +56,7 @@ def merged_sft_base(cfg: Config, sft_adapter: str, base_path: str) -> str:
     import ray
 
     from raydpo.models.factory import merge_adapter
+    from raydpo.orchestration.resources import merge_needs, merge_task_options, wait_for_resources
     from raydpo.orchestration.reference import files_digest, model_identity
 
     memo = storage.reference_dir(cfg.run.storage_path)
@@ -58,28 +65,26 @@ def merged_sft_base(cfg: Config, sft_adapter: str, base_path: str) -> str:
     want = {"adapter_digest": files_digest(sft_adapter, memo),
             "base_identity": model_identity(base_path, cfg.model.revision if base_path == cfg.model.name_or_path else None,
                                             memo)}
-    if marker.exists():
-        try:
-            have = json.loads(marker.read_text())
-        except ValueError:
-            have = {}
-        if all(have.get(k) == v for k, v in want.items()):
-            return str(out)
-    if out.exists():
-        shutil.rmtree(out)
-    if _link_same_merge(storage.root(cfg.run.storage_path), want, out):
-        marker.write_text(json.dumps({"adapter": str(Path(sft_adapter).resolve()), "base": base_path, **want}))
-        return str(out)
+    have = storage.read_json(marker) or {}
+    if all(have.get(k) == v for k, v in want.items()):
+        return out
+    storage.remove(out)
+    record = json.dumps({"adapter": sft_adapter, "base": base_path, **want})
+    if _link_same_merge(cfg.run.storage_path, want, out):
+        storage.write_text(marker, record)
+        return out
     dtype = cfg.quantization.compute_dtype if cfg.quantization.mode != "none" else cfg.model.dtype
-    task = ray.remote(num_cpus=min(1.0, ray.cluster_resources().get("CPU", 1.0)))(merge_adapter)
-    ray.get(task.remote(base_path, str(sft_adapter), str(out), dtype))
-    marker.write_text(json.dumps({"adapter": str(Path(sft_adapter).resolve()), "base": base_path, **want}))
-    return str(out)
+    wait_for_resources(cfg, merge_needs(cfg), "merge")  # at once after the stage's own wait
+    task = ray.remote(**merge_task_options(cfg))(merge_adapter)  # a worker node, never a num-cpus 0 head
+    ray.get(task.remote(base_path, sft_adapter, out, dtype))  # reads and writes run storage, not this disk
+    storage.write_text(marker, record)  # last: the merge is complete
+    return out
 
 
-def _link_same_merge(storage_path: Path, want: dict, out: Path) -> bool:
-    """Hard-link (copy where links fail) another run's finished merge with the same digests into
-    ``out``, its marker excepted; False when there is none or it changed under us."""
+def _link_same_merge(storage_path: str, want: dict, out: str) -> bool:
+    """Hard-link (copy where links fail, or in an object store) another run's finished merge
+    with the same digests into ``out``, its marker excepted; False when there is none or it
+    changed under us."""
 
     def link(src: str, dst: str) -> None:
         try:
@@ -88,16 +93,19 @@ def _link_same_merge(storage_path: Path, want: dict, out: Path) -> bool:
             shutil.copy2(src, dst)
 
     for marker in storage.merged_markers(storage_path):
-        if marker.parent == out:
+        src = storage.parent(marker)
+        if src == out or any((storage.read_json(marker) or {}).get(k) != v for k, v in want.items()):
             continue
-        src = marker.parent
+        files = storage.walk_files(src)
+        if "config.json" not in files or not any(f.endswith(".safetensors") for f in files):
+            continue
         try:
-            if any(json.loads(marker.read_text()).get(k) != v for k, v in want.items()):
-                continue
-            if not ((src / "config.json").exists() and any(src.glob("*.safetensors"))):
-                continue
-            shutil.copytree(src, out, copy_function=link, ignore=shutil.ignore_patterns(storage.MERGED_MARKER))
+            if storage.is_remote(out):
+                storage.copy_tree(src, out)
+                storage.remove(storage.merged_marker(out))
+            else:
+                shutil.copytree(src, out, copy_function=link, ignore=shutil.ignore_patterns(storage.MERGED_MARKER))
             return True
-        except (OSError, ValueError):  # unreadable, or re-merged while we linked: merge ourselves
-            shutil.rmtree(out, ignore_errors=True)
+        except OSError:  # re-merged while we linked: merge ourselves
+            storage.remove(out)
     return False

@@ -1,23 +1,28 @@
 """What must hold before a stage or a search trains, each failing with one line (`errors`).
 
-`preflight` runs before Ray starts (storage, tracking store, hub token); `check_cpu_budget` once
-Ray is up; `check_batch_fits` once the training data is counted. `launch.fit_stage` and
-`tune.run_tune` both call them.
+`preflight` runs before Ray starts (storage, tracking store, hub token); once Ray is up, the
+cluster's resources are waited for (`raydpo.orchestration.resources.wait_for_resources`: a cold
+autoscaling cluster gets them late); `check_batch_fits` once the training data is counted.
+`launch.fit_stage` and `tune.run_tune` both call them.
 """
 
 from __future__ import annotations
 
 from raydpo import storage
 from raydpo.config import Config
-from raydpo.orchestration.errors import DataError, HubAccessError, ResourceError, StorageError, TrackingError
+from raydpo.orchestration.errors import DataError, HubAccessError, StorageError, TrackingError
 
 
 def check_storage(cfg: Config) -> str | None:
-    """One line if ``run.storage_path`` cannot hold checkpoints (not a folder, not writable)."""
+    """One line if ``run.storage_path`` cannot hold checkpoints (not a folder, not writable; a
+    URI: an object written and deleted there, with the environment's credentials and endpoint)."""
     import os
     import tempfile
+    from pathlib import Path
 
-    p = storage.root(cfg.run.storage_path)
+    if storage.is_remote(cfg.run.storage_path):
+        return check_remote_storage(cfg.run.storage_path)
+    p = Path(storage.root(cfg.run.storage_path))
     probe = p
     while not probe.exists():
         probe = probe.parent
@@ -31,6 +36,20 @@ def check_storage(cfg: Config) -> str | None:
                 pass
         except OSError as e:
             return f"run.storage_path {p} is not writable ({e.strerror or e})"
+    return None
+
+
+def check_remote_storage(uri: str) -> str | None:
+    import uuid
+
+    probe = storage.write_check_file(uri, uuid.uuid4().hex[:12])
+    try:
+        storage.write_text(probe, "raydpo: can this storage take writes?\n")
+        storage.remove(probe)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises OSError, ValueError (a bad URI), ...
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else e.__class__.__name__
+        return (f"run.storage_path {uri} is not writable ({first}); check the credentials and endpoint in the "
+                "environment (AWS_*, AWS_ENDPOINT_URL for an S3-compatible store, GOOGLE_APPLICATION_CREDENTIALS, ...)")
     return None
 
 
@@ -51,22 +70,6 @@ def preflight(cfg: Config) -> str:
     if problem:
         raise HubAccessError(problem)
     return uri
-
-
-def check_cpu_budget(cfg: Config) -> None:
-    """Ray Data needs CPUs of its own while workers train, or ingest stalls at 0 rows forever."""
-    import ray
-
-    total = ray.cluster_resources().get("CPU", 0.0)
-    s = cfg.scaling
-    trainer_cpus = s.trainer_resources()["CPU"]
-    if s.slots({"CPU": total}, {"CPU": trainer_cpus}) < 1:
-        needed = trainer_cpus + s.data_cpus
-        raise ResourceError(
-            f"the cluster has {total:g} CPUs; {s.num_workers} workers x {s.cpus_per_worker:g} CPU "
-            f"+ {s.data_cpus:g} for Ray Data = {needed:g}. Lower scaling.cpus_per_worker or "
-            f"scaling.num_workers (Ray Data must keep >= scaling.data_cpus)"
-        )
 
 
 def check_batch_fits(who: str, rows: int, unit: str, num_workers: int, per_device_batch_size: int) -> int:

@@ -112,8 +112,9 @@ class Console:
 
     def __init__(self, path: str | Path, verbose: bool = False, bars: bool = True,
                  out: IO[str] | None = None, err: IO[str] | None = None):
-        self.target = Path(path)
-        self.path = self.target  # where the log is now: a temporary file until training begins (settle)
+        self.target = str(path)  # a local path, or a URI in run storage (`raydpo.storage`)
+        self.path = Path(self.target)  # where the log is now: a temporary file until training begins (settle)
+        self.upload_at_exit = False  # an object store takes no appends: the local log goes up at the end
         self.settled = self.keep = False
         self.verbose, self.bars = verbose, bars
         self._given = (out, err)
@@ -171,17 +172,35 @@ class Console:
             terminal.set_sink(self._sink)
         if self.log is not None:
             self.log.close()
-        if not self.settled and not self.keep:
+        if self.upload_at_exit:
+            self._upload()
+        elif not self.settled and not self.keep:
             self.path.unlink(missing_ok=True)
+
+    def _upload(self) -> None:
+        """The log, added to the one in run storage (a rerun's log follows the earlier one's)."""
+        from raydpo import storage
+
+        try:
+            storage.append_text(self.target, self.path.read_text(errors="replace"))
+        except OSError as e:  # the run's outcome matters more; the log stays here
+            print(f"warning: could not copy the log to {self.target} ({e}); it is in {self.path}", file=sys.stderr)
+            return
+        self.path.unlink(missing_ok=True)
 
     def settle(self) -> None:
         """Move the log into the run folder (training has begun). If the folder cannot be made, the
         log stays where it is, and is kept."""
+        from raydpo import storage
+
         if self.settled or self.log is None:
             return
         self.settled = True
+        if storage.is_remote(self.target):
+            self.upload_at_exit = True
+            return
         try:
-            self.target.parent.mkdir(parents=True, exist_ok=True)
+            Path(self.target).parent.mkdir(parents=True, exist_ok=True)
             log = open(self.target, "a", buffering=1)
         except OSError:
             self.keep = True
@@ -193,7 +212,7 @@ class Console:
             os.dup2(log.fileno(), fd)
         self.log.close()
         self.path.unlink(missing_ok=True)
-        self.log, self.path = log, self.target
+        self.log, self.path = log, Path(self.target)
 
     # -- Ray's worker output -----------------------------------------------------------------
     def attach_ray(self) -> None:

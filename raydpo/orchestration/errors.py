@@ -23,7 +23,7 @@ class HubAccessError(RuntimeError):
 
 
 class ResourceError(RuntimeError):
-    pass
+    """The cluster did not get what a step needs within ``scaling.resources_timeout_s``."""
 
 
 class DataError(ValueError):
@@ -50,7 +50,8 @@ class Preempted(Exception):
 
 # errors of the setup, not of training: the CLI prints their one line and exits 2 (DataSourceError:
 # a source that cannot be read, or whose format cannot be told or rendered, e.g. no chat template)
-SETUP_ERRORS = (StorageError, TrackingError, DataError, DataSourceError, HubAccessError, ResumeConfigError)
+SETUP_ERRORS = (StorageError, TrackingError, DataError, DataSourceError, HubAccessError, ResumeConfigError,
+                ResourceError)
 
 
 def explain(err: BaseException) -> str:

@@ -13,7 +13,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from raydpo import storage
@@ -42,7 +41,7 @@ class StageRun:
     cfg: Config  # with absolute paths: workers and Ray Data tasks may not share this cwd
     stage: Stage
     uri: str  # the MLflow tracking store
-    folder: Path  # the stage's folder (`stage_storage`)
+    folder: str  # the stage's folder (`stage_storage`): a local path or a URI
     prior: dict | None  # the newest intact checkpoint's trainer state, its "path" added; None if none
     record: dict  # the run record an earlier driver left in the folder ({} if none)
     fingerprint: dict  # `raydpo.config.resume_fingerprint`: what a resume must not change
@@ -74,43 +73,39 @@ def stage_datasets(cfg: Config, stage: Stage, base_path: str, tok_path: str, pro
     return build_datasets(cfg, stage, tok_path)
 
 
-def stage_storage(cfg: Config, stage: str) -> Path:
+def stage_storage(cfg: Config, stage: str) -> str:
     """Ray Train's folder of one stage's run: checkpoints, the MLflow run id, the stop file."""
     return storage.stage_dir(cfg.run.storage_path, cfg.run.name, stage)
 
 
-def set_aside(folder: Path) -> Path | None:
+def set_aside(folder: str) -> str | None:
     """``--restart``: move a stage's earlier folder out of the way (kept, never deleted)."""
-    if not folder.exists():
+    if not storage.exists(folder):
         return None
     dest = storage.set_aside_name(folder, time.strftime("%Y%m%d-%H%M%S"))
-    folder.rename(dest)
+    storage.move(folder, dest)
     return dest
 
 
-def _prior_state(cfg: Config, stage: str, folder: Path) -> tuple[dict | None, dict]:
-    """(newest intact checkpoint's trainer state or None, the folder's run record)."""
-    from raydpo.config import fingerprint_diff, resume_fingerprint
+def _prior_state(folder: str, stage: str, run_name: str, fingerprint: dict) -> tuple[dict | None, dict]:
+    """(newest intact checkpoint's trainer state or None, the folder's run record); a checkpoint
+    of another ``fingerprint`` is a `ResumeConfigError`."""
+    from raydpo.config import fingerprint_diff
     from raydpo.train.checkpoint import verify_checkpoint
     from raydpo.train.worker import intact_checkpoints
 
-    record = {}
-    if storage.run_record(folder).exists():
-        try:
-            record = json.loads(storage.run_record(folder).read_text())
-        except ValueError:
-            record = {}
-    ckpts = intact_checkpoints(str(folder))
+    record = storage.read_json(storage.run_record(folder)) or {}
+    ckpts = intact_checkpoints(folder)
     state = verify_checkpoint(ckpts[0]) if ckpts else None
     saved_fp = (state or {}).get("config") or record.get("fingerprint")
     if saved_fp:
-        diff = fingerprint_diff(saved_fp, resume_fingerprint(cfg))
+        diff = fingerprint_diff(saved_fp, fingerprint)
         if diff:
-            shown = ", ".join(f"{k} ({saved_fp.get(k, '<unset>')!r} -> {resume_fingerprint(cfg).get(k, '<unset>')!r})"
+            shown = ", ".join(f"{k} ({saved_fp.get(k, '<unset>')!r} -> {fingerprint.get(k, '<unset>')!r})"
                               for k in diff[:8])
             more = f" and {len(diff) - 8} more" if len(diff) > 8 else ""
             raise ResumeConfigError(
-                f"{stage}: run '{cfg.run.name}' has a checkpoint in {folder} made with another config: {shown}{more}. "
+                f"{stage}: run '{run_name}' has a checkpoint in {folder} made with another config: {shown}{more}. "
                 "Rerun with the same config to resume it, or pass --restart to start over (the old folder is kept)")
     if state is not None:
         state["path"] = str(ckpts[0])
@@ -139,17 +134,21 @@ def fit_stage(
     prepared by the caller (a Tune search materializes them once for all its trials); by default
     the stage builds its own from ``cfg.data``. ``base``: (base, tokenizer) paths resolved by the
     caller (a search merges the SFT adapter once); by default `stage_base`."""
+    from raydpo.config import resume_fingerprint
     from raydpo.orchestration.base import stage_base
-    from raydpo.orchestration.checks import check_cpu_budget
+    from raydpo.orchestration.resources import training_needs, wait_for_resources
+    from raydpo.orchestration.nodes import check_job_storage, check_nodes_share
     from raydpo.orchestration.ray_connect import ensure_ray
 
     t0 = time.perf_counter()
-    run = prepare_stage(cfg.with_absolute_paths(), stage, restart, progress, t0)
+    check_job_storage(cfg)
+    run = prepare_stage(cfg.with_absolute_paths(), stage, restart, progress, t0, resume_fingerprint(cfg))
     finished = reuse_finished_stage(run)
     if finished is not None:
         return finished
     ensure_ray()
-    check_cpu_budget(run.cfg)
+    wait_for_resources(run.cfg, training_needs(run.cfg), stage, progress)  # a cold cluster: ask, wait
+    check_nodes_share(run.cfg, run.uri)  # after the wait: the worker nodes exist
     run.base_path, run.tok_path = base or stage_base(run.cfg, stage, progress)
     restore_handler, sigterm = open_run(run, parent_run_id, tags, params)
     try:
@@ -167,19 +166,19 @@ def fit_stage(
         restore_handler()
 
 
-def prepare_stage(cfg: Config, stage: Stage, restart: bool, progress, t0: float) -> StageRun:
+def prepare_stage(cfg: Config, stage: Stage, restart: bool, progress, t0: float, fingerprint: dict) -> StageRun:
     """Before Ray starts: `preflight` (one line per problem), ``--restart``'s set-aside, and what
-    an earlier run of the stage left (a changed config is a `ResumeConfigError`)."""
-    from raydpo.config import resume_fingerprint
+    an earlier run of the stage left (a ``fingerprint`` other than its checkpoint's is a
+    `ResumeConfigError`)."""
     from raydpo.orchestration.checks import preflight
 
     uri = preflight(cfg)
     folder = stage_storage(cfg, stage)
     if restart and (moved := set_aside(folder)) is not None:
         progress(f"[{stage}] --restart: the earlier run's folder is kept as {moved}")
-    prior, record = _prior_state(cfg, stage, folder)
+    prior, record = _prior_state(folder, stage, cfg.run.name, fingerprint)
     return StageRun(cfg=cfg, stage=stage, uri=uri, folder=folder, prior=prior, record=record,
-                    fingerprint=resume_fingerprint(cfg), progress=progress, t0=t0)
+                    fingerprint=fingerprint, progress=progress, t0=t0)
 
 
 def reuse_finished_stage(run: StageRun) -> StageResult | None:
@@ -237,13 +236,13 @@ def _claim_folder(run: StageRun) -> tuple[Callable[[], None], threading.Event]:
     from raydpo.orchestration.preemption import install_driver_handler
 
     folder = run.folder
-    folder.mkdir(parents=True, exist_ok=True)
-    storage.run_record(folder).write_text(json.dumps({
+    storage.makedirs(folder)
+    storage.write_text(storage.run_record(folder), json.dumps({
         "run_id": run.run_id, "tracking_uri": run.uri, "base_path": run.base_path,
         "fingerprint": run.fingerprint, "config_hash": fingerprint_hash(run.fingerprint)}))
     for stale in (storage.stop_file(folder), storage.oom_marker(folder)):
-        stale.unlink(missing_ok=True)
-    return install_driver_handler(str(storage.stop_file(folder)))
+        storage.remove(stale)
+    return install_driver_handler(storage.stop_file(folder))
 
 
 def stage_data(run: StageRun, datasets: tuple[Any, Any] | None) -> tuple[Any, Any]:
@@ -289,7 +288,7 @@ def build_trainer(run: StageRun, stream, eval_ds, callbacks: list, report_eval_o
         train_loop_config=WorkerInputs(
             config=cfg.to_dict(), stage=stage, base_path=run.base_path, tokenizer_path=run.tok_path,
             tracking_uri=run.uri, run_id=run.run_id, report_eval_only=report_eval_only,
-            has_eval=eval_ds is not None, storage_dir=str(folder),
+            has_eval=eval_ds is not None, storage_dir=folder,
             fingerprint=run.fingerprint, logged_through_step=run.logged_through,
             faults=os.environ.get(FAULTS_ENV, ""),
             eval_prompts=eval_prompts(eval_ds, cfg.generations.num_prompts)
@@ -302,8 +301,8 @@ def build_trainer(run: StageRun, stream, eval_ds, callbacks: list, report_eval_o
         datasets={"train": stream, **({"eval": eval_ds} if eval_ds is not None else {})},
         dataset_config=data_config(),
         run_config=ray.train.RunConfig(
-            name=folder.name,
-            storage_path=str(folder.parent),
+            name=storage.name(folder),
+            storage_path=storage.parent(folder),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
                                                          checkpoint_score_attribute=SCORE_KEY,
@@ -330,21 +329,21 @@ def conclude(run: StageRun, result, error: BaseException | None, sigterm: thread
 
     cfg, stage, folder, uri = run.cfg, run.stage, run.folder, run.uri
     replay_spill(uri, folder, stage, run.progress)
-    oom = storage.oom_marker(folder)
-    if oom.exists():
-        raise WorkerOOM(json.loads(oom.read_text())["message"]) from None
+    oom = storage.read_json(storage.oom_marker(folder))
+    if oom is not None:
+        raise WorkerOOM(oom["message"]) from None
     try:
-        latest, _ = _prior_state(cfg, stage, folder)
+        latest, _ = _prior_state(folder, stage, cfg.run.name, run.fingerprint)
     except Exception:  # noqa: BLE001 - never hide the stage's own error behind this one
         if error is not None:
             raise error from None
         raise
     max_steps = run.stage_cfg.max_steps
     new_ckpt = latest is not None and (run.prior is None or latest["path"] != run.prior["path"])
-    stopped = (storage.stop_file(folder).exists() or sigterm.is_set()
+    stopped = (storage.exists(storage.stop_file(folder)) or sigterm.is_set()
                or bool(new_ckpt and latest.get("preempted")))  # this fit's preemption, not an earlier one
     if stopped and latest is not None and int(latest["step"]) < max_steps:
-        raise Preempted(stage, int(latest["step"]), str(folder))
+        raise Preempted(stage, int(latest["step"]), folder)
     if error is not None:
         raise error
     if latest is None or int(latest["step"]) < max_steps:
@@ -365,11 +364,11 @@ def _log_adapter(cfg: Config, uri: str, run_id: str, adapter: str, history: list
     from raydpo import tracking
 
     if cfg.tracking.log_artifacts:
-        tracking.log_final_artifacts(uri, run_id, adapter_dir=adapter, config_yaml=cfg.to_yaml(), history=history)
-    tracking.set_tags(uri, run_id, {tracking.ADAPTER_TAG: str(Path(adapter).resolve())})
+        tracking.log_final_artifacts(uri, run_id, adapter_dir=storage.local_copy(adapter), config_yaml=cfg.to_yaml(), history=history)
+    tracking.set_tags(uri, run_id, {tracking.ADAPTER_TAG: adapter})
 
 
-def replay_spill(uri: str, folder: Path, stage: str, progress=echo) -> int:
+def replay_spill(uri: str, folder: str, stage: str, progress=echo) -> int:
     """Metrics the workers could not send (the store was down when they closed) wait in
     ``mlflow_buffer_<stage>.jsonl``; when the store is back by the time the driver gets here, send
     them now, so the user needs no replay command. Never raises: the file stays for
@@ -377,10 +376,10 @@ def replay_spill(uri: str, folder: Path, stage: str, progress=echo) -> int:
     from raydpo import tracking
 
     spill = storage.spill_file(folder, stage)
-    if not spill.exists() or tracking.check_store(uri) is not None:
+    if not storage.exists(spill) or tracking.check_store(uri) is not None:
         return 0
     try:
-        n = tracking.replay_buffer(str(spill), uri)
+        n = tracking.replay_buffer(spill, uri)
     except Exception as e:  # noqa: BLE001 - the stage's own outcome matters more
         echo(f"warning: could not replay {spill} ({e.__class__.__name__}); later: "
              f"{tracking.REPLAY_COMMAND} {spill}")

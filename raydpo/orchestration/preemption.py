@@ -4,9 +4,10 @@ each step (`raydpo.train.preempt.StopWatch`), so the stage checkpoints and stops
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
+
+from raydpo import storage
 
 
 def install_driver_handler(stop_file: str):
@@ -19,9 +20,7 @@ def install_driver_handler(stop_file: str):
 
     def on_term(signum, frame):
         fired.set()
-        os.makedirs(os.path.dirname(stop_file), exist_ok=True)
-        with open(stop_file, "w") as f:
-            f.write("SIGTERM\n")
+        storage.write_text(stop_file, "SIGTERM\n")  # a local file or an object in the bucket
 
     prev = signal.signal(signal.SIGTERM, on_term)
     return (lambda: signal.signal(signal.SIGTERM, prev)), fired

@@ -78,19 +78,15 @@ def _tagged(batch, split: str):
 def files_digest(path: str | Path, memo_dir: str | Path | None = None) -> str:
     """sha256 over a file, or a folder's files (relative names + bytes, sorted; hidden files and
     raydpo's own markers skipped). Remembered in ``memo_dir`` by (path, size, mtime), so a 7B
-    model's weights are read once, not at every run."""
-    p = Path(path).resolve()
+    model's weights are read once, not at every run. A folder in an object store is digested
+    from this node's copy of it (`raydpo.storage.local_copy`)."""
+    p = Path(storage.local_copy(path)).resolve()
     files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and not any(
         part.startswith(".") for part in f.relative_to(p).parts) and f.name not in (storage.MERGED_MARKER,))
     stat = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     stamp = hashlib.sha256(json.dumps(stat).encode()).hexdigest()
     memo_file = storage.digest_memo(memo_dir) if memo_dir else None
-    memo = {}
-    if memo_file and memo_file.exists():
-        try:
-            memo = json.loads(memo_file.read_text())
-        except ValueError:
-            memo = {}
+    memo = (storage.read_json(memo_file) if memo_file else None) or {}
     if memo.get(str(p), {}).get("stamp") == stamp:
         return memo[str(p)]["digest"]
     h = hashlib.sha256()
@@ -102,10 +98,7 @@ def files_digest(path: str | Path, memo_dir: str | Path | None = None) -> str:
     digest = h.hexdigest()
     if memo_file:
         memo[str(p)] = {"stamp": stamp, "digest": digest}
-        memo_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(memo))
-        os.replace(tmp, memo_file)
+        storage.write_text(memo_file, json.dumps(memo))
     return digest
 
 
@@ -113,18 +106,16 @@ def model_identity(path: str, revision: str | None, memo_dir: str | Path | None 
     """What the reference weights are. A merged SFT folder: its base's identity + the SFT adapter
     files' digest (recorded by the merge). A local folder: its files' digest. A hub id: id and
     revision (pin ``model.revision`` to a commit for a cache that can never go stale)."""
-    p = Path(path)
-    if storage.merged_marker(p).exists():
-        m = json.loads(storage.merged_marker(p).read_text())
-        if m.get("adapter_digest") and m.get("base_identity"):
-            return hashlib.sha256(f"{m['base_identity']}+{m['adapter_digest']}".encode()).hexdigest()
-    if p.exists():
-        return files_digest(p, memo_dir)
+    m = storage.read_json(storage.merged_marker(path)) or {}
+    if m.get("adapter_digest") and m.get("base_identity"):
+        return hashlib.sha256(f"{m['base_identity']}+{m['adapter_digest']}".encode()).hexdigest()
+    if storage.is_remote(path) or Path(path).exists():
+        return files_digest(path, memo_dir)
     return f"hub:{path}@{revision or 'main'}"
 
 
 def tokenizer_identity(path: str, revision: str | None) -> str:
-    p = Path(path)
+    p = Path(storage.local_copy(path))
     if not p.is_dir():
         return f"hub:{path}@{revision or 'main'}"
     h = hashlib.sha256()
@@ -171,53 +162,51 @@ def cache_key(cfg: Config, base_path: str, tok_path: str | None = None) -> tuple
 # -- the cache -----------------------------------------------------------------------------
 
 
-def parquet_rows(folder: Path) -> int:
+def parquet_files(folder: str) -> dict[str, int]:
+    """``{location: bytes}`` of a split folder's parquet files (local or in an object store)."""
+    return {storage.join(folder, f): size for f, (size, _) in storage.walk_files(folder).items()
+            if f.endswith(".parquet") and "/" not in f}
+
+
+def parquet_rows(folder: str) -> int:
     import pyarrow.parquet as pq
 
-    if not folder.is_dir():
-        return 0
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in folder.glob("*.parquet"))
+    fs, _ = storage.filesystem(folder)
+    return sum(pq.ParquetFile(fs.open_input_file(storage.filesystem(f)[1])).metadata.num_rows
+               for f in parquet_files(folder))
 
 
-def valid_cache(root: Path) -> dict | None:
+def valid_cache(root: str) -> dict | None:
     """The marker of a complete cache folder, or None (no marker, unreadable, row counts off)."""
     try:
-        marker = json.loads(storage.reference_marker(root).read_text())
-        return marker if all(parquet_rows(storage.reference_split(root, s)) == int(marker["rows"][s])
-                             for s in SPLITS) else None
+        marker = storage.read_json(storage.reference_marker(root))
+        return marker if marker is not None and all(
+            parquet_rows(storage.reference_split(root, s)) == int(marker["rows"][s]) for s in SPLITS) else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def inference_actors(cfg: Config) -> int:
-    """How many model replicas the reference pass may run at once: it runs before training, so
-    as many as training workers fit (every GPU, or every CPU Ray Data does not keep)."""
-    import ray
-
-    s = cfg.scaling
-    return max(1, s.slots(ray.cluster_resources(), s.replica_resources()))
 
 
 def reference_datasets(cfg: Config, base_path: str, tok_path: str, progress=echo):
     """(train, eval) DPO datasets with reference log-prob columns, computed at most once per
     (reference, tokenizer, data) content and stored as parquet under the run storage. An empty
     split is None (with a warning for eval; an empty train split is an error)."""
-    import ray
     from ray.data import ActorPoolStrategy
 
     from raydpo.data.pipeline import build_datasets
+    from raydpo.orchestration.resources import reference_needs, reference_pool_size, wait_for_resources
 
     key, parts = cache_key(cfg, base_path, tok_path)
     root = storage.reference_dir(cfg.run.storage_path, key)
     marker = valid_cache(root)
     if marker is None:
-        if root.exists():
+        if storage.exists(root):
             progress(f"[reference] {root} is incomplete or damaged: rebuilding it")
-            shutil.rmtree(root)
+            storage.remove(root)
         progress(f"[reference] computing reference log-probs once into {root}")
         tmp = storage.reference_building(root, os.getpid())
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        storage.remove(tmp)
+        storage.makedirs(tmp)
+        wait_for_resources(cfg, reference_needs(cfg), "reference", progress)
         train, evals = build_datasets(cfg, "dpo", tok_path)
         s, replica = cfg.scaling, cfg.scaling.replica_resources()
         # one execution scores both splits, tagged and written to their own folders: one pool of
@@ -226,20 +215,10 @@ def reference_datasets(cfg: Config, base_path: str, tok_path: str, progress=echo
             evals.map_batches(_tagged, fn_kwargs={"split": "eval"}, batch_format="pyarrow"))
         both.map_batches(RefLogps, fn_constructor_args=(cfg.to_dict(), base_path, s.use_gpu),
                          batch_size=cfg.dpo.per_device_batch_size * 4, batch_format="pyarrow",
-                         compute=ActorPoolStrategy(min_size=1, max_size=inference_actors(cfg)),
+                         compute=ActorPoolStrategy(min_size=1, max_size=reference_pool_size(cfg)),
                          num_cpus=replica["CPU"], num_gpus=replica.get("GPU", 0)
-                         ).write_parquet(str(tmp), partition_cols=[SPLIT_COLUMN])
-        rows = {}
-        for name in SPLITS:
-            written = storage.partition_dir(tmp, SPLIT_COLUMN, name)
-            if written.is_dir():
-                written.rename(storage.reference_split(tmp, name))
-            rows[name] = parquet_rows(storage.reference_split(tmp, name))
-        storage.reference_marker(tmp).write_text(json.dumps({"rows": rows, "key": parts, "base": base_path}))  # last: complete
-        try:
-            os.replace(tmp, root)
-        except OSError:  # another driver finished the same key first: theirs is as good
-            shutil.rmtree(tmp, ignore_errors=True)
+                         ).write_parquet(tmp, partition_cols=[SPLIT_COLUMN])
+        commit_cache(tmp, root, {"key": parts, "base": base_path})
         marker = valid_cache(root)
         if marker is None:
             raise RuntimeError(f"the reference cache {root} is not complete after building it")
@@ -256,7 +235,32 @@ def reference_datasets(cfg: Config, base_path: str, tok_path: str, progress=echo
     return train_ds, read_split(storage.reference_split(root, "eval"), cfg.data.tokenize_num_cpus)
 
 
-def read_split(folder: Path, num_cpus: float, local_read_max_bytes: int | None = None):
+def commit_cache(tmp: str, root: str, about: dict) -> None:
+    """A built cache into place, its marker (the row count of every split) written last. Local:
+    the folder is renamed whole (a second driver that finished the same key first keeps its
+    own). Object store (no rename): the splits are moved, then the marker goes in."""
+    rows = {}
+    for split in SPLITS:
+        written = storage.partition_dir(tmp, SPLIT_COLUMN, split)
+        if storage.is_dir(written):
+            storage.move(written, storage.reference_split(tmp, split))
+        rows[split] = parquet_rows(storage.reference_split(tmp, split))
+    record = json.dumps({"rows": rows, **about})
+    if storage.is_remote(root):
+        for split in SPLITS:
+            if storage.is_dir(storage.reference_split(tmp, split)):
+                storage.move(storage.reference_split(tmp, split), storage.reference_split(root, split))
+        storage.write_text(storage.reference_marker(root), record)
+        storage.remove(tmp)
+        return
+    storage.write_text(storage.reference_marker(tmp), record)
+    try:
+        os.replace(tmp, root)
+    except OSError:  # another driver finished the same key first: theirs is as good
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_split(folder: str, num_cpus: float, local_read_max_bytes: int | None = None):
     """One cached split as a Ray dataset. Parquet files of at most ``local_read_max_bytes`` in all
     (default: `raydpo.orchestration.ingest.LOCAL_SORT_MAX_BYTES`, the size the training stream
     handles in one block anyway) are read here, on the driver, into the object store: Ray Data's
@@ -269,9 +273,9 @@ def read_split(folder: Path, num_cpus: float, local_read_max_bytes: int | None =
     from raydpo.orchestration.ingest import LOCAL_SORT_MAX_BYTES
 
     limit = LOCAL_SORT_MAX_BYTES if local_read_max_bytes is None else local_read_max_bytes
-    files = sorted(folder.glob("*.parquet"))
-    if sum(f.stat().st_size for f in files) <= limit:
+    if sum(parquet_files(folder).values()) <= limit:
         import pyarrow.parquet as pq
 
-        return ray.data.from_arrow(pq.read_table(folder))
-    return ray.data.read_parquet(str(folder), num_cpus=num_cpus)  # (ray_remote_args is deprecated in Ray 2.60)
+        fs, path = storage.filesystem(folder)
+        return ray.data.from_arrow(pq.read_table(path, filesystem=fs))
+    return ray.data.read_parquet(folder, num_cpus=num_cpus)  # (ray_remote_args is deprecated in Ray 2.60)

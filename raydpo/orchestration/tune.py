@@ -37,13 +37,13 @@ def _space(s: SearchSpace):
 
 
 def max_concurrent(cfg: Config) -> int:
-    """As many trials as the cluster fits while Ray Data keeps its CPUs."""
-    import ray
+    """``tune.max_concurrent_trials``, else as many trials as the cluster holds now (after
+    `run_tune`'s wait) while Ray Data keeps its CPUs. On a cold autoscaling cluster that is what
+    the wait asked for, one trial: set ``tune.max_concurrent_trials`` for more, and the waiting
+    trials' worker placement groups are the autoscaler's demand for their nodes."""
+    from raydpo.orchestration.resources import trial_slots
 
-    if cfg.tune.max_concurrent_trials:
-        return cfg.tune.max_concurrent_trials
-    s = cfg.scaling
-    return max(1, s.slots(ray.cluster_resources(), s.trainer_resources()))
+    return cfg.tune.max_concurrent_trials or trial_slots(cfg)
 
 
 def _trial(config: dict[str, Any], datasets: tuple[Any, Any] | None = None, *, base_cfg: dict, base: tuple[str, str],
@@ -70,13 +70,17 @@ def run_tune(cfg: Config, *, resume: bool = False, progress=echo) -> tuple[list[
     parent MLflow run, the tuner, then the best trial tagged (and registered) in the parent run."""
     from raydpo import tracking
     from raydpo.orchestration.base import stage_base
-    from raydpo.orchestration.checks import check_cpu_budget, preflight
+    from raydpo.orchestration.checks import preflight
+    from raydpo.orchestration.nodes import check_job_storage, check_nodes_share
     from raydpo.orchestration.ray_connect import ensure_ray
+    from raydpo.orchestration.resources import training_needs, wait_for_resources
 
+    check_job_storage(cfg)
     preflight(cfg)
     ensure_ray()
-    check_cpu_budget(cfg)
+    wait_for_resources(cfg, training_needs(cfg), "tune", progress)  # one trial's; each trial waits again (at once)
     cfg = trial_config(cfg)
+    check_nodes_share(cfg, cfg.tracking.tracking_uri)
     base = stage_base(cfg, "dpo")
     shared, ref_s = search_data(cfg, base, progress)
     uri = tracking.resolve_tracking_uri(cfg.tracking)
@@ -189,15 +193,15 @@ def build_tuner(cfg: Config, name: str, base: tuple[str, str], parent: str, shar
         search_alg = OptunaSearch(metric=t.metric, mode="max")
     trainable = _trainable(cfg, base, parent, shared)
     folder = storage.tune_dir(cfg.run.storage_path, name)
-    if resume and tune.Tuner.can_restore(str(folder)):
+    if resume and tune.Tuner.can_restore(folder):
         progress(f"[tune] resuming {folder}")
-        return tune.Tuner.restore(str(folder), trainable, resume_errored=True)
+        return tune.Tuner.restore(folder, trainable, resume_errored=True)
     return tune.Tuner(
         trainable,
         param_space={"beta": _space(t.beta), "lr": _space(t.lr)},
         tune_config=tune.TuneConfig(num_samples=t.num_samples, scheduler=scheduler, search_alg=search_alg,
                                     max_concurrent_trials=max_concurrent(cfg)),
-        run_config=tune.RunConfig(name=folder.name, storage_path=str(folder.parent), verbose=0),
+        run_config=tune.RunConfig(name=storage.name(folder), storage_path=storage.parent(folder), verbose=0),
     )
 
 

@@ -12,11 +12,9 @@ sends later without duplicating points already in the run (``raydpo tracking rep
 
 from __future__ import annotations
 
-import os
 import shlex
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from raydpo import storage
@@ -254,15 +252,11 @@ class BufferedLogger:
             _warn(f"warning: MLflow store {self.uri} unreachable{why}; {len(points)} metric points and "
                   f"{len(tags)} tags of run {self.run_id} were not sent and are lost (no spill path)")
             return left
+        lines = [json.dumps(_spill_record(self.uri, self.run_id, p)) for p in points]
+        lines += [json.dumps({"run_id": self.run_id, "tag": k, "value": v, "tracking_uri": self.uri})
+                  for k, v in tags.items()]
         try:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a", encoding="utf-8") as f:
-                for p in points:
-                    f.write(json.dumps(_spill_record(self.uri, self.run_id, p)) + "\n")
-                for k, v in tags.items():
-                    f.write(json.dumps({"run_id": self.run_id, "tag": k, "value": v, "tracking_uri": self.uri}) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            storage.append_text(path, "".join(f"{line}\n" for line in lines))  # local or run storage's bucket
         except OSError as e:
             _warn(f"warning: MLflow store {self.uri} unreachable{why}; {left} unsent records of run "
                   f"{self.run_id} could not be written to {path} either ({_short(e)}); they are lost")
@@ -375,8 +369,7 @@ class BufferedLogger:
 def _read_spill(path: str) -> list[dict[str, Any]]:
     import json
 
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    lines = storage.read_text(path).splitlines()  # a local file or an object in run storage
     records = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -428,6 +421,6 @@ def replay_buffer(path: str, uri: str | None = None) -> int:
             sent += len(todo[i:i + MAX_METRICS_PER_BATCH])
         if tags:
             _log_tags(client, run_id, list({t.key: t for t in tags}.values()))
-    os.replace(path, storage.replayed_file(path))
+    storage.move(path, storage.replayed_file(path))
     return sent
 

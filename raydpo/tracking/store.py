@@ -218,6 +218,15 @@ def _file_store_path(uri: str) -> Path | None:
     return Path(uri).expanduser().resolve()
 
 
+def local_store_folder(uri: str) -> Path | None:
+    """The local folder a store lives in (a sqlite database's, a file store's), None for a
+    server: the folder every node that logs must see (`raydpo.orchestration.nodes`)."""
+    db = _sqlite_path(uri)
+    if db is not None:
+        return db.parent
+    return None if _is_http(uri) else _file_store_path(uri)
+
+
 def check_store(uri: str, timeout_s: float = 5.0) -> str | None:
     """None when the MLflow store at ``uri`` looks usable, else a one-line reason naming it.
 

@@ -65,9 +65,11 @@ def _set_rng_state(st: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def _sha256(path: Path) -> str:
+def _sha256(loc: str | Path) -> str:
+    """Of a local file or one in run storage (streamed, never whole in memory)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    fs, path = storage.filesystem(loc)
+    with fs.open_input_stream(path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -78,29 +80,26 @@ def _write_manifest(folder: Path, rank: int) -> None:
     complete only when every rank's manifest is there and matches (`verify_checkpoint`)."""
     files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)}
              for p in sorted(folder.rglob("*")) if p.is_file()}
-    manifest = storage.manifest_file(folder, rank)
-    tmp = manifest.with_name(f".{manifest.name}.tmp")
-    tmp.write_text(json.dumps(files))
-    os.replace(tmp, manifest)
+    storage.write_text(storage.manifest_file(folder, rank), json.dumps(files))  # whole or not at all
 
 
 def verify_checkpoint(ckpt_dir: str | Path) -> dict[str, Any]:
     """The checkpoint's state (``trainer_state.json``) if every rank's files are present and
-    intact, else `CheckpointError` naming what is wrong."""
-    d = Path(ckpt_dir)
-    state_file = storage.state_file(d)
+    intact, else `CheckpointError` naming what is wrong. ``ckpt_dir``: a local folder or one in
+    run storage (`raydpo.storage`)."""
+    d = str(ckpt_dir)
     try:
-        state = json.loads(state_file.read_text())
+        state = json.loads(storage.read_text(storage.state_file(d)))
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{d}: no readable {state_file.name} ({e.__class__.__name__})") from None
+        raise CheckpointError(f"{d}: no readable {storage.STATE_FILE} ({e.__class__.__name__})") from None
+    have = storage.walk_files(d)
     for r in range(int(state.get("world_size", 1))):
         try:
-            files = json.loads(storage.manifest_file(d, r).read_text())
+            files = json.loads(storage.read_text(storage.manifest_file(d, r)))
         except (OSError, ValueError):
             raise CheckpointError(f"{d}: rank {r}'s manifest is missing or unreadable (a half-written checkpoint)") from None
         for name, want in files.items():
-            p = d / name
-            if not p.is_file() or p.stat().st_size != want["size"] or _sha256(p) != want["sha256"]:
+            if have.get(name, (-1, 0))[0] != want["size"] or _sha256(storage.join(d, name)) != want["sha256"]:
                 raise CheckpointError(f"{d}: {name} is missing or damaged")
     return state
 
@@ -123,7 +122,7 @@ def save_state(engine: Engine, model, tokenizer, step: int, stage: str, env: Wor
             model.save_pretrained(str(storage.adapter_dir(out)))
             tokenizer.save_pretrained(str(storage.adapter_dir(out)))
             state = {"step": step, "stage": stage, "world_size": env.world_size, **(extra or {})}
-            storage.state_file(out).write_text(json.dumps(state))
+            storage.write_text(storage.state_file(out), json.dumps(state))
     _write_manifest(out, env.rank)
     return str(out)
 
@@ -140,7 +139,7 @@ def load_state(engine: Engine, ckpt_dir: str, rank: int = 0) -> dict[str, Any]:
         raise CheckpointError(f"could not load the engine state from {ckpt_dir} (a DeepSpeed checkpoint and a plain "
                               "one, deepspeed.enabled=false, do not resume each other)")
     rng = storage.rng_file(ckpt_dir, rank)
-    if rng.exists():
+    if os.path.exists(rng):
         _set_rng_state(torch.load(rng, weights_only=False))
     return state
 

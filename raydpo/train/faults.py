@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from raydpo import storage
+
 ENV = "RAYDPO_FAULTS"
 DIR_ENV = "RAYDPO_FAULTS_DIR"
 KINDS = ("kill", "sigterm", "nan", "nanrun", "oom")
@@ -74,16 +76,16 @@ class Faults:
         spec = os.environ.get(ENV, "") if spec is None else spec
         self.faults = [f for f in parse(spec) if f.rank == rank]
         tag = hashlib.sha1(spec.encode()).hexdigest()[:10]
-        self.dir = Path(os.environ.get(DIR_ENV) or fired_dir or Path(tempfile.gettempdir()) / f"raydpo-faults-{tag}")
+        # a folder in run storage (local or a bucket: a restarted worker on another node sees it)
+        self.dir = os.environ.get(DIR_ENV) or fired_dir or str(Path(tempfile.gettempdir()) / f"raydpo-faults-{tag}")
 
     def _take(self, kind: str, step: int) -> bool:
         for f in self.faults:
             if f.kind == kind and f.step == step:
-                marker = self.dir / f.name.replace(":", "_")
-                if marker.exists():
+                marker = storage.join(self.dir, f.name.replace(":", "_"))
+                if storage.exists(marker):
                     return False
-                self.dir.mkdir(parents=True, exist_ok=True)
-                marker.write_text("fired")
+                storage.write_text(marker, "fired")
                 return True
         return False
 

@@ -14,9 +14,10 @@ the same step and return; the driver then exits 0 saying how to resume.
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
+
+from raydpo import storage
 
 
 # Set by the SIGTERM handler of this process. A signal is process-wide by nature: this flag is
@@ -43,7 +44,7 @@ class StopWatch:
             self._prev = install_worker_handler()
 
     def requested(self) -> bool:
-        return TERM.is_set() or bool(self.stop_file and os.path.exists(self.stop_file))
+        return TERM.is_set() or bool(self.stop_file and storage.exists(self.stop_file))
 
     def close(self) -> None:
         if self._prev is not None:

@@ -39,7 +39,7 @@ def resume_candidates(restored, storage_dir: str | None, progress) -> list[tuple
     """This rank's intact checkpoints as (step, folder, is a temporary copy), newest first: Ray's
     restored one (the checkpoint it registered last, verified file by file) and those of the
     stage folder (a preemption checkpoint whose report never reached Ray, or older intact ones
-    when Ray's is damaged)."""
+    when Ray's is damaged; in an object store until `agree_on_resume` downloads the one used)."""
     from raydpo.train.checkpoint import CheckpointError, verify_checkpoint
 
     found: list[tuple[int, str, bool]] = []
@@ -57,7 +57,8 @@ def resume_candidates(restored, storage_dir: str | None, progress) -> list[tuple
 
 def agree_on_resume(found: list[tuple[int, str, bool]], device, rank: int) -> tuple[str | None, bool]:
     """Every rank resumes from the same step: rank 0's newest; each rank then loads its own
-    intact copy of that step (or fails, naming it, rather than train from another step)."""
+    intact copy of that step (or fails, naming it, rather than train from another step). A copy
+    in an object store is downloaded to a temporary folder first."""
     import torch
     import torch.distributed as dist
 
@@ -77,6 +78,10 @@ def agree_on_resume(found: list[tuple[int, str, bool]], device, rank: int) -> tu
     for s, other, copy in found:  # the temporary copies this rank does not use
         if copy and other != path:
             shutil.rmtree(other, ignore_errors=True)
+    if path is not None and storage.is_remote(path):
+        local = tempfile.mkdtemp(prefix="raydpo-resume-")
+        storage.copy_tree(path, local)
+        path, is_copy = local, True
     return path, is_copy
 
 
@@ -84,7 +89,7 @@ def intact_checkpoints(storage_dir: str | None) -> list[Path]:
     """The stage's checkpoint folders that pass `verify_checkpoint`, newest step first."""
     from raydpo.train.checkpoint import CheckpointError, verify_checkpoint
 
-    if not storage_dir or not Path(storage_dir).is_dir():
+    if not storage_dir or not storage.is_dir(storage_dir):
         return []
     found = []
     for d in storage.checkpoints(storage_dir):
@@ -116,12 +121,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     logger, exporter, log = open_logging(inputs, cfg, env.rank, resume_dir)
 
     storage_dir = inputs.storage_dir
-    watch = StopWatch(str(storage.stop_file(storage_dir)) if storage_dir else None)
+    watch = StopWatch(storage.stop_file(storage_dir) if storage_dir else None)
     hooks = Hooks(train_batches=train_batches, eval_batches=eval_batches, report=report_to_ray,
                   log=log, resume_dir=resume_dir, progress=progress,
                   report_eval_only=inputs.report_eval_only,
                   stop_requested=watch.requested, config_fingerprint=inputs.fingerprint,
-                  faults=inputs.faults, faults_dir=str(storage.faults_dir(storage_dir)) if storage_dir else None,
+                  faults=inputs.faults, faults_dir=storage.faults_dir(storage_dir) if storage_dir else None,
                   # chosen once on the driver (launch.build_trainer): every rank generates the same prompts
                   eval_prompts=lambda k: list(inputs.eval_prompts)[:k],
                   log_generations=logger.log_generations)
@@ -161,18 +166,17 @@ def rank0_printer(rank: int) -> Callable[[str], None]:
 
 def refuse_after_oom(storage_dir: str | None) -> None:
     """A restart after an out-of-memory failure would only run out again: fail with its message."""
-    oom = storage.oom_marker(storage_dir) if storage_dir else None
-    if oom is not None and oom.exists():
-        raise RuntimeError(json.loads(oom.read_text())["message"])
+    oom = storage.read_json(storage.oom_marker(storage_dir)) if storage_dir else None
+    if oom is not None:
+        raise RuntimeError(oom["message"])
 
 
 def record_oom(inputs: WorkerInputs, cfg: Config, rank: int) -> str:
     """The out-of-memory message, written where a restarted worker finds it (`refuse_after_oom`)."""
     msg = oom_message(inputs.stage, cfg)
     if inputs.storage_dir:
-        oom = storage.oom_marker(inputs.storage_dir)
-        oom.parent.mkdir(parents=True, exist_ok=True)
-        oom.write_text(json.dumps({"message": msg, "rank": rank, "pid": os.getpid()}))
+        storage.write_text(storage.oom_marker(inputs.storage_dir),
+                           json.dumps({"message": msg, "rank": rank, "pid": os.getpid()}))
     return msg
 
 
@@ -251,7 +255,7 @@ def open_logging(inputs: WorkerInputs, cfg: Config, rank: int, resume_dir: str |
 def close_logging(logger, exporter, inputs: WorkerInputs) -> None:
     """Flush what the logger holds (what the store does not take in time is spilled to the stage
     folder), then stop the exporter."""
-    spill = str(storage.spill_file(inputs.storage_dir, inputs.stage)) if inputs.storage_dir else None
+    spill = storage.spill_file(inputs.storage_dir, inputs.stage) if inputs.storage_dir else None
     if hasattr(logger, "close"):
         logger.close(timeout_s=10, spill_path=spill)
     if exporter is not None:

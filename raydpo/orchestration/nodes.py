@@ -1,0 +1,100 @@
+"""Nodes that share no disk: what the workers read from a local path must be the same folder on
+their nodes, checked before training, each problem one line.
+
+A local ``run.storage_path`` (checkpoints, the run record, the tiny model, the merged SFT base,
+the reference cache), a local ``model.name_or_path`` folder and a local MLflow store (a sqlite
+file or a file store: rank 0 logs into it from its own node) are read by processes on other
+nodes. The driver writes a marker into each (as Ray Train does for its storage) and a task on
+every other node that can run a worker looks for it: a missing marker means that node sees
+another folder, or none, at that path. A store another node cannot reach is refused, not
+routed through the driver: a tracking server (``http://``) or a folder every node mounts works.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+from raydpo import storage
+from raydpo.config import BUILTIN_MODEL, Config
+from raydpo.orchestration.errors import StorageError, TrackingError
+
+# set by Ray's job supervisor in the environment of a job's entrypoint (`ray job submit`, a RayJob)
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+PROBE_TIMEOUT_S = 120  # a node's task starts a worker process (seconds on a busy node)
+WAYS_OUT = "put it on a filesystem every node mounts (NFS, a shared volume) or use a cloud URI (s3://, gs://, abfs://)"
+
+
+def check_job_storage(cfg: Config) -> None:
+    """Under a Ray job the cwd is the job's package folder, deleted with it: a relative
+    ``run.storage_path`` there would lose the checkpoints (and a resubmission would not find them)."""
+    p = cfg.run.storage_path
+    if RAY_JOB_ENV in os.environ and not storage.is_remote(p) and not os.path.isabs(os.path.expanduser(p)):
+        raise StorageError(f"run.storage_path {p!r} is relative, and this command runs as a Ray job whose working "
+                           "dir goes away with it: set an absolute path every node shares or a cloud URI (s3://...)")
+
+
+def shared_paths(cfg: Config, tracking_uri: str) -> dict[str, str]:
+    """``{what: local folder}`` the workers read on their own nodes (configs absolute already)."""
+    from raydpo.tracking.store import local_store_folder
+
+    paths: dict[str, str] = {}
+    if not storage.is_remote(cfg.run.storage_path):
+        paths["run.storage_path"] = storage.root(cfg.run.storage_path)
+    name = cfg.model.name_or_path
+    if name != BUILTIN_MODEL and Path(name).is_dir():
+        paths["model.name_or_path"] = str(Path(name).resolve())
+    store = local_store_folder(tracking_uri)
+    if store is not None:
+        paths[f"the MLflow store {tracking_uri}"] = str(store)
+    return paths
+
+
+def worker_nodes() -> list[dict]:
+    """The alive nodes other than this process's that can run a worker or a Ray Data task."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    return [n for n in ray.nodes() if n.get("Alive") and n["NodeID"] != here
+            and (n.get("Resources", {}).get("CPU", 0) > 0 or n.get("Resources", {}).get("GPU", 0) > 0)]
+
+
+def _missing(markers: list[str]) -> list[str]:
+    return [m for m in markers if not os.path.exists(m)]
+
+
+def check_nodes_share(cfg: Config, tracking_uri: str) -> None:
+    """`StorageError` / `TrackingError` (one line, naming the node and the ways out) when a node
+    that can run a worker does not see the driver's folder at one of `shared_paths`."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    paths = shared_paths(cfg, tracking_uri)
+    nodes = worker_nodes() if paths else []
+    if not nodes:
+        return
+    token = uuid.uuid4().hex[:12]
+    markers = {what: os.path.join(folder, storage.NODE_CHECK.format(token=token)) for what, folder in paths.items()}
+    try:
+        for m in markers.values():
+            Path(m).parent.mkdir(parents=True, exist_ok=True)
+            Path(m).write_text("raydpo: the same folder on every node?\n")
+        probe = ray.remote(num_cpus=0)(_missing)
+        refs = {n["NodeAddress"] + " (" + n["NodeID"][:8] + ")": probe.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(list(markers.values()))
+            for n in nodes}
+        missing = {node: ray.get(ref, timeout=PROBE_TIMEOUT_S) for node, ref in refs.items()}
+    finally:
+        for m in markers.values():
+            Path(m).unlink(missing_ok=True)
+    for what, marker in markers.items():
+        blind = [node for node, gone in missing.items() if marker in gone]
+        if not blind:
+            continue
+        where = f"{what} {paths[what]}" if what in ("run.storage_path", "model.name_or_path") else what
+        if what.startswith("the MLflow store"):
+            raise TrackingError(f"{where} is a local file that node {blind[0]} does not see, and rank 0 may log from "
+                                "there: use a tracking server (http://...) or a folder every node mounts")
+        raise StorageError(f"{where} is a local folder that node {blind[0]} does not see (workers run there): "
+                           f"{WAYS_OUT}")
