@@ -253,22 +253,25 @@ def manifest_file(checkpoint: str | Path, rank: int) -> str:
 
 @lru_cache(maxsize=16)
 def _remote_fs(prefix: str):
-    """One pyarrow filesystem per ``scheme://bucket`` (creating an S3 client is not free)."""
+    """``(filesystem, its path of the bucket)`` per ``scheme://bucket``, resolved once by pyarrow
+    (creating an S3 client is not free)."""
     import pyarrow.fs as pafs
 
-    return pafs.FileSystem.from_uri(prefix)[0]
+    return pafs.FileSystem.from_uri(prefix)
 
 
 def filesystem(loc: str | Path):
-    """``(pyarrow filesystem, path on it)`` of a location, as Ray Train resolves its storage."""
+    """``(pyarrow filesystem, path on it)`` of a location, as Ray Train resolves its storage
+    (``pyarrow.fs.FileSystem.from_uri``)."""
     import pyarrow.fs as pafs
 
     s = str(loc)
     if not is_remote(s):
         return pafs.LocalFileSystem(), s[len("file://"):] if s.startswith("file://") else s
     scheme, rest = s.split("://", 1)
-    bucket = rest.split("/", 1)[0]
-    return _remote_fs(f"{scheme}://{bucket}"), rest.rstrip("/")
+    bucket, _, key = rest.partition("/")
+    fs, bucket_path = _remote_fs(f"{scheme}://{bucket}")
+    return fs, posixpath.join(bucket_path, key).rstrip("/") if key else bucket_path
 
 
 def _info(loc: str | Path):

@@ -81,7 +81,7 @@ def check_nodes_share(cfg: Config, tracking_uri: str) -> None:
             Path(m).parent.mkdir(parents=True, exist_ok=True)
             Path(m).write_text("raydpo: the same folder on every node?\n")
         probe = ray.remote(num_cpus=0)(_missing)
-        refs = {n["NodeAddress"] + " (" + n["NodeID"][:8] + ")": probe.options(
+        refs = {n["NodeManagerAddress"] + " (" + n["NodeID"][:8] + ")": probe.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(list(markers.values()))
             for n in nodes}
         missing = {node: ray.get(ref, timeout=PROBE_TIMEOUT_S) for node, ref in refs.items()}
