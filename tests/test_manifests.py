@@ -542,6 +542,20 @@ def test_gpu_worker_groups_fit_the_gpu_recipe():
             assert fits(nodes, need), (which, [str(n) for n in need])
 
 
+def test_raydpo_validate_passes_on_the_recipe_the_cluster_configs_run_as_a_ray_job(monkeypatch, capsys):
+    """`raydpo validate` on the config every shipped cluster config runs, inside a Ray job's
+    environment (where a relative run.storage_path would be refused): it passes; the same config
+    with a relative storage path gets the one-line refusal and exit 2."""
+    from raydpo import cli
+    from raydpo.orchestration.nodes import RAY_JOB_ENV
+
+    monkeypatch.setenv(RAY_JOB_ENV, "{}")
+    assert cli.main(["validate", "--config", str(GPU_RECIPE)]) == 0
+    assert cli.main(["validate", "--config", str(GPU_RECIPE), "--set", "run.storage_path=raydpo_runs"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run.storage_path 'raydpo_runs' is relative" in err[0], err
+
+
 def test_rayjob_runs_the_gpu_recipe_with_the_pinned_runtime_env():
     spec = one("RayJob")["spec"]
     assert spec["entrypoint"] == "raydpo pipeline --config jobs/stack_llama_2_gpu.yaml"

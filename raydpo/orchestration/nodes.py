@@ -29,10 +29,11 @@ WAYS_OUT = "put it on a filesystem every node mounts (NFS, a shared volume) or u
 def check_job_storage(cfg: Config) -> None:
     """Under a Ray job the cwd is the job's package folder, deleted with it: a relative
     ``run.storage_path`` there would lose the checkpoints (and a resubmission would not find them)."""
-    p = cfg.run.storage_path
-    if RAY_JOB_ENV in os.environ and not storage.is_remote(p) and not os.path.isabs(os.path.expanduser(p)):
-        raise StorageError(f"run.storage_path {p!r} is relative, and this command runs as a Ray job whose working "
-                           "dir goes away with it: set an absolute path every node shares or a cloud URI (s3://...)")
+    from raydpo.orchestration.submit import job_storage_problem
+
+    problem = job_storage_problem(cfg.run.storage_path) if RAY_JOB_ENV in os.environ else None
+    if problem:
+        raise StorageError(problem)
 
 
 def shared_paths(cfg: Config, tracking_uri: str) -> dict[str, str]:

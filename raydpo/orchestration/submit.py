@@ -121,6 +121,20 @@ def _relative_config(config: str, working_dir: str) -> str:
         raise SubmitError(f"--config {config} is outside --working-dir {wd}: the job only sees the working dir") from None
 
 
+def job_storage_problem(storage_path: str) -> str | None:
+    """A relative ``run.storage_path`` lands in the job's package folder, which goes away with the
+    job (and a resubmission gets another): refused before submitting, as the job would refuse it
+    (`raydpo.orchestration.nodes.check_job_storage`)."""
+    import os
+
+    from raydpo import storage
+
+    if storage.is_remote(storage_path) or os.path.isabs(os.path.expanduser(storage_path)):
+        return None
+    return (f"run.storage_path {storage_path!r} is relative: a job's working dir goes away with it; set an absolute "
+            "path every node shares or a cloud URI, e.g. --set run.storage_path=s3://bucket/runs")
+
+
 def submit(args) -> int:
     from raydpo.config import ConfigError, load_config
 
@@ -129,9 +143,13 @@ def submit(args) -> int:
         raise SubmitError(f"--working-dir {args.working_dir}: not a directory")
     rel = _relative_config(args.config, wd)
     try:  # fail here, not minutes later on the cluster
-        load_config(str(Path(wd) / rel), args.set)
+        cfg = load_config(str(Path(wd) / rel), args.set)
     except ConfigError as e:
         print(f"raydpo submit: invalid config {args.config}:\n{e}", file=sys.stderr)
+        return 2
+    problem = job_storage_problem(cfg.run.storage_path)
+    if problem:
+        print(f"raydpo submit: {problem}", file=sys.stderr)
         return 2
     rt = build_runtime_env(wd, pip=args.pip, image=args.image, extra_env=args.env)
     ep = entrypoint(args.stage, rel, args.set, resume=getattr(args, "resume", False))
