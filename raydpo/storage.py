@@ -428,7 +428,8 @@ def local_copy(loc: str | Path) -> str:
     if not is_remote(s):
         return filesystem(s)[1]
     if is_file(s):
-        files = {name(s): (0, 0)}
+        info = _info(s)
+        files = {name(s): (int(info.size or 0), int(info.mtime_ns or 0))}
     else:
         files = walk_files(s)
         if not files:
@@ -453,7 +454,17 @@ def local_copy(loc: str | Path) -> str:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _drop_older_copies(out, s)
     return str(out / name(s)) if is_file(s) else str(out)
+
+
+def _drop_older_copies(keep: Path, loc: str) -> None:
+    """A node keeps one copy per remote location: the copies of its earlier content go (a 7B
+    merged base is 13 GB; a process that loaded one holds it in memory, not on disk)."""
+    for other in keep.parent.glob(f"{name(loc)}-*"):
+        done = other / COPY_DONE
+        if other != keep and done.is_file() and done.read_text() == loc:
+            shutil.rmtree(other, ignore_errors=True)
 
 
 def publish(local: str | Path, loc: str | Path) -> str:
@@ -473,6 +484,8 @@ def publish(local: str | Path, loc: str | Path) -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(local, tmp)
     Path(tmp, COPY_DONE).write_text(str(local))
+    if os.path.isdir(loc):  # there, but not a finished publish (no marker): replaced
+        shutil.rmtree(loc, ignore_errors=True)
     try:
         os.replace(tmp, loc)
     except OSError:  # another driver published the same folder first (the same build)
