@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from raydpo import storage
 from raydpo.tracking.store import _client, artifact_root
 
 SFT_RUN_TAG = "raydpo.sft_run_id"
@@ -136,7 +137,7 @@ def run_for_adapter(uri: str, experiment_name: str, adapter_path: str) -> str | 
     exp = client.get_experiment_by_name(experiment_name)
     if exp is None:
         return None
-    path = str(Path(adapter_path).resolve()).replace("'", "")
+    path = storage.root(adapter_path).replace("'", "")  # as the stage tagged it: absolute, or the URI
     hits = client.search_runs([exp.experiment_id], filter_string=f"tags.`{ADAPTER_TAG}` = '{path}'")
     return hits[0].info.run_id if hits else None
 
