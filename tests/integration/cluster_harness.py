@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[2]
 NODE_IP = "127.0.0.1"  # Ray registers both nodes under the machine's own address all the same
 # the same Ray Train settings the session cluster gives its clients (conftest.py says why)
 TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
@@ -265,7 +266,8 @@ def start_worker_node(address: str, env: Mapping[str, str], num_cpus: int, priva
     ``shared`` one must exist. Ray keeps the node's session under the cluster's temp dir path,
     which is then in the node's own /tmp."""
     node_env = _environment(env)
-    shared_paths = [Path(s).resolve() for s in shared]
+    # the code it runs stays visible: the venv and the checkout (a CI clone may sit under /tmp)
+    shared_paths = [Path(s).resolve() for s in shared] + [Path(sys.prefix).resolve(), REPO]
     if node_env.get(TALLY_ENV) and Path(node_env[TALLY_ENV]).is_dir():
         shared_paths.append(Path(node_env[TALLY_ENV]).resolve())
     missing = [str(s) for s in shared_paths if not s.is_dir()]
