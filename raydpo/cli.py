@@ -89,6 +89,9 @@ def _storage_problem(cfg) -> str | None:
         check_job_storage(cfg)
     except StorageError as e:
         return str(e)
+    a = cfg.dpo.sft_adapter
+    if a and storage.is_remote(a) and not storage.exists(storage.join(a, "adapter_config.json")):
+        return f"dpo.sft_adapter {a} is not a PEFT adapter folder (no adapter_config.json)"
     return check_remote_storage(cfg.run.storage_path) if storage.is_remote(cfg.run.storage_path) else None
 
 

@@ -38,6 +38,7 @@ Torch-free and Ray-free: the driver, the workers and the tools all ask it.
 
 from __future__ import annotations
 
+import fcntl
 import fnmatch
 import hashlib
 import json
@@ -45,6 +46,7 @@ import os
 import posixpath
 import shutil
 import tempfile
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
@@ -374,10 +376,10 @@ def move(src: str | Path, dst: str | Path) -> None:
         return
     if is_dir(src):
         copy_tree(src, dst)
-        remove(src)
-    else:
+    else:  # copy + delete: not every object store implements a move (Azure without hierarchical namespace)
         fs, path = filesystem(src)
-        fs.move(path, filesystem(dst)[1])
+        fs.copy_file(path, filesystem(dst)[1])
+    remove(src)
 
 
 def list_dirs(loc: str | Path, pattern: str = "*") -> list[str]:
@@ -420,50 +422,72 @@ def upload(local: str | Path, loc: str | Path) -> None:
     copy_tree(str(local), loc)
 
 
-def local_copy(loc: str | Path) -> str:
+TOKENIZER_FILES = ("token", "vocab", "merges", "chat_template", "special_tokens", "added_tokens", "config.json")
+
+
+def is_tokenizer_file(rel: str) -> bool:
+    """A top-level file a tokenizer loads from a model folder (its config.json too: the tokenizer
+    class may be named there), not the weights."""
+    return "/" not in rel and any(t in rel for t in TOKENIZER_FILES)
+
+
+def local_copy(loc: str | Path, only: Callable[[str], bool] | None = None) -> str:
     """A local path with the folder's (or file's) content: a local location itself; a remote one
     downloaded once per node into the temp dir, keyed by its location and its files' sizes and
-    times (a folder rewritten in place gets a fresh copy), complete or not used."""
+    times (a folder rewritten in place gets a fresh copy), complete or not used. ``only``: the
+    relative names to fetch (e.g. `is_tokenizer_file`: a tokenizer without a 13 GB model). The
+    processes of a node that ask at once wait for one download (a file lock), not download
+    each."""
     s = str(loc)
     if not is_remote(s):
         return filesystem(s)[1]
-    if is_file(s):
+    single = is_file(s)
+    if single:
         info = _info(s)
         files = {name(s): (int(info.size or 0), int(info.mtime_ns or 0))}
     else:
-        files = walk_files(s)
+        files = {k: v for k, v in walk_files(s).items() if only is None or only(k)}
         if not files:
             raise FileNotFoundError(f"{s}: no such folder in storage")
     key = hashlib.sha256(json.dumps([s, sorted(files.items())]).encode()).hexdigest()[:16]
     out = Path(tempfile.gettempdir()) / "raydpo-storage-cache" / f"{name(s)}-{key}"
+    found = str(out / name(s)) if single else str(out)
+    tag = s if only is None else f"{s} (some files)"  # a partial copy never replaces a whole one
     if (out / COPY_DONE).exists():
-        return str(out / name(s)) if is_file(s) else str(out)
+        return found
     out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if not (out / COPY_DONE).exists():
+            _download(s, out, None if single or only is None else sorted(files), tag)
+    _drop_older_copies(out, tag)
+    return found
+
+
+def _download(loc: str, out: Path, names: list[str] | None, tag: str) -> None:
+    """``loc`` (a file, a folder, or ``names`` of a folder) into ``out``, whole or not at all."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        if is_file(s):
-            (tmp / name(s)).write_bytes(read_bytes(s))
+        if is_file(loc):
+            (tmp / name(loc)).write_bytes(read_bytes(loc))
+        elif names is not None:
+            for n in names:
+                (tmp / n).write_bytes(read_bytes(join(loc, n)))
         else:
-            copy_tree(s, str(tmp))
-        (tmp / COPY_DONE).write_text(s)
+            copy_tree(loc, str(tmp))
+        (tmp / COPY_DONE).write_text(tag)
         tmp.chmod(0o755)  # mkdtemp makes it private; other users' processes on the node read it
-        try:
-            os.replace(tmp, out)
-        except OSError:  # another process on this node finished the same copy first
-            if not (out / COPY_DONE).exists():
-                raise
+        os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _drop_older_copies(out, s)
-    return str(out / name(s)) if is_file(s) else str(out)
 
 
-def _drop_older_copies(keep: Path, loc: str) -> None:
+def _drop_older_copies(keep: Path, tag: str) -> None:
     """A node keeps one copy per remote location: the copies of its earlier content go (a 7B
     merged base is 13 GB; a process that loaded one holds it in memory, not on disk)."""
-    for other in keep.parent.glob(f"{name(loc)}-*"):
+    for other in keep.parent.glob(f"{keep.name.rsplit('-', 1)[0]}-*"):
         done = other / COPY_DONE
-        if other != keep and done.is_file() and done.read_text() == loc:
+        if other != keep and done.is_file() and done.read_text() == tag:
             shutil.rmtree(other, ignore_errors=True)
 
 

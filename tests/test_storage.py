@@ -482,14 +482,14 @@ class _FakeCluster:
                     cluster.pinned.append(scheduling_strategy.node_id)
                     return self
 
-                def remote(self, markers):
-                    cluster.probed.append([m for m in markers if os.path.exists(m)])  # written before the probe
-                    real = os.path.exists
-                    os.path.exists = lambda p: real(p) and not any(str(p).startswith(b) for b in cluster.blind)
+                def remote(self, expected):
+                    cluster.probed.append([f for f, _ in expected if os.path.exists(f)])  # written before the probe
+                    real = os.path.isfile
+                    os.path.isfile = lambda p: real(p) and not any(str(p).startswith(b) for b in cluster.blind)
                     try:
-                        return fn(markers)
+                        return fn(expected)
                     finally:
-                        os.path.exists = real
+                        os.path.isfile = real
             return Probe()
         return wrap
 
@@ -547,6 +547,22 @@ def test_a_node_that_does_not_see_the_sqlite_store_is_refused(tmp_path, cluster)
         check_nodes_share(load_config(None, ["run.storage_path=s3://bucket/runs"]), db)
 
 
+def test_a_model_folder_is_checked_by_its_config_without_writing_into_it(tmp_path, cluster):
+    """A shared model volume is often read-only: nothing is written there; its config.json is
+    looked for, at its size, on the node."""
+    from raydpo.orchestration.errors import StorageError
+    from raydpo.orchestration.nodes import check_nodes_share
+
+    model = _make_folder(tmp_path / "llama", {"config.json": b'{"model_type": "llama"}'})
+    cfg = load_config(None, ["run.storage_path=s3://bucket/runs", f"model.name_or_path={model}"])
+    cluster([], [NODE])
+    check_nodes_share(cfg, "http://mlflow:5000")  # the node sees the same folder
+    assert sorted(p.name for p in model.iterdir()) == ["config.json"]
+    cluster([model], [NODE])
+    with pytest.raises(StorageError, match=rf"model.name_or_path {model} is a local folder that node 10.0.0.7"):
+        check_nodes_share(cfg, "http://mlflow:5000")
+
+
 def test_one_node_checks_nothing_and_writes_nothing(tmp_path, cluster):
     from raydpo.orchestration.nodes import check_nodes_share
 
@@ -600,3 +616,64 @@ def test_buffered_logger_spills_into_the_bucket(s3, monkeypatch, capsys):
     records = [json.loads(x) for x in storage.read_text(spill).splitlines()]
     assert [(r["key"], r["step"], r["value"]) for r in records] == [("train/loss", 1, 1.5), ("train/loss", 2, 2.5)] * 2
     assert f"raydpo tracking replay {spill}" in capsys.readouterr().err
+
+
+# -- review fixes: partial copies, the stop file in a bucket, URI options, a base's recorded name --
+
+
+def test_a_tokenizer_copy_fetches_no_weights_and_leaves_the_whole_copy_alone(s3, tmp_path, node_tmp):
+    model = storage.join(_prefix(s3, "models"), "merged")
+    src = _make_folder(tmp_path / "m", {"config.json": b"{}", "tokenizer.json": b"{}", "tokenizer_config.json": b"{}",
+                                        "model.safetensors": b"W" * 4000, "sub/tokenizer.json": b"x"})
+    storage.copy_tree(str(src), model)
+    whole = storage.local_copy(model)
+    tok = storage.local_copy(model, only=storage.is_tokenizer_file)
+    assert tok != whole and Path(whole, "model.safetensors").exists()  # a partial copy never replaces a whole one
+    assert sorted(p.name for p in Path(tok).iterdir() if p.name != storage.COPY_DONE) == [
+        "config.json", "tokenizer.json", "tokenizer_config.json"]
+
+
+def test_a_stop_file_in_a_bucket_is_looked_up_at_most_every_ten_seconds(s3, monkeypatch):
+    from raydpo.train import preempt
+
+    stop = storage.stop_file(_prefix(s3, "stage"))
+    calls = []
+    real = storage.exists
+    monkeypatch.setattr(storage, "exists", lambda loc: calls.append(loc) or real(loc))
+    watch = preempt.StopWatch(stop)
+    try:
+        assert watch.requested() is False and watch.requested() is False
+        assert len(calls) == 1  # the second step asked nothing
+        storage.write_text(stop, "SIGTERM\n")
+        watch._next = 0.0  # ten seconds later
+        assert watch.requested() is True and watch.requested() is True and len(calls) == 2
+    finally:
+        watch.close()
+    monkeypatch.setattr(storage, "exists", lambda loc: (_ for _ in ()).throw(OSError("store down")))
+    down = preempt.StopWatch(stop)
+    try:
+        assert down.requested() is False  # a failed look-up is "not yet", not a crashed worker
+    finally:
+        down.close()
+
+
+def test_options_in_a_storage_uri_are_refused_in_one_line():
+    from raydpo.orchestration.checks import check_remote_storage
+
+    line = check_remote_storage("s3://bucket/runs?endpoint_override=127.0.0.1:9000")
+    assert line and "\n" not in line and "AWS_ENDPOINT_URL" in line
+
+
+def test_a_model_loaded_from_the_bucket_records_its_storage_location_as_the_adapters_base(s3, tmp_path, node_tmp):
+    """PEFT writes the base model's name into every adapter: the location in storage, never the
+    node's temporary copy (`raydpo export --merge` and MLflow's lineage read it)."""
+    from raydpo.config import Config
+    from raydpo.models.factory import load_model
+    from raydpo.models.tiny import ensure_tiny_model
+
+    cfg = Config().with_overrides({"model.cache_dir": str(Path(__file__).resolve().parents[1] / ".raydpo_cache"),
+                                   "quantization.mode": "none"})
+    loc = storage.publish(ensure_tiny_model(cfg.model), storage.model_dir(_prefix(s3, "runs"), "tiny"))
+    model = load_model(cfg.model, cfg.quantization, cfg.lora, base_path=loc)
+    model.save_pretrained(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == loc

@@ -57,12 +57,15 @@ def check_resources(cfg: Config) -> list[tuple[str, str]]:
         if src.startswith((".", "/", "~")) or not HUB_ID.match(src):
             errs.append((key, f"no such file or folder, and not a hub dataset id: {src}"))
     m = cfg.model.name_or_path
-    if m != BUILTIN_MODEL and not Path(m).exists():
+    # a folder in object storage (s3://...) is checked where storage is reached (`raydpo validate`, the stage)
+    if "://" in m:
+        pass
+    elif m != BUILTIN_MODEL and not Path(m).exists():
         if m.startswith((".", "/", "~")) or not HUB_ID.match(m):
             errs.append(("model.name_or_path", f"no such folder, and not a hub model id: {m}"))
     elif m != BUILTIN_MODEL and Path(m).is_dir() and not (Path(m) / "config.json").exists():
         errs.append(("model.name_or_path", f"{m} has no config.json: not a Hugging Face model folder"))
     for key, adapter in (("dpo.sft_adapter", cfg.dpo.sft_adapter),):
-        if adapter and not (Path(adapter) / "adapter_config.json").exists():
+        if adapter and "://" not in adapter and not (Path(adapter) / "adapter_config.json").exists():
             errs.append((key, f"{adapter} is not a PEFT adapter folder (no adapter_config.json)"))
     return errs

@@ -20,8 +20,10 @@ def load_tokenizer(name_or_path: str, revision: str | None = None) -> PreTrained
 
     from raydpo import storage
 
-    # a folder in run storage (the tiny model, a merged base, an adapter) is read from this node's copy
-    tok = AutoTokenizer.from_pretrained(storage.local_copy(name_or_path), revision=revision)
+    # a folder in run storage (the tiny model, a merged base, an adapter) is read from this node's
+    # copy of its tokenizer files (a Ray Data task needs no 13 GB of weights to tokenize)
+    tok = AutoTokenizer.from_pretrained(storage.local_copy(name_or_path, only=storage.is_tokenizer_file),
+                                        revision=revision)
     if tok.pad_token_id is None:
         fallback = tok.eos_token if tok.eos_token is not None else tok.unk_token
         if fallback is None:

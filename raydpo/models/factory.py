@@ -93,9 +93,9 @@ def load_base(model_cfg: ModelConfig, quant_cfg: QuantizationConfig, *, base_pat
     """
     from transformers import AutoModelForCausalLM
 
-    path = base_path or resolve_model_path(model_cfg)
-    revision = model_cfg.revision if path == model_cfg.name_or_path else None
-    path = storage.local_copy(path)  # a folder in run storage (object store): this node's copy of it
+    source = base_path or resolve_model_path(model_cfg)
+    revision = model_cfg.revision if source == model_cfg.name_or_path else None
+    path = storage.local_copy(source)  # a folder in run storage (object store): this node's copy of it
     quant = bnb_config(quant_cfg)
     kwargs = dict(
         revision=revision,
@@ -105,10 +105,13 @@ def load_base(model_cfg: ModelConfig, quant_cfg: QuantizationConfig, *, base_pat
     )
     if quant is not None:
         # bnb quantizes while loading, on the device it loads to
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant,
-                                                     device_map={"": torch.device(device)}, **kwargs)
-        return keep_bnb_cpu_layout(model)
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
+        model = keep_bnb_cpu_layout(AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=quant, device_map={"": torch.device(device)}, **kwargs))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
+    # PEFT records this as an adapter's base: the storage location, not this node's temporary copy
+    model.name_or_path = model.config._name_or_path = source
+    return model
 
 
 def keep_bnb_cpu_layout(model):

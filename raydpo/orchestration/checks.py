@@ -42,6 +42,10 @@ def check_storage(cfg: Config) -> str | None:
 def check_remote_storage(uri: str) -> str | None:
     import uuid
 
+    if "?" in uri:  # raydpo joins names onto the URI: options would end up inside object keys
+        return (f"run.storage_path {uri}: options in the URI are not supported; set them in the environment "
+                "(AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, ...) and give the bare URI")
+
     probe = storage.write_check_file(uri, uuid.uuid4().hex[:12])
     try:
         storage.write_text(probe, "raydpo: can this storage take writes?\n")

@@ -376,9 +376,9 @@ def replay_spill(uri: str, folder: str, stage: str, progress=echo) -> int:
     from raydpo import tracking
 
     spill = storage.spill_file(folder, stage)
-    if not storage.exists(spill) or tracking.check_store(uri) is not None:
-        return 0
     try:
+        if not storage.exists(spill) or tracking.check_store(uri) is not None:
+            return 0
         n = tracking.replay_buffer(spill, uri)
     except Exception as e:  # noqa: BLE001 - the stage's own outcome matters more
         echo(f"warning: could not replay {spill} ({e.__class__.__name__}); later: "

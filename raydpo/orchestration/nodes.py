@@ -61,36 +61,65 @@ def worker_nodes() -> list[dict]:
             and (n.get("Resources", {}).get("CPU", 0) > 0 or n.get("Resources", {}).get("GPU", 0) > 0)]
 
 
-def _missing(markers: list[str]) -> list[str]:
-    return [m for m in markers if not os.path.exists(m)]
+def _missing(expected: list[tuple[str, int]]) -> list[str]:
+    """Of ``(file, size)``, the files this node does not see, or sees with another size."""
+    return [f for f, size in expected if not os.path.isfile(f) or os.path.getsize(f) != size]
+
+
+def _probe_files(paths: dict[str, str], token: str) -> tuple[dict[str, str], list[str]]:
+    """``({what: file}, markers written)``: a marker written into each folder, except a model
+    folder (often a read-only mount), whose ``config.json`` is looked for instead."""
+    files, written = {}, []
+    for what, folder in paths.items():
+        if what == "model.name_or_path":
+            files[what] = os.path.join(folder, "config.json")
+            continue
+        files[what] = os.path.join(folder, storage.NODE_CHECK.format(token=token))
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        Path(files[what]).write_text("raydpo: the same folder on every node?\n")
+        written.append(files[what])
+    return files, written
+
+
+def _ask_nodes(nodes: list[dict], expected: list[tuple[str, int]]) -> dict[str, list[str]]:
+    """``{node: files it does not see}``, from a ``num_cpus=0`` task pinned to each node. A node
+    gone meanwhile runs no worker (skipped); one that does not answer is a `StorageError`."""
+    import ray
+    from ray.exceptions import GetTimeoutError, RayError
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = ray.remote(num_cpus=0)(_missing)
+    refs = {f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})": probe.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(expected) for n in nodes}
+    missing: dict[str, list[str]] = {}
+    for node, ref in refs.items():
+        try:
+            missing[node] = ray.get(ref, timeout=PROBE_TIMEOUT_S)
+        except GetTimeoutError:
+            ray.cancel(ref, force=True)
+            raise StorageError(f"node {node} did not answer the shared-storage check within {PROBE_TIMEOUT_S} s "
+                               "(is it still setting up its runtime environment?); run the command again") from None
+        except RayError:  # the node left the cluster: no worker runs there
+            continue
+    return missing
 
 
 def check_nodes_share(cfg: Config, tracking_uri: str) -> None:
     """`StorageError` / `TrackingError` (one line, naming the node and the ways out) when a node
     that can run a worker does not see the driver's folder at one of `shared_paths`."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     paths = shared_paths(cfg, tracking_uri)
     nodes = worker_nodes() if paths else []
     if not nodes:
         return
-    token = uuid.uuid4().hex[:12]
-    markers = {what: os.path.join(folder, storage.NODE_CHECK.format(token=token)) for what, folder in paths.items()}
+    written: list[str] = []
     try:
-        for m in markers.values():
-            Path(m).parent.mkdir(parents=True, exist_ok=True)
-            Path(m).write_text("raydpo: the same folder on every node?\n")
-        probe = ray.remote(num_cpus=0)(_missing)
-        refs = {n["NodeManagerAddress"] + " (" + n["NodeID"][:8] + ")": probe.options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(list(markers.values()))
-            for n in nodes}
-        missing = {node: ray.get(ref, timeout=PROBE_TIMEOUT_S) for node, ref in refs.items()}
+        files, written = _probe_files(paths, uuid.uuid4().hex[:12])
+        missing = _ask_nodes(nodes, [(f, os.path.getsize(f)) for f in files.values() if os.path.isfile(f)])
     finally:
-        for m in markers.values():
+        for m in written:
             Path(m).unlink(missing_ok=True)
-    for what, marker in markers.items():
-        blind = [node for node, gone in missing.items() if marker in gone]
+    for what, probe in files.items():
+        blind = [node for node, gone in missing.items() if probe in gone]
         if not blind:
             continue
         where = f"{what} {paths[what]}" if what in ("run.storage_path", "model.name_or_path") else what

@@ -115,7 +115,7 @@ def model_identity(path: str, revision: str | None, memo_dir: str | Path | None 
 
 
 def tokenizer_identity(path: str, revision: str | None) -> str:
-    p = Path(storage.local_copy(path))
+    p = Path(storage.local_copy(path, only=storage.is_tokenizer_file))  # not the weights
     if not p.is_dir():
         return f"hub:{path}@{revision or 'main'}"
     h = hashlib.sha256()
@@ -247,6 +247,10 @@ def commit_cache(tmp: str, root: str, about: dict) -> None:
         rows[split] = parquet_rows(storage.reference_split(tmp, split))
     record = json.dumps({"rows": rows, **about})
     if storage.is_remote(root):
+        if valid_cache(root) is not None:  # another driver finished the same key first: theirs is as good
+            storage.remove(tmp)
+            return
+        storage.remove(root)  # an earlier commit that died half-way (no valid marker)
         for split in SPLITS:
             if storage.is_dir(storage.reference_split(tmp, split)):
                 storage.move(storage.reference_split(tmp, split), storage.reference_split(root, split))

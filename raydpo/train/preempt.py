@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 
 from raydpo import storage
 
@@ -35,16 +36,32 @@ def install_worker_handler():
 
 
 class StopWatch:
-    """``requested()`` turns true once this process got SIGTERM or the driver's stop file exists."""
+    """``requested()`` turns true once this process got SIGTERM or the driver's stop file exists.
+    A stop file in an object store is looked up at most every `REMOTE_EVERY_S` (a request per
+    step per rank is on the step's critical path), and a failed look-up is "not yet"."""
+
+    REMOTE_EVERY_S = 10.0
 
     def __init__(self, stop_file: str | None):
         self.stop_file = stop_file
+        self._every = self.REMOTE_EVERY_S if stop_file and storage.is_remote(stop_file) else 0.0
+        self._next = 0.0
+        self._seen = False
         self._prev = None
         if threading.current_thread() is threading.main_thread():  # torchrun
             self._prev = install_worker_handler()
 
     def requested(self) -> bool:
-        return TERM.is_set() or bool(self.stop_file and storage.exists(self.stop_file))
+        if TERM.is_set() or self._seen:
+            return True
+        if not self.stop_file or time.monotonic() < self._next:
+            return False
+        self._next = time.monotonic() + self._every
+        try:
+            self._seen = storage.exists(self.stop_file)
+        except OSError:  # the store did not answer: look again next time
+            return False
+        return self._seen
 
     def close(self) -> None:
         if self._prev is not None:
