@@ -30,7 +30,7 @@ The layout of a run's storage (``<root>`` = ``run.storage_path``)::
 pyarrow opens, as Ray Train's own storage does (``s3://``, ``gs://``, ``abfs://``; credentials and
 ``AWS_ENDPOINT_URL`` from the standard environment). A location is therefore a ``str``: an
 absolute local path or a URI. The path functions below only join names; the I/O functions at the
-end (`exists`, `read_text`, `write_text`, `upload`, `local_copy`, ...) read and write either kind
+end (`exists`, `read_text`, `write_text`, `upload`, ...) read and write either kind
 through ``pyarrow.fs``, so no caller opens a storage path itself.
 
 Torch-free and Ray-free: the driver, the workers and the tools all ask it.
@@ -38,15 +38,10 @@ Torch-free and Ray-free: the driver, the workers and the tools all ask it.
 
 from __future__ import annotations
 
-import fcntl
 import fnmatch
-import hashlib
 import json
 import os
 import posixpath
-import shutil
-import tempfile
-from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
@@ -281,22 +276,21 @@ def _info(loc: str | Path):
     return fs.get_file_info(path)
 
 
-def exists(loc: str | Path) -> bool:
-    import pyarrow.fs as pafs
+def _kind(loc: str | Path) -> str:
+    """``"File"``, ``"Directory"`` or ``"NotFound"`` (pyarrow's `FileType` names)."""
+    return _info(loc).type.name
 
-    return _info(loc).type != pafs.FileType.NotFound
+
+def exists(loc: str | Path) -> bool:
+    return _kind(loc) != "NotFound"
 
 
 def is_file(loc: str | Path) -> bool:
-    import pyarrow.fs as pafs
-
-    return _info(loc).type == pafs.FileType.File
+    return _kind(loc) == "File"
 
 
 def is_dir(loc: str | Path) -> bool:
-    import pyarrow.fs as pafs
-
-    return _info(loc).type == pafs.FileType.Directory
+    return _kind(loc) == "Directory"
 
 
 def read_bytes(loc: str | Path) -> bytes:
@@ -359,13 +353,11 @@ def makedirs(loc: str | Path) -> None:
 
 def remove(loc: str | Path) -> None:
     """A file or a whole folder; nothing when it is not there."""
-    import pyarrow.fs as pafs
-
     fs, path = filesystem(loc)
-    kind = fs.get_file_info(path).type
-    if kind == pafs.FileType.Directory:
+    kind = _kind(loc)
+    if kind == "Directory":
         fs.delete_dir(path)
-    elif kind == pafs.FileType.File:
+    elif kind == "File":
         fs.delete_file(path)
 
 
@@ -420,100 +412,3 @@ def upload(local: str | Path, loc: str | Path) -> None:
         return
     remove(loc)
     copy_tree(str(local), loc)
-
-
-TOKENIZER_FILES = ("token", "vocab", "merges", "chat_template", "special_tokens", "added_tokens", "config.json")
-
-
-def is_tokenizer_file(rel: str) -> bool:
-    """A top-level file a tokenizer loads from a model folder (its config.json too: the tokenizer
-    class may be named there), not the weights."""
-    return "/" not in rel and any(t in rel for t in TOKENIZER_FILES)
-
-
-def local_copy(loc: str | Path, only: Callable[[str], bool] | None = None) -> str:
-    """A local path with the folder's (or file's) content: a local location itself; a remote one
-    downloaded once per node into the temp dir, keyed by its location and its files' sizes and
-    times (a folder rewritten in place gets a fresh copy), complete or not used. ``only``: the
-    relative names to fetch (e.g. `is_tokenizer_file`: a tokenizer without a 13 GB model). The
-    processes of a node that ask at once wait for one download (a file lock), not download
-    each."""
-    s = str(loc)
-    if not is_remote(s):
-        return filesystem(s)[1]
-    single = is_file(s)
-    if single:
-        info = _info(s)
-        files = {name(s): (int(info.size or 0), int(info.mtime_ns or 0))}
-    else:
-        files = {k: v for k, v in walk_files(s).items() if only is None or only(k)}
-        if not files:
-            raise FileNotFoundError(f"{s}: no such folder in storage")
-    key = hashlib.sha256(json.dumps([s, sorted(files.items())]).encode()).hexdigest()[:16]
-    out = Path(tempfile.gettempdir()) / "raydpo-storage-cache" / f"{name(s)}-{key}"
-    found = str(out / name(s)) if single else str(out)
-    tag = s if only is None else f"{s} (some files)"  # a partial copy never replaces a whole one
-    if (out / COPY_DONE).exists():
-        return found
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
-        if not (out / COPY_DONE).exists():
-            _download(s, out, None if single or only is None else sorted(files), tag)
-    _drop_older_copies(out, tag)
-    return found
-
-
-def _download(loc: str, out: Path, names: list[str] | None, tag: str) -> None:
-    """``loc`` (a file, a folder, or ``names`` of a folder) into ``out``, whole or not at all."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        if is_file(loc):
-            (tmp / name(loc)).write_bytes(read_bytes(loc))
-        elif names is not None:
-            for n in names:
-                (tmp / n).write_bytes(read_bytes(join(loc, n)))
-        else:
-            copy_tree(loc, str(tmp))
-        (tmp / COPY_DONE).write_text(tag)
-        tmp.chmod(0o755)  # mkdtemp makes it private; other users' processes on the node read it
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _drop_older_copies(keep: Path, tag: str) -> None:
-    """A node keeps one copy per remote location: the copies of its earlier content go (a 7B
-    merged base is 13 GB; a process that loaded one holds it in memory, not on disk)."""
-    for other in keep.parent.glob(f"{keep.name.rsplit('-', 1)[0]}-*"):
-        done = other / COPY_DONE
-        if other != keep and done.is_file() and done.read_text() == tag:
-            shutil.rmtree(other, ignore_errors=True)
-
-
-def publish(local: str | Path, loc: str | Path) -> str:
-    """Put a finished local folder (the tiny model built on the driver) at ``loc`` in run storage
-    once, for every node to read: done when ``loc`` holds its completion marker (written last),
-    otherwise (re)copied. Returns ``loc``."""
-    loc = str(loc)
-    done = join(loc, COPY_DONE)
-    if exists(done):
-        return loc
-    if is_remote(loc):
-        remove(loc)
-        copy_tree(str(local), loc)
-        write_text(done, str(local))
-        return loc
-    tmp = join(parent(loc), f".{name(loc)}.publishing-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(local, tmp)
-    Path(tmp, COPY_DONE).write_text(str(local))
-    if os.path.isdir(loc):  # there, but not a finished publish (no marker): replaced
-        shutil.rmtree(loc, ignore_errors=True)
-    try:
-        os.replace(tmp, loc)
-    except OSError:  # another driver published the same folder first (the same build)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not exists(done):
-            raise
-    return loc

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from raydpo import storage
+from raydpo import storage, storage_copy
 from raydpo.config import load_config
 
 BUCKET = "raydpo-test"
@@ -203,35 +203,35 @@ def test_local_copy_of_a_bucket_folder_is_reused_until_the_folder_changes(s3, tm
     src = _make_folder(tmp_path / "v1", {"config.json": b'{"v": 1}', "model.bin": b"A" * 1000, "tok/vocab.txt": b"a b"})
     storage.copy_tree(str(src), model)
 
-    first = storage.local_copy(model)
+    first = storage_copy.local_copy(model)
     assert Path(first).is_relative_to(node_tmp)
     got = {k: v for k, v in _local_files(first).items() if k != storage.COPY_DONE}
     assert got == _local_files(src)
     Path(first, "model.bin").write_bytes(b"X" * 1000)  # a second call must not download again
-    assert storage.local_copy(model) == first
+    assert storage_copy.local_copy(model) == first
     assert Path(first, "model.bin").read_bytes() == b"X" * 1000
 
     _next_second()  # a new SFT merge at the same place: same names, same sizes, other bytes
     storage.write_bytes(storage.join(model, "model.bin"), b"B" * 1000)
-    fresh = storage.local_copy(model)
+    fresh = storage_copy.local_copy(model)
     assert fresh != first
     assert Path(fresh, "model.bin").read_bytes() == b"B" * 1000
     assert Path(fresh, "config.json").read_bytes() == b'{"v": 1}'
     assert not Path(first).exists(), "the copy of the earlier content is dropped: one copy per location on a node"
 
     with pytest.raises(FileNotFoundError, match="no such folder"):
-        storage.local_copy(storage.join(s3, "no-such-model"))
-    assert storage.local_copy(str(src)) == str(src)  # a local folder is its own copy
+        storage_copy.local_copy(storage.join(s3, "no-such-model"))
+    assert storage_copy.local_copy(str(src)) == str(src)  # a local folder is its own copy
 
 
 def test_local_copy_of_a_bucket_file_is_refreshed_when_it_changes(s3, node_tmp):
     f = storage.join(_prefix(s3, "data"), "pairs.jsonl")
     storage.write_text(f, '{"v": 1}\n')
-    first = storage.local_copy(f)
+    first = storage_copy.local_copy(f)
     assert Path(first).read_text() == '{"v": 1}\n' and Path(first).name == "pairs.jsonl"
     _next_second()
     storage.write_text(f, '{"v": 22}\n')
-    assert Path(storage.local_copy(f)).read_text() == '{"v": 22}\n'
+    assert Path(storage_copy.local_copy(f)).read_text() == '{"v": 22}\n'
 
 
 # -- 4. publish ------------------------------------------------------------------------------
@@ -240,19 +240,19 @@ def test_local_copy_of_a_bucket_file_is_refreshed_when_it_changes(s3, node_tmp):
 def test_publish_copies_once_and_redoes_a_half_published_folder(s3, tmp_path):
     src = _make_folder(tmp_path / "tiny", {"config.json": b'{"v": 1}', "model.bin": b"M" * 500})
     loc = storage.model_dir(_prefix(s3, "runs"), "tiny-abc")
-    assert storage.publish(src, loc) == loc
+    assert storage_copy.publish(src, loc) == loc
     done = storage.join(loc, storage.COPY_DONE)
     assert storage.exists(done)
     assert {k: v for k, v in _remote_files(loc).items() if k != storage.COPY_DONE} == _local_files(src)
 
     (src / "model.bin").write_bytes(b"N" * 500)  # a second driver's build: the published one stays
-    assert storage.publish(src, loc) == loc
+    assert storage_copy.publish(src, loc) == loc
     assert storage.read_bytes(storage.join(loc, "model.bin")) == b"M" * 500
 
     half = storage.model_dir(_prefix(s3, "runs"), "tiny-abc")  # a driver died mid-copy: files, no marker
     storage.write_bytes(storage.join(half, "model.bin"), b"M" * 10)
     storage.write_bytes(storage.join(half, "stale.bin"), b"old")
-    storage.publish(src, half)
+    storage_copy.publish(src, half)
     assert {k: v for k, v in _remote_files(half).items() if k != storage.COPY_DONE} == _local_files(src)
     assert storage.exists(storage.join(half, storage.COPY_DONE))
 
@@ -260,14 +260,14 @@ def test_publish_copies_once_and_redoes_a_half_published_folder(s3, tmp_path):
 def test_publish_into_a_local_storage_folder(tmp_path):
     src = _make_folder(tmp_path / "tiny", {"config.json": b"{}", "w/model.bin": b"M" * 50})
     loc = storage.model_dir(str(tmp_path / "runs"), "tiny-abc")
-    assert storage.publish(src, loc) == loc
+    assert storage_copy.publish(src, loc) == loc
     assert {k: v for k, v in _local_files(loc).items() if k != storage.COPY_DONE} == _local_files(src)
     (src / "w" / "model.bin").write_bytes(b"N" * 50)
-    storage.publish(src, loc)
+    storage_copy.publish(src, loc)
     assert Path(loc, "w", "model.bin").read_bytes() == b"M" * 50
     assert [p.name for p in Path(loc).parent.iterdir()] == ["tiny-abc"]  # no publishing folder left beside it
     Path(loc, storage.COPY_DONE).unlink()  # a folder there that is not a finished publish (copied by hand)
-    storage.publish(src, loc)
+    storage_copy.publish(src, loc)
     assert Path(loc, "w", "model.bin").read_bytes() == b"N" * 50 and Path(loc, storage.COPY_DONE).exists()
 
 
@@ -626,8 +626,8 @@ def test_a_tokenizer_copy_fetches_no_weights_and_leaves_the_whole_copy_alone(s3,
     src = _make_folder(tmp_path / "m", {"config.json": b"{}", "tokenizer.json": b"{}", "tokenizer_config.json": b"{}",
                                         "model.safetensors": b"W" * 4000, "sub/tokenizer.json": b"x"})
     storage.copy_tree(str(src), model)
-    whole = storage.local_copy(model)
-    tok = storage.local_copy(model, only=storage.is_tokenizer_file)
+    whole = storage_copy.local_copy(model)
+    tok = storage_copy.local_copy(model, only=storage_copy.is_tokenizer_file)
     assert tok != whole and Path(whole, "model.safetensors").exists()  # a partial copy never replaces a whole one
     assert sorted(p.name for p in Path(tok).iterdir() if p.name != storage.COPY_DONE) == [
         "config.json", "tokenizer.json", "tokenizer_config.json"]
@@ -673,7 +673,7 @@ def test_a_model_loaded_from_the_bucket_records_its_storage_location_as_the_adap
 
     cfg = Config().with_overrides({"model.cache_dir": str(Path(__file__).resolve().parents[1] / ".raydpo_cache"),
                                    "quantization.mode": "none"})
-    loc = storage.publish(ensure_tiny_model(cfg.model), storage.model_dir(_prefix(s3, "runs"), "tiny"))
+    loc = storage_copy.publish(ensure_tiny_model(cfg.model), storage.model_dir(_prefix(s3, "runs"), "tiny"))
     model = load_model(cfg.model, cfg.quantization, cfg.lora, base_path=loc)
     model.save_pretrained(tmp_path / "adapter")
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == loc

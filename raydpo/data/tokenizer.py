@@ -18,11 +18,11 @@ def load_tokenizer(name_or_path: str, revision: str | None = None) -> PreTrained
     """
     from transformers import AutoTokenizer
 
-    from raydpo import storage
+    from raydpo import storage_copy
 
     # a folder in run storage (the tiny model, a merged base, an adapter) is read from this node's
     # copy of its tokenizer files (a Ray Data task needs no 13 GB of weights to tokenize)
-    tok = AutoTokenizer.from_pretrained(storage.local_copy(name_or_path, only=storage.is_tokenizer_file),
+    tok = AutoTokenizer.from_pretrained(storage_copy.local_copy(name_or_path, only=storage_copy.is_tokenizer_file),
                                         revision=revision)
     if tok.pad_token_id is None:
         fallback = tok.eos_token if tok.eos_token is not None else tok.unk_token

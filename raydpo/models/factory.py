@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from raydpo import storage
+from raydpo import storage, storage_copy
 from raydpo.config import BUILTIN_MODEL, LoraConfig, ModelConfig, QuantizationConfig
 
 if TYPE_CHECKING:
@@ -95,7 +95,7 @@ def load_base(model_cfg: ModelConfig, quant_cfg: QuantizationConfig, *, base_pat
 
     source = base_path or resolve_model_path(model_cfg)
     revision = model_cfg.revision if source == model_cfg.name_or_path else None
-    path = storage.local_copy(source)  # a folder in run storage (object store): this node's copy of it
+    path = storage_copy.local_copy(source)  # a folder in run storage (object store): this node's copy of it
     quant = bnb_config(quant_cfg)
     kwargs = dict(
         revision=revision,
@@ -158,7 +158,7 @@ def load_model(model_cfg: ModelConfig, quant_cfg: QuantizationConfig, lora_cfg: 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     if adapter_path:
-        model = peft.PeftModel.from_pretrained(model, storage.local_copy(adapter_path), is_trainable=trainable)
+        model = peft.PeftModel.from_pretrained(model, storage_copy.local_copy(adapter_path), is_trainable=trainable)
     else:
         model = peft.get_peft_model(model, peft.LoraConfig(
             r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
@@ -197,7 +197,7 @@ def merge_adapter(base_path: str, adapter_path: str, out_dir: str, dtype: str = 
 
     from raydpo.data.tokenizer import load_tokenizer
 
-    base_path, adapter_path = storage.local_copy(base_path), storage.local_copy(adapter_path)
+    base_path, adapter_path = storage_copy.local_copy(base_path), storage_copy.local_copy(adapter_path)
     local_out = tempfile.mkdtemp(prefix="raydpo-merge-") if storage.is_remote(out_dir) else out_dir
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=DTYPES[dtype])
     merged = peft.PeftModel.from_pretrained(base, adapter_path).merge_and_unload()
@@ -217,7 +217,7 @@ def export_adapter(adapter_path: str, out_dir: str, merge: bool, dtype: str = "f
 
     if storage.is_remote(adapter_path) and not storage.exists(storage.join(adapter_path, "adapter_config.json")):
         raise FileNotFoundError(f"{adapter_path} is not a PEFT adapter folder (no adapter_config.json)")
-    adapter_path = storage.local_copy(adapter_path)  # an adapter in an object store: downloaded
+    adapter_path = storage_copy.local_copy(adapter_path)  # an adapter in an object store: downloaded
     cfg_file = Path(adapter_path) / "adapter_config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{adapter_path} is not a PEFT adapter folder (no adapter_config.json)")

@@ -9,7 +9,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from raydpo import storage
+from raydpo import storage, storage_copy
 from raydpo.config import Config, Stage
 
 
@@ -23,7 +23,7 @@ def resolve_base(cfg: Config) -> tuple[str, str]:
 
     p = resolve_model_path(cfg.model)
     if cfg.model.name_or_path == BUILTIN_MODEL:
-        p = storage.publish(p, storage.model_dir(cfg.run.storage_path, Path(p).name))
+        p = storage_copy.publish(p, storage.model_dir(cfg.run.storage_path, Path(p).name))
     elif Path(p).exists():
         p = str(Path(p).resolve())
     return p, p

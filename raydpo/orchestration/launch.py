@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from raydpo import storage
+from raydpo import storage, storage_copy
 from raydpo.config import Config, Stage, TrainStageConfig
 from raydpo.orchestration.errors import Preempted, ResumeConfigError, WorkerOOM
 from raydpo.tracking.terminal import echo
@@ -364,7 +364,7 @@ def _log_adapter(cfg: Config, uri: str, run_id: str, adapter: str, history: list
     from raydpo import tracking
 
     if cfg.tracking.log_artifacts:
-        tracking.log_final_artifacts(uri, run_id, adapter_dir=storage.local_copy(adapter), config_yaml=cfg.to_yaml(), history=history)
+        tracking.log_final_artifacts(uri, run_id, adapter_dir=storage_copy.local_copy(adapter), config_yaml=cfg.to_yaml(), history=history)
     tracking.set_tags(uri, run_id, {tracking.ADAPTER_TAG: adapter})
 
 

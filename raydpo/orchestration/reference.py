@@ -26,7 +26,7 @@ import shutil
 import warnings
 from pathlib import Path
 
-from raydpo import storage
+from raydpo import storage, storage_copy
 from raydpo.config import BUILTIN_SOURCE, Config
 from raydpo.tracking.terminal import echo
 
@@ -79,8 +79,8 @@ def files_digest(path: str | Path, memo_dir: str | Path | None = None) -> str:
     """sha256 over a file, or a folder's files (relative names + bytes, sorted; hidden files and
     raydpo's own markers skipped). Remembered in ``memo_dir`` by (path, size, mtime), so a 7B
     model's weights are read once, not at every run. A folder in an object store is digested
-    from this node's copy of it (`raydpo.storage.local_copy`)."""
-    p = Path(storage.local_copy(path)).resolve()
+    from this node's copy of it (`raydpo.storage_copy.local_copy`)."""
+    p = Path(storage_copy.local_copy(path)).resolve()
     files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and not any(
         part.startswith(".") for part in f.relative_to(p).parts) and f.name not in (storage.MERGED_MARKER,))
     stat = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
@@ -115,7 +115,7 @@ def model_identity(path: str, revision: str | None, memo_dir: str | Path | None 
 
 
 def tokenizer_identity(path: str, revision: str | None) -> str:
-    p = Path(storage.local_copy(path, only=storage.is_tokenizer_file))  # not the weights
+    p = Path(storage_copy.local_copy(path, only=storage_copy.is_tokenizer_file))  # not the weights
     if not p.is_dir():
         return f"hub:{path}@{revision or 'main'}"
     h = hashlib.sha256()
