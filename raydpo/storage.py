@@ -407,8 +407,6 @@ def copy_tree(src: str | Path, dst: str | Path) -> None:
 
 
 def upload(local: str | Path, loc: str | Path) -> None:
-    """Put a local folder at ``loc`` (replacing what was there); the same folder: nothing."""
-    if not is_remote(loc) and os.path.realpath(local) == os.path.realpath(filesystem(loc)[1]):
-        return
+    """Put a local folder at ``loc``, replacing what was there."""
     remove(loc)
     copy_tree(str(local), loc)

@@ -58,16 +58,16 @@ def local_copy(loc: str | Path, only: Callable[[str], bool] | None = None) -> st
     with open(out.parent / f".{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
         if not (out / COPY_DONE).exists():
-            _download(s, out, None if single or only is None else sorted(files), tag)
+            _download(s, out, None if single or only is None else sorted(files), tag, single)
     _drop_older_copies(out, tag)
     return found
 
 
-def _download(loc: str, out: Path, names: list[str] | None, tag: str) -> None:
-    """``loc`` (a file, a folder, or ``names`` of a folder) into ``out``, whole or not at all."""
+def _download(loc: str, out: Path, names: list[str] | None, tag: str, single: bool) -> None:
+    """``loc`` (a ``single`` file, a folder, or ``names`` of a folder) into ``out``, whole or not at all."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        if is_file(loc):
+        if single:
             (tmp / name(loc)).write_bytes(read_bytes(loc))
         elif names is not None:
             for n in names:

@@ -231,13 +231,18 @@ def test_a_checkpoint_made_before_a_new_setting_resumes_while_it_keeps_its_defau
 
 
 def test_one_resource_formula_counts_trainers_and_replicas_while_ray_data_keeps_its_cpus():
+    from raydpo.orchestration.resources import count_fits, data_need, replica_need, workers_need
+
+    def slots(s, node, unit):  # on one node, beside Ray Data's CPUs (`raydpo.orchestration.resources`)
+        return count_fits([node], [data_need(s)], unit(s))
+
     cpu = Config().with_overrides({"scaling.num_workers": 2, "scaling.cpus_per_worker": 1.0}).scaling
     assert cpu.worker_resources() == {"CPU": 1.0} and cpu.trainer_resources() == {"CPU": 2.0}
-    assert cpu.slots({"CPU": 5.0}, cpu.trainer_resources()) == 2  # (5 - 1 kept for Ray Data) // 2
-    assert cpu.slots({"CPU": 2.0}, cpu.trainer_resources()) == 0  # Ray Data's CPU is never lent out
-    assert cpu.slots({"CPU": 2.0}, cpu.replica_resources()) == 1
+    assert slots(cpu, {"CPU": 5.0}, workers_need) == 2  # (5 - 1 kept for Ray Data) // 2
+    assert slots(cpu, {"CPU": 2.0}, workers_need) == 0  # Ray Data's CPU is never lent out
+    assert slots(cpu, {"CPU": 2.0}, replica_need) == 1
     gpu = Config().with_overrides({"scaling.use_gpu": True, "scaling.num_workers": 2}).scaling
     assert gpu.trainer_resources() == {"CPU": 1.0, "GPU": 2.0}
-    assert gpu.slots({"CPU": 64.0, "GPU": 8.0}, gpu.trainer_resources()) == 4  # the GPUs bound it
-    assert gpu.slots({"CPU": 2.0, "GPU": 8.0}, gpu.trainer_resources()) == 1  # here the CPUs do
+    assert slots(gpu, {"CPU": 64.0, "GPU": 8.0}, workers_need) == 4  # the GPUs bound it
+    assert slots(gpu, {"CPU": 2.0, "GPU": 8.0}, workers_need) == 1  # here the CPUs do
     assert gpu.replica_resources() == {"CPU": 0.0, "GPU": 1.0}  # a replica takes no CPU from Ray Data

@@ -643,8 +643,9 @@ def test_local_recipe():
                  "ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\\n"
                  "    raydpo pipeline --config jobs/demo_cpu.yaml"):
         assert line in text, line
-    s = load_config(REPO / "jobs" / "demo_cpu.yaml").scaling
-    assert s.slots({"CPU": 2.0}, s.trainer_resources()) >= 1  # fits `--num-cpus 2`
+    from raydpo.orchestration.resources import fits, training_needs
+
+    assert fits([{"CPU": 2.0}], training_needs(load_config(REPO / "jobs" / "demo_cpu.yaml")))  # fits `--num-cpus 2`
 
 
 # ---------------------------------------------------------------------------------------------

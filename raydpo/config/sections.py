@@ -184,16 +184,6 @@ class ScalingConfig(Section):
             return {"CPU": 0.0, "GPU": self.gpus_per_worker}
         return {"CPU": max(self.cpus_per_worker, 0.5)}
 
-    def slots(self, cluster: dict[str, float], per_slot: dict[str, float]) -> int:
-        """How many ``per_slot`` reservations fit at once in ``cluster`` (what
-        ``ray.cluster_resources()`` returns) while Ray Data keeps ``data_cpus`` CPUs; 0 when
-        none fits. The one resource formula: the CPU budget check (`raydpo.orchestration.launch`), concurrent
-        Tune trials (`raydpo.orchestration.tune`) and reference replicas (`raydpo.orchestration.reference`) count with it."""
-        free = {**cluster, "CPU": cluster.get("CPU", 0.0) - self.data_cpus}
-        # the epsilon: CPU counts are floats (0.5 per worker); 2.9999999 CPUs hold 3 slots of 1
-        fits = [int((free.get(k, 0.0) + 1e-9) // v) for k, v in per_slot.items() if v > 0]
-        return max(0, min(fits, default=0))
-
 
 class TrainStageConfig(Section):
     """Fields shared by the SFT and DPO loops."""

@@ -215,8 +215,6 @@ def export_adapter(adapter_path: str, out_dir: str, merge: bool, dtype: str = "f
     import json
     import shutil
 
-    if storage.is_remote(adapter_path) and not storage.exists(storage.join(adapter_path, "adapter_config.json")):
-        raise FileNotFoundError(f"{adapter_path} is not a PEFT adapter folder (no adapter_config.json)")
     adapter_path = storage_copy.local_copy(adapter_path)  # an adapter in an object store: downloaded
     cfg_file = Path(adapter_path) / "adapter_config.json"
     if not cfg_file.exists():
