@@ -79,6 +79,12 @@ class Config(Section):
         """The section of training stage ``name`` ('sft' or 'dpo')."""
         return self.sft if name == "sft" else self.dpo
 
+    def tokenize_tasks(self) -> int:
+        """Tokenizer tasks at once: ``data.tokenize_concurrency``, or as many as ``scaling.data_cpus``
+        holds at ``data.tokenize_num_cpus`` each (one task would leave a 4-CPU Ray Data share idle)."""
+        d = self.data
+        return d.tokenize_concurrency or max(1, int(self.scaling.data_cpus / d.tokenize_num_cpus + 1e-9))
+
     # -- conversions -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

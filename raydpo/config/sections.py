@@ -57,7 +57,8 @@ class DataConfig(Section):
     max_chars: int = Field(200_000, ge=1, description="rows whose own text (question/prompt + answers, or the "
                            "messages' contents) exceeds this many characters are dropped")
     tokenize_batch_size: int = Field(256, ge=1)
-    tokenize_concurrency: int = Field(1, ge=1, description="tokenizer tasks at once")
+    tokenize_concurrency: int | None = Field(
+        None, ge=1, description="tokenizer tasks at once; None: as many as scaling.data_cpus holds")
     tokenize_num_cpus: float = Field(0.25, gt=0.0, description="CPU per tokenize task; keep < 1 so workers don't starve Ray Data")
 
     @field_validator("columns")

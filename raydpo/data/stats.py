@@ -119,7 +119,7 @@ def _compute_stats(cfg: Config, tokenizer_name_or_path: str) -> dict[str, Any]:
                              "max_prompt_length": d.max_prompt_length, "block_size": d.sft_block_size,
                              "revision": cfg.model.revision},
         batch_size=d.tokenize_batch_size, batch_format="pyarrow", num_cpus=d.tokenize_num_cpus,
-        compute=TaskPoolStrategy(size=d.tokenize_concurrency))
+        compute=TaskPoolStrategy(size=cfg.tokenize_tasks()))
     aggs = [Count(), Sum("truncated", alias_name="truncated"), Sum("sft_blocks", alias_name="sft_blocks")]
     for k in PARTS:
         aggs.append(Max(k, alias_name=f"{k}.max"))

@@ -51,33 +51,42 @@ def _sorted_with_order_key(batch, seed: int, epoch: int):
     return _with_order_key(batch, seed, epoch).sort_by([(ORDER_KEY, "ascending"), (ROW_ID, "ascending")])
 
 
-def ordered_stream(ds, n_rows: int, *, seed: int, global_batch: int, micro_batches: int, num_cpus: float,
-                   local_sort_max_bytes: int = LOCAL_SORT_MAX_BYTES):
-    """The run's training stream, materialized: ``micro_batches`` global micro-batches of
-    ``global_batch`` rows, epoch after epoch. ``ds`` (materialized) holds ``n_rows`` rows with a
-    ``row_id`` column.
+def gather_split(ds, local_sort_max_bytes: int = LOCAL_SORT_MAX_BYTES):
+    """A tokenized train split materialized once, in one block when it holds at most
+    ``local_sort_max_bytes`` (each epoch is then sorted whole in one task: Ray Data's distributed
+    sort pays three stages of task start-ups even for a few hundred rows; README, Performance).
+    The multi-block copy is dropped as soon as the one block exists: one copy stays."""
+    with ordered_execution():  # tokenized once, the same blocks on every rerun; each epoch sorts them
+        ds = ds.materialize()
+        if ds.num_blocks() > 1 and ds.size_bytes() <= local_sort_max_bytes:
+            ds = ds.repartition(1).materialize()
+    return ds
 
-    Each epoch is sorted by (order key, row id) and cut with ``preserve_order`` on (a map after a
-    sort otherwise hands blocks on as they finish), and the epochs are concatenated block list
-    after block list (a ``union`` interleaves its inputs' blocks). A split of at most
-    ``local_sort_max_bytes`` is gathered into one block once and each epoch is sorted whole in one
-    task: Ray Data's distributed sort (sample, partition and merge stages) pays three stages of task
-    start-ups even for a few hundred rows (README, Performance)."""
+
+def ordered_stream(ds, n_rows: int, *, seed: int, global_batch: int, micro_batches: int, num_cpus: float):
+    """The run's training stream, materialized: ``micro_batches`` global micro-batches of
+    ``global_batch`` rows, epoch after epoch. ``ds`` (`gather_split`) holds ``n_rows`` rows with a
+    ``row_id`` column: the whole split, or (a run inside epoch 0) any of its subsets that holds
+    the rows the run reaches (`raydpo.data.reach`) — the same first rows either way.
+
+    Each epoch is sorted by (order key, row id) — in one task when ``ds`` is one block, else by
+    Ray Data's distributed sort — and cut with ``preserve_order`` on (a map after a sort otherwise
+    hands blocks on as they finish), and the epochs are concatenated block list after block list
+    (a ``union`` interleaves its inputs' blocks)."""
     import ray.data
 
     keep = usable_rows(n_rows, global_batch)
-    whole = ds.size_bytes() <= local_sort_max_bytes
+    whole = ds.num_blocks() == 1
     with ordered_execution():
-        if whole:
-            ds = ds.repartition(1).materialize()
-        refs = []
+        refs, left = [], micro_batches * global_batch
         for epoch in range(epochs_needed(n_rows, global_batch, micro_batches)):
             kw = {"fn_kwargs": {"seed": seed, "epoch": epoch}, "batch_format": "pyarrow", "num_cpus": num_cpus}
             if whole:
                 epoch_ds = ds.map_batches(_sorted_with_order_key, batch_size=None, **kw)
             else:
                 epoch_ds = ds.map_batches(_with_order_key, **kw).sort([ORDER_KEY, ROW_ID])
-            refs += epoch_ds.limit(keep).materialize().to_arrow_refs()
+            refs += epoch_ds.limit(min(keep, left)).materialize().to_arrow_refs()
+            left -= keep
         return ray.data.from_arrow_refs(refs)
 
 

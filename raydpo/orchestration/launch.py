@@ -58,7 +58,7 @@ class StageRun:
 
 
 def stage_datasets(cfg: Config, stage: Stage, base_path: str, tok_path: str, progress=echo):
-    """(train, eval) lazy Ray datasets of a stage: tokenized pairs, with the reference log-prob
+    """(train, eval) lazy Ray datasets of a stage: the tokenized pairs the run reads, with the reference log-prob
     columns (computed once, `raydpo.orchestration.reference`) when DPO uses ``dpo.reference=precomputed`` and a
     loss that reads a reference (`DPOConfig.precomputed_reference`: none for simpo, orpo, sft)."""
     if stage == "dpo" and cfg.dpo.precomputed_reference:
@@ -68,9 +68,12 @@ def stage_datasets(cfg: Config, stage: Stage, base_path: str, tok_path: str, pro
     if stage == "dpo" and not cfg.dpo.needs_reference:
         progress(f"[dpo] loss {'+'.join(cfg.dpo.loss_types)} reads no reference: no reference pass and no "
                  "reference forward in any step")
-    from raydpo.data.pipeline import build_datasets
+    from raydpo.data.pipeline import build_datasets, find_reach
 
-    return build_datasets(cfg, stage, tok_path)
+    reach = find_reach(cfg, stage, tok_path)  # SFT: every row, no pass
+    if reach.n_train >= 0:
+        progress(f"[{stage}] the run reads {reach.describe()}: only those are tokenized")
+    return build_datasets(cfg, stage, tok_path, reach)
 
 
 def stage_storage(cfg: Config, stage: str) -> str:
@@ -249,7 +252,7 @@ def stage_data(run: StageRun, datasets: tuple[Any, Any] | None) -> tuple[Any, An
     """(the ordered training stream, the materialized eval split or None). An empty eval split is
     dropped with a warning; too few training rows for one batch is a `DataError`."""
     from raydpo.orchestration.checks import check_batch_fits
-    from raydpo.orchestration.ingest import ordered_execution, ordered_stream
+    from raydpo.orchestration.ingest import gather_split, ordered_stream
 
     cfg, stage, stage_cfg = run.cfg, run.stage, run.stage_cfg
     train_ds, eval_ds = datasets or stage_datasets(cfg, stage, run.base_path, run.tok_path, run.progress)
@@ -258,8 +261,7 @@ def stage_data(run: StageRun, datasets: tuple[Any, Any] | None) -> tuple[Any, An
         if eval_ds.count() == 0:
             run.progress(f"[{stage}] warning: the eval split is empty; training runs without evaluation")
             eval_ds = None
-    with ordered_execution():  # tokenized once, the same blocks on every rerun; each epoch sorts them
-        train_ds = train_ds.materialize()
+    train_ds = gather_split(train_ds)
     n_train = train_ds.count()
     global_batch = check_batch_fits(stage, n_train, "pairs" if stage == "dpo" else "blocks",
                                     cfg.scaling.num_workers, stage_cfg.per_device_batch_size)

@@ -233,22 +233,51 @@ def test_the_training_stream_is_the_same_sorted_in_one_task_or_by_ray_datas_dist
     order `raydpo.data.order` defines (what the torchrun runner and a resumed worker rebuild)."""
     from raydpo.data.order import epoch_order, usable_rows
     from raydpo.data.pipeline import build_datasets
-    from raydpo.orchestration.ingest import ordered_stream
+    from raydpo.orchestration.ingest import gather_split, ordered_stream
 
     cfg, tok_path = cfg_tok
     train, _ = build_datasets(_with(cfg, sample_size=120, max_chars=200_000), "dpo", tok_path)
     train = train.repartition(3).materialize()  # several blocks, as a real split has
     n, g = train.count(), 8
     kw = {"seed": 3, "global_batch": g, "micro_batches": n // g + 1, "num_cpus": 0.25}  # 2 epochs
-    whole = ordered_stream(train, n, **kw).to_pandas()
-    distributed = ordered_stream(train, n, local_sort_max_bytes=0, **kw).to_pandas()
-    assert len(whole) == 2 * usable_rows(n, g)
+    one_block = gather_split(train)
+    assert one_block.num_blocks() == 1 and gather_split(train, local_sort_max_bytes=0).num_blocks() == 3
+    whole = ordered_stream(one_block, n, **kw).to_pandas()
+    distributed = ordered_stream(train, n, **kw).to_pandas()
+    assert len(whole) == kw["micro_batches"] * g > usable_rows(n, g)  # what the run reaches: into epoch 1
     assert whole["row_id"].tolist() == distributed["row_id"].tolist()
     for col in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"):
         assert [list(x) for x in whole[col]] == [list(x) for x in distributed[col]], col
     ids = train.to_pandas()["row_id"].to_numpy()
-    want = np.concatenate([ids[epoch_order(ids, 3, e)][:usable_rows(n, g)] for e in range(2)])
+    want = np.concatenate([ids[epoch_order(ids, 3, e)][:usable_rows(n, g)] for e in range(2)])[:len(whole)]
     assert whole["row_id"].tolist() == want.tolist()
+
+
+def test_a_run_inside_epoch_0_tokenizes_only_the_rows_it_reaches_and_trains_on_the_same_stream(ray_local, cfg_tok):
+    """`find_reach` + `build_datasets(reach)`: a 3-step run on 600 pairs tokenizes its 24 train
+    pairs (and its 16 eval pairs), and its training stream is row for row the stream the whole
+    split gives; a run that reaches epoch 1 reads every row."""
+    from raydpo.data.pipeline import build_datasets, find_reach
+    from raydpo.orchestration.ingest import gather_split, ordered_stream
+
+    cfg, tok_path = cfg_tok
+    cfg = _with(cfg, sample_size=600, max_chars=200_000, seed=5).with_overrides(
+        {"scaling.num_workers": 2, "dpo.per_device_batch_size": 4, "dpo.max_steps": 3, "dpo.eval_max_batches": 2})
+    reach = find_reach(cfg, "dpo", tok_path)
+    part, part_eval = build_datasets(cfg, "dpo", tok_path, reach)
+    full, full_eval = build_datasets(cfg, "dpo", tok_path)
+    full, part = gather_split(full), gather_split(part)
+    n, g, steps = full.count(), 8, 3
+    assert (reach.n_train, reach.n_eval) == (n, full_eval.count()) and n > 500
+    assert part.count() == len(reach.train_ids) == steps * g and part_eval.count() == 2 * g
+    kw = {"seed": 5, "global_batch": g, "micro_batches": steps, "num_cpus": 0.25}
+    a = ordered_stream(part, part.count(), **kw).to_pandas()
+    b = ordered_stream(full, n, **kw).to_pandas()
+    assert len(a) == steps * g and a["row_id"].tolist() == b["row_id"].tolist()
+    assert [list(x) for x in a["chosen_input_ids"]] == [list(x) for x in b["chosen_input_ids"]]
+    two_epochs = cfg.with_overrides({"dpo.max_steps": n // g + 1, "dpo.eval_max_batches": None})
+    wide = find_reach(two_epochs, "dpo", tok_path)
+    assert wide.train_ids is None and wide.eval_ids is None and wide.n_train == n
 
 
 def test_sample_source_end_to_end(ray_local, cfg_tok):
