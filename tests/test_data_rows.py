@@ -193,7 +193,9 @@ def test_tokenize_dpo_bos_on_prompt_eos_on_responses(tokenizer):
     assert p[0] == tokenizer.bos_token_id and p.count(tokenizer.bos_token_id) == 1
     assert tokenizer.bos_token_id not in c + r
     assert c[-1] == tokenizer.eos_token_id and r[-1] == tokenizer.eos_token_id
-    assert tokenizer.decode(p[1:]) == "Question: Why?\n\nAnswer: " and tokenizer.decode(c[:-1]) == "Because."
+    # prompt + response is the joint text's encoding: the space before "Because" goes with it
+    assert p + c[:-1] == tokenizer("Question: Why?\n\nAnswer: Because.")["input_ids"]
+    assert tokenizer.decode(p[1:]) == "Question: Why?\n\nAnswer:" and tokenizer.decode(c[:-1]) == " Because."
     assert out["truncated"] == [False]
 
 

@@ -5,8 +5,19 @@ so every later batch, split and dataset of the same driver tokenizes without sta
 (an actor pool starts new processes, and loads the tokenizer again, for every execution).
 
 DPO. ``prompt_input_ids`` = BOS + prompt (the tokenizer's own special tokens);
-``chosen_input_ids`` / ``rejected_input_ids`` = response tokens + EOS, no BOS. Prompt and
-response are tokenized separately (as TRL does), so the prompt/response boundary is exact.
+``chosen_input_ids`` / ``rejected_input_ids`` = response tokens + EOS, no BOS. Prompt and response
+are encoded *together* and split at the prompt's tokens (as TRL 1.x does), so a pair's prompt +
+response ids are exactly the encoding of prompt + response text: the context SFT trained on and
+generation continues. Encoding them apart would not be: a SentencePiece tokenizer (Llama 2) ends
+``"...Answer: "`` alone with a lone ``▁`` token, while ``"...Answer: Word"`` gives ``▁Word``; a
+byte-level BPE does the same with ``Ġ``; and tokens can merge across the boundary (a prompt ending
+mid-word). The split: the prompt alone is encoded too, and the prompt part is the longest common
+prefix of it with *both* joint encodings (`_split_joint`). It usually drops the prompt's last
+token (the lone ``▁``), or those that merge with a response's first characters. Taking the
+shorter of the two prefixes keeps one prompt for chosen and rejected (DPO compares two responses
+to one context): a response whose encoding agreed with the prompt's further simply starts with
+those prompt tokens, and prompt + response still equals its joint encoding. Nothing is dropped
+or counted for a mismatch: the joint encoding is the truth, the prompt alone only finds the cut.
 Truncation, in tokens, TRL's order: if prompt + longer response > ``max_length``, the prompt
 keeps BOS and its *last* ``max_prompt_length - 1`` tokens (the question's end and the
 "Answer:" frame matter most); if still too long, both responses are cut to
@@ -31,6 +42,10 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+# the ids are a function of the text, the tokenizer *and this code*: caches of anything computed
+# from them (the precomputed reference) key on it. 2: DPO pairs split from joint encodings.
+TOKENIZE_VERSION = 2
+
 
 def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int,
                   max_prompt_length: int, bos_id: int | None) -> tuple[list[int], list[int], list[int], bool]:
@@ -54,9 +69,42 @@ def _encode(tokenizer, texts: list[str], special: list[bool]) -> list[list[int]]
     for flag in (True, False):
         idx = [i for i, s in enumerate(special) if s is flag]
         if idx:
-            for i, ids in zip(idx, tokenizer([texts[i] for i in idx], add_special_tokens=flag)["input_ids"]):
-                out[i] = list(ids)
+            for i, ids in zip(idx, batch_ids(tokenizer, [texts[i] for i in idx], flag)):
+                out[i] = ids
     return out
+
+
+def batch_ids(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    """``tokenizer(texts, add_special_tokens=...)["input_ids"]``, through the Rust backend's batch
+    call that computes no character offsets when nothing else differs (no truncation or padding set
+    on the backend, special tokens split as the tokenizer says): the same ids without the offsets'
+    cost, which pays for most of encoding each DPO prompt three times."""
+    if tokenizer.is_fast:
+        backend = tokenizer.backend_tokenizer
+        if backend.truncation is None and backend.padding is None \
+                and backend.encode_special_tokens == tokenizer.split_special_tokens:
+            return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]]
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    """How many leading ids ``a`` and ``b`` share (list slices compare in C: a binary search over
+    them beats a Python loop over a prompt's hundreds of ids)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if a[:mid] == b[:mid] else (lo, mid)
+    return lo
+
+
+def _split_joint(prompt: list[int], joint_c: list[int], joint_r: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """``(prompt, chosen, rejected)`` ids from the joint encodings of prompt + each response:
+    the prompt is their longest common prefix with the prompt's own encoding, one for both."""
+    n = min(common_prefix_length(prompt, joint_c), common_prefix_length(prompt, joint_r))
+    return joint_c[:n], joint_c[n:], joint_r[n:]
 
 
 def tokenize_dpo(tokenizer, prompts: list[str], chosen: list[str], rejected: list[str], max_length: int,
@@ -71,14 +119,14 @@ def tokenize_dpo(tokenizer, prompts: list[str], chosen: list[str], rejected: lis
     if not prompts:  # an empty split (HF fast tokenizers fail on an empty list)
         return out
     templated = templated or [False] * len(prompts)
-    eos = tokenizer.eos_token_id
-    p_ids = _encode(tokenizer, prompts, [not t for t in templated])
-    c_ids = tokenizer(chosen, add_special_tokens=False)["input_ids"]
-    r_ids = tokenizer(rejected, add_special_tokens=False)["input_ids"]
-    for p, c, r, t in zip(p_ids, c_ids, r_ids, templated):
+    n, eos = len(prompts), tokenizer.eos_token_id
+    # one batch of prompts, prompts + chosen, prompts + rejected: the tokenizer's batch call is the cost
+    ids = _encode(tokenizer, prompts + [p + c for p, c in zip(prompts, chosen)]
+                  + [p + r for p, r in zip(prompts, rejected)], [not t for t in templated] * 3)
+    for p, jc, jr, t in zip(ids[:n], ids[n:2 * n], ids[2 * n:], templated):
         end = [] if t else [eos]
-        p, c, r, cut = truncate_pair(list(p), list(c) + end, list(r) + end, max_length, max_prompt_length,
-                                     tokenizer.bos_token_id)
+        p, c, r = _split_joint(p, jc, jr)
+        p, c, r, cut = truncate_pair(p, c + end, r + end, max_length, max_prompt_length, tokenizer.bos_token_id)
         out["prompt_input_ids"].append(p)
         out["chosen_input_ids"].append(c)
         out["rejected_input_ids"].append(r)
