@@ -13,7 +13,7 @@ import pytest
 from raydpo.cli import main
 from raydpo.config import Config, load_config
 from raydpo.orchestration.estimate import (BUILTIN_SHAPES, GIB, EstimateError, Shape, estimate, find_gpu, memory_parts, model_shape,
-                             step_flops, tokens)
+                             format_estimate, step_flops, tokens)
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_JOB = str(ROOT / "jobs" / "stack_llama_2_gpu.yaml")
@@ -214,3 +214,24 @@ def test_benchmark_pairs_are_the_estimates_worst_case():
     assert "| +1.5 |" in format_rows([{"shape": "1,2,3,4,5", "quant": "none", "checkpointing": "off", "batch": 1,
                                         "max_length": 8, "tokens": 15, "estimate_mib": 1.0, "measured_mib": 1.0,
                                         "error_pct": 1.5}])
+
+
+def test_data_passes_count_what_the_run_reads_tokenizes_and_scores():
+    """The recipe on 7.4M pairs: one read of every row; 1000 steps x 4 accumulation x 16 pairs
+    tokenized and scored, plus 100 eval batches x 16; the reference pass's seconds are those
+    pairs' forwards over the workers, against the whole source's."""
+    from raydpo.orchestration.estimate import forward_flops
+
+    cfg = load_config(GPU_JOB).with_overrides({"data.max_rows": 7_400_000})
+    e = estimate(cfg, tflops=100.0)
+    p = e.passes
+    assert (p["source_rows"], p["tokenize_train"], p["tokenize_eval"]) == (7_400_000, 64_000, 1_600)
+    assert p["score"] == 65_600
+    pair = forward_flops(cfg, model_shape(cfg)[0]) / 4
+    assert p["reference_s"] == pytest.approx(65_600 * pair / (100e12 * 4))
+    assert p["whole_split_reference_s"] == pytest.approx(7_400_000 * pair / (100e12 * 4))
+    assert "score 65,600 pairs" in format_estimate(e)
+    # past epoch 0 every pair is read; a reference-free loss scores nothing
+    small_src = estimate(cfg.with_overrides({"data.max_rows": 10_000}), tflops=100.0).passes
+    assert small_src["tokenize_train"] == 10_000 - 50 and small_src["tokenize_eval"] == 50
+    assert estimate(cfg.with_overrides({"dpo.loss_type": "simpo"}), tflops=100.0).passes["score"] == 0

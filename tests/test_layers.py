@@ -56,7 +56,7 @@ SUBLAYERS = {  # package -> its modules' sub-layers, bottom to top (a module not
     "raydpo.orchestration": [
         ["raydpo.orchestration", "raydpo.orchestration.errors", "raydpo.orchestration.console",
          "raydpo.orchestration.ingest", "raydpo.orchestration.preemption", "raydpo.orchestration.ray_callbacks",
-         "raydpo.orchestration.estimate", "raydpo.orchestration.submit"],
+         "raydpo.orchestration.estimate", "raydpo.orchestration.passes", "raydpo.orchestration.submit"],
         ["raydpo.orchestration.checks", "raydpo.orchestration.ray_connect", "raydpo.orchestration.reference",
          "raydpo.orchestration.nodes", "raydpo.orchestration.resources"],
         ["raydpo.orchestration.base"],

@@ -146,15 +146,17 @@ def test_no_reference_pass_for_reference_free_losses(monkeypatch):
     import raydpo.data.pipeline
     import raydpo.orchestration.launch
     import raydpo.orchestration.reference
+    from raydpo.data.reach import Reach
 
     def boom(*_a, **_k):
         raise AssertionError("the reference pass ran")
 
     monkeypatch.setattr(raydpo.orchestration.reference, "reference_datasets", boom)
-    monkeypatch.setattr(raydpo.data.pipeline, "build_datasets", lambda cfg, stage, tok: ("train", "eval"))
+    monkeypatch.setattr(raydpo.data.pipeline, "build_datasets", lambda cfg, stage, tok, reach: ("train", "eval"))
+    monkeypatch.setattr(raydpo.data.pipeline, "find_reach", lambda cfg, stage, tok: Reach(100, 5))
     for lt, name in (("simpo", "simpo"), ("orpo", "orpo"), ("[simpo, sft]", "simpo+sft")):
         lines = []
         assert raydpo.orchestration.launch.stage_datasets(_cfg(loss_type=lt), "dpo", "base", "tok", lines.append) == ("train", "eval")
-        assert lines == [f"[dpo] loss {name} reads no reference: no reference pass and no reference forward in any step"]
+        assert lines[0] == f"[dpo] loss {name} reads no reference: no reference pass and no reference forward in any step"
     with pytest.raises(AssertionError, match="reference pass"):
         raydpo.orchestration.launch.stage_datasets(_cfg(loss_type="[sigmoid, sft]"), "dpo", "base", "tok")

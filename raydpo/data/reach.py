@@ -5,27 +5,30 @@ order (`raydpo.data.order`), epoch after epoch. A row's place in that order is a
 ``row_id`` alone, and a pair's ``row_id`` is a digest of its text, so which rows a run reaches is
 known from one cheap pass over the text (read, check, hash: no tokenizer, no model):
 
-* the pass (`reach_summary`, one small row per Ray Data batch) keeps, per batch, the ids of the
-  batch's own first ``k`` training rows in epoch 0's order (the run's first ``k`` are among
-  them) and the counts; the driver merges them (`Smallest`), never holding more than ``k`` ids;
+* the pass (`reach_summary`, run on every block of the source) keeps, per block, the rows that
+  may be reached — the block's own first ``k`` training rows in epoch 0's order (the run's first
+  ``k`` are among them) — with their ids, keys and the block's counts; the driver merges them
+  (`Kept`), never holding much more than ``k`` rows, and the kept rows themselves (texts, not
+  just ids) are what gets tokenized: the source is read once;
 * a run that stays inside epoch 0 (``k <= usable_rows``) tokenizes and scores exactly those
   rows (identical rows share an id and come along together); one that reaches a second epoch
-  needs every row, as before;
+  needs every row (read again, unless the pass already kept them all: a small source);
 * evaluation reads at most ``eval_max_batches`` batches per worker: the eval rows it reads are
   the first ``eval_max_batches x global batch`` of a second seeded order (salt `EVAL_EPOCH`),
   all of them when unbounded.
 
 The training stream built from the reached rows is the stream the whole split would give
 (`raydpo.orchestration.ingest.ordered_stream` sorts and cuts them the same way):
-``tests/test_reach.py`` compares the two.
+``tests/integration/test_data_pipeline.py`` compares the two.
 
-SFT's packed blocks are ordered by the blocks' content, which is not known before tokenizing:
-an SFT run tokenizes every row of its source (`Reach.everything`).
+SFT cuts its examples' order by characters of text instead of rows, in whole packing chunks
+(`Cut`, `raydpo.data.packing`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -68,27 +71,46 @@ class Want:
 
 @dataclass(frozen=True)
 class Reach:
-    """The rows a run reads: the valid train/eval rows of the source, and the ids of those it
-    reaches (None: every row of that split)."""
+    """The rows a run reads: the counts of valid train/eval rows in the source and, per split,
+    the formatted rows themselves (a pyarrow table with an ``_id`` column), or None: every row
+    of that split, read from the source again."""
 
     n_train: int
     n_eval: int
-    train_ids: np.ndarray | None
-    eval_ids: np.ndarray | None
+    train: Any = None
+    eval: Any = None
+    unit: str = "pairs"  # what a row is: DPO pairs, SFT examples
 
     @classmethod
     def everything(cls) -> Reach:
-        return cls(-1, -1, None, None)
+        return cls(-1, -1)
+
+    @property
+    def train_ids(self) -> np.ndarray | None:
+        return None if self.train is None else self.train[ID].to_numpy()
+
+    @property
+    def eval_ids(self) -> np.ndarray | None:
+        return None if self.eval is None else self.eval[ID].to_numpy()
 
     @property
     def want(self) -> Want:
-        return Want(None if self.train_ids is None else len(self.train_ids),
-                    None if self.eval_ids is None else len(self.eval_ids))
+        """What this reach holds, as a cache records it (None: every row of the split)."""
+        def held(t, n):
+            return None if t is None or t.num_rows >= n else t.num_rows
+        return Want(held(self.train, self.n_train), held(self.eval, self.n_eval))
+
+    def as_examples(self) -> Reach:
+        return Reach(self.n_train, self.n_eval, self.train, self.eval, "examples")
 
     def describe(self) -> str:
-        def part(ids, n, what):
-            return f"all {n:,} {what}" if ids is None else f"{len(ids):,} of {n:,} {what}"
-        return f"{part(self.train_ids, self.n_train, 'train pairs')} and {part(self.eval_ids, self.n_eval, 'eval pairs')}"
+        def part(t, n, split):
+            what = f"{split} {self.unit}"
+            return f"all {n:,} {what}" if t is None or t.num_rows >= n else f"{t.num_rows:,} of {n:,} {what}"
+        return f"{part(self.train, self.n_train, 'train')} and {part(self.eval, self.n_eval, 'eval')}"
+
+
+ID, KEY, COUNT = "_id", "_key", "_count"  # columns of the reach pass's output rows
 
 
 def pair_ids(prompts: list[str], chosen: list[str], rejected: list[str]) -> np.ndarray:
@@ -96,81 +118,137 @@ def pair_ids(prompts: list[str], chosen: list[str], rejected: list[str]) -> np.n
     return np.fromiter((row_id(*t) for t in zip(prompts, chosen, rejected)), dtype=np.int64, count=len(prompts))
 
 
-def smallest(keys: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` rows with the smallest (key, id), in that order."""
-    order = np.lexsort((ids, keys))[:k]
-    return keys[order], ids[order]
+def smallest(keys: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` rows with the smallest (key, id), in that order."""
+    return np.lexsort((ids, keys))[:k]
 
 
-class Smallest:
-    """A running `smallest` over batches of (key, id): at most ``k`` + one batch in memory."""
+@dataclass(frozen=True)
+class Cut:
+    """Where a split's order is cut: after ``target`` rows (DPO pairs) or, with ``chars``,
+    ``target`` characters of example text (SFT: `raydpo.data.packing.chars_target`), rounded up
+    to whole chunks of ``chunk`` rows; a ``target`` of None keeps every row."""
 
-    def __init__(self, k: int | None):
-        self.k = k
-        self.keys = np.empty(0, np.int64)
-        self.ids = np.empty(0, np.int64)
+    target: int | None
+    chars: bool = False
+    chunk: int = 1
 
-    def add(self, keys, ids) -> None:
-        self.keys = np.concatenate([self.keys, np.asarray(keys, np.int64)])
-        self.ids = np.concatenate([self.ids, np.asarray(ids, np.int64)])
-        if self.k is not None and len(self.ids) > 2 * self.k:
-            self.keys, self.ids = smallest(self.keys, self.ids, self.k)
+    def ids(self, rows) -> np.ndarray:
+        if self.chars:
+            from raydpo.data.packing import example_ids
 
-    def result(self) -> np.ndarray:
-        return smallest(self.keys, self.ids, len(self.ids) if self.k is None else self.k)[1]
+            return example_ids(rows["prompt"].to_pylist(), rows["chosen"].to_pylist())
+        return pair_ids(rows["prompt"].to_pylist(), rows["chosen"].to_pylist(), rows["rejected"].to_pylist())
+
+    def weights(self, rows) -> np.ndarray:
+        import pyarrow.compute as pc
+
+        if not self.chars:
+            return np.ones(rows.num_rows, np.int64)
+        return (pc.utf8_length(rows["prompt"]).to_numpy(zero_copy_only=False)
+                + pc.utf8_length(rows["chosen"]).to_numpy(zero_copy_only=False)).astype(np.int64)
+
+    def keep(self, weights_in_order: np.ndarray, slack: bool = False) -> int:
+        """Rows of an ordered run of rows to keep: through the row where the weight reaches
+        ``target``, rounded up to a whole chunk; with ``slack`` (a batch's own rows), ``chunk - 1``
+        rows more instead of the rounding (a batch keeps every row the merged order will)."""
+        n = len(weights_in_order)
+        if self.target is None:
+            return n
+        m = int(np.searchsorted(np.cumsum(weights_in_order), self.target)) + 1
+        return min(n, m + self.chunk - 1 if slack else -(-m // self.chunk) * self.chunk)
 
 
-def _valid_ids(batch, want_eval: bool) -> np.ndarray:
+def _split_rows(batch, want_eval: bool):
     import pyarrow.compute as pc
 
-    rows = batch.filter(pc.and_(pc.equal(batch["reason"], VALID), pc.equal(batch["is_eval"], want_eval)))
-    return pair_ids(rows["prompt"].to_pylist(), rows["chosen"].to_pylist(), rows["rejected"].to_pylist())
+    return batch.filter(pc.and_(pc.equal(batch["reason"], VALID), pc.equal(batch["is_eval"], want_eval)))
 
 
-def reach_summary(batch, *, seed: int, k_train: int | None, k_eval: int | None):
-    """Ray Data batch function (validated rows → one row): the batch's valid train and eval row
-    counts and the ids and keys of its first ``k`` rows of each split's order (none kept for a
-    split read whole: ``k`` None)."""
+def _first(rows, cut: Cut, seed: int, epoch: int, slack: bool):
+    """``rows`` (valid, one split; with their `ID` and `KEY` columns when they have them) in the
+    split's order, cut by ``cut``."""
     import pyarrow as pa
 
-    out = {}
-    for split, epoch, k in (("train", 0, k_train), ("eval", EVAL_EPOCH, k_eval)):
-        ids = _valid_ids(batch, split == "eval")
-        out[f"n_{split}"] = pa.array([len(ids)], pa.int64())
-        keys, ids = smallest(order_key(ids, seed, epoch), ids, k) if k is not None else (ids[:0], ids[:0])
-        out[f"{split}_keys"] = pa.array([keys], pa.list_(pa.int64()))
-        out[f"{split}_ids"] = pa.array([ids], pa.list_(pa.int64()))
-    return pa.table(out)
+    if ID not in rows.column_names:
+        ids = cut.ids(rows)
+        rows = rows.append_column(ID, pa.array(ids, pa.int64())).append_column(
+            KEY, pa.array(order_key(ids, seed, epoch), pa.int64()))
+    order = smallest(rows[KEY].to_numpy(), rows[ID].to_numpy(), rows.num_rows)
+    rows = rows.take(pa.array(order))
+    return rows.slice(0, cut.keep(cut.weights(rows), slack))
 
 
-def merge_summaries(batches, want: Want, global_batch: int) -> Reach:
-    """The `Reach` of a source from its `reach_summary` rows (an iterable of pyarrow batches).
-    A run that reaches past epoch 0 reads every train row."""
-    n = {"train": 0, "eval": 0}
-    best = {"train": Smallest(want.train), "eval": Smallest(want.eval)}
+def reach_summary(batch, *, seed: int, train: Cut, eval: Cut):  # noqa: A002 - the split's name
+    """Ray Data batch function (validated rows → the rows that may be reached): the batch's
+    valid train rows in epoch 0's order cut by ``train``, and its valid eval rows in the eval
+    order cut by ``eval``, with the columns `ID`, `KEY` and `COUNT` (the split's valid rows in the
+    batch, on the split's first output row)."""
+    import pyarrow as pa
+
+    parts = []
+    for want_eval, epoch, cut in ((False, 0, train), (True, EVAL_EPOCH, eval)):
+        rows = _split_rows(batch, want_eval)
+        n = rows.num_rows
+        out = _first(rows, cut, seed, epoch, slack=True)
+        counts = np.zeros(out.num_rows, np.int64)
+        if out.num_rows:
+            counts[0] = n
+        parts.append(out.append_column(COUNT, pa.array(counts)))
+    return pa.concat_tables(parts)
+
+
+class Kept:
+    """The rows a `Cut` keeps of a stream of tables (`reach_summary` output of one split): at
+    most about twice that + one table in memory."""
+
+    def __init__(self, cut: Cut):
+        self.cut, self.parts, self.rows, self.bound = cut, [], 0, 4096
+
+    def add(self, table) -> None:
+        self.parts.append(table)
+        self.rows += table.num_rows
+        if self.cut.target is not None and self.rows > self.bound:
+            self.parts = [_first(self._all(), self.cut, 0, 0, slack=True)]
+            self.rows = self.parts[0].num_rows
+            self.bound = max(self.bound, 2 * self.rows)
+
+    def _all(self):
+        import pyarrow as pa
+
+        return pa.concat_tables(self.parts)
+
+    def result(self):
+        return _first(self._all(), self.cut, 0, 0, slack=False)
+
+
+def merge_summaries(batches, train: Cut, eval: Cut, global_batch: int) -> Reach:  # noqa: A002
+    """The `Reach` of a source from its `reach_summary` output (an iterable of pyarrow tables).
+    A DPO run past epoch 0 reads every train row: they are all here when no batch held more
+    than the cut (a small source), else ``train`` is None (read the source again)."""
+    import pyarrow.compute as pc
+
+    n = {False: 0, True: 0}
+    kept = {False: Kept(train), True: Kept(eval)}
     for b in batches:
-        for split in n:
-            n[split] += int(np.asarray(b[f"n_{split}"]).sum())
-            for keys, ids in zip(b[f"{split}_keys"].to_pylist(), b[f"{split}_ids"].to_pylist()):
-                best[split].add(keys, ids)
-    train = None
-    if want.train is not None and want.train <= usable_rows(n["train"], global_batch):
-        train = best["train"].result()
-    evals = best["eval"].result() if want.eval is not None and want.eval < n["eval"] else None
-    return Reach(n["train"], n["eval"], train, evals)
+        for is_eval in (False, True):
+            part = b.filter(pc.equal(b["is_eval"], is_eval))
+            n[is_eval] += int(pc.sum(part[COUNT]).as_py() or 0)
+            kept[is_eval].add(part)
+    rows, evals = kept[False].result(), kept[True].result()
+    past_epoch_0 = not train.chars and train.target is not None and train.target > usable_rows(n[False], global_batch)
+    if past_epoch_0 and rows.num_rows < n[False]:
+        rows = None
+    return Reach(n[False], n[True], rows, evals)
 
 
-def keep_reached(batch, *, want_eval: bool, ids: np.ndarray | None, skip: np.ndarray | None = None):
-    """Valid rows of one side of the split that the run reaches (``ids``; None: all), less those
-    whose id is in ``skip`` (already scored). Pyarrow in, pyarrow out."""
+def keep_reached(batch, *, want_eval: bool, skip: np.ndarray | None = None):
+    """Valid rows of one side of the split, less those whose id is in ``skip`` (already scored).
+    Pyarrow in, pyarrow out."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
-    rows = batch.filter(pc.and_(pc.equal(batch["reason"], VALID), pc.equal(batch["is_eval"], want_eval)))
-    if ids is None and (skip is None or not len(skip)):
+    rows = _split_rows(batch, want_eval)
+    if skip is None or not len(skip):
         return rows
     mine = pair_ids(rows["prompt"].to_pylist(), rows["chosen"].to_pylist(), rows["rejected"].to_pylist())
-    keep = np.isin(mine, ids) if ids is not None else np.ones(len(mine), bool)
-    if skip is not None and len(skip):
-        keep &= ~np.isin(mine, skip)
-    return rows.filter(pa.array(keep))
+    return rows.filter(pa.array(~np.isin(mine, skip)))

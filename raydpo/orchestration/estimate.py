@@ -69,6 +69,7 @@ from pathlib import Path
 from typing import Any
 
 from raydpo.config import BUILTIN_MODEL, BUILTIN_SOURCE, Config
+from raydpo.orchestration.passes import Passes, count_source_rows, data_passes, format_passes
 from raydpo.train.deepspeed import REDUCE_BUCKET_SIZE, resolve_precision
 
 GIB = 2**30
@@ -301,11 +302,17 @@ def error_pct(estimate_: float, measured: float) -> float:
     return 100 * (estimate_ - measured) / measured
 
 
+def forward_flops(cfg: Config, shape: Shape) -> float:
+    """FLOPs of one micro-batch's forward (``per_device_batch_size`` pairs): the reference's cost."""
+    T, _, Sl = tokens(cfg)
+    return 2.0 * shape.linear_params * T + _attention_flops(cfg, shape) + 2.0 * shape.hidden * shape.vocab * Sl
+
+
 def step_flops(cfg: Config, shape: Shape) -> float:
     """FLOPs of one optimizer step on one worker (module docstring): the one formula for MFU."""
     T, _, Sl = tokens(cfg)
     N, A, head = shape.linear_params, _attention_flops(cfg, shape), 2.0 * shape.hidden * shape.vocab * Sl
-    fwd = 2.0 * N * T + A + head
+    fwd = forward_flops(cfg, shape)
     bwd = 2.0 * N * T + 2 * A + head + 6.0 * lora_param_count(shape, cfg) * T
     recompute = (2.0 * N * T + A) if cfg.model.gradient_checkpointing else 0.0
     ref = fwd if (cfg.dpo.needs_reference and not cfg.dpo.precomputed_reference) else 0.0
@@ -346,6 +353,8 @@ class Estimate:
     gpu_memory_gib: float | None
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    passes: dict[str, Any] = field(default_factory=dict)  # `raydpo.orchestration.passes.Passes`
+    rows_why: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=False)
@@ -411,32 +420,6 @@ def memory_parts(cfg: Config, shape: Shape) -> dict[str, float]:
             "activations": acts, "logits": logits, "reference": ref, "overhead": overhead}
 
 
-def count_source_rows(cfg: Config) -> tuple[int | None, str]:
-    """Rows of the DPO source when cheaply known: ``data.max_rows``, the sample's size, a local
-    jsonl's lines or parquet metadata; else None and why."""
-    d = cfg.data
-    if d.max_rows is not None:
-        return d.max_rows, "data.max_rows"
-    if d.source == BUILTIN_SOURCE:
-        return d.sample_size, "data.sample_size"
-    p = Path(d.source).expanduser()
-    if not p.exists():
-        return None, f"{d.source} is not local: its size is unknown offline (set data.max_rows)"
-    files = sorted(p.rglob("*")) if p.is_dir() else [p]
-    n = 0
-    for f in files:
-        if f.suffix in (".jsonl", ".ndjson"):
-            with open(f, "rb") as fh:
-                n += sum(1 for line in fh if line.strip())
-        elif f.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            n += pq.ParquetFile(str(f)).metadata.num_rows
-        elif f.suffix == ".json":
-            return None, f"{f}: a .json document's rows are not counted cheaply (set data.max_rows)"
-    return n, f"rows in {d.source}"
-
-
 def estimate(cfg: Config, *, gpu: str | None = None, tflops: float | None = None,
              env: dict[str, str] | None = None) -> Estimate:
     shape, source = model_shape(cfg, env)
@@ -458,6 +441,7 @@ def estimate(cfg: Config, *, gpu: str | None = None, tflops: float | None = None
         notes.append(f"seconds at {rate:g} TFLOP/s, the full rate: a lower bound (QLoRA reaches a fraction)")
     steps = epoch = None
     rows, why = count_source_rows(cfg)
+    passes = data_passes(cfg, rows, forward_flops(cfg, shape) / cfg.dpo.per_device_batch_size, rate)
     if rows is not None:
         pairs = rows * (1 - cfg.data.eval_fraction)
         steps = pairs / (cfg.dpo.per_device_batch_size * cfg.dpo.gradient_accumulation_steps * cfg.scaling.num_workers)
@@ -473,7 +457,7 @@ def estimate(cfg: Config, *, gpu: str | None = None, tflops: float | None = None
                     seconds_per_step=sec, seconds_per_epoch=epoch, steps_per_epoch=steps, tokens_per_micro_batch=T,
                     scored_per_micro_batch=S, world_size=cfg.scaling.num_workers, precision=precision(cfg),
                     tflops=rate, gpu=gpu_name, gpu_memory_gib=g.memory_gib if g else None, notes=notes,
-                    warnings=warnings)
+                    warnings=warnings, passes=passes.to_json(), rows_why=why)
 
 
 def format_estimate(e: Estimate) -> str:
@@ -490,5 +474,6 @@ def format_estimate(e: Estimate) -> str:
     if e.seconds_per_step is not None:
         lines.append(f"seconds per step: {e.seconds_per_step:.3f}" + (
             f", per epoch: {e.seconds_per_epoch:.0f} ({e.steps_per_epoch:.1f} steps)" if e.seconds_per_epoch else ""))
+    lines += [s.replace("{workers}", str(e.world_size)) for s in format_passes(Passes(**e.passes), e.rows_why)]
     lines += [f"note: {n}" for n in e.notes]
     return "\n".join(lines)

@@ -90,6 +90,65 @@ def ordered_stream(ds, n_rows: int, *, seed: int, global_batch: int, micro_batch
         return ray.data.from_arrow_refs(refs)
 
 
+def sft_stream(examples, *, seed: int, global_batch: int, micro_batches: int, block_size: int, chunk: int,
+               num_cpus: float, epochs: bool = True):
+    """SFT's training stream (`raydpo.data.packing`), materialized: the blocks of epoch 0, 1, ...
+    (each cut to whole global micro-batches) until ``micro_batches`` global micro-batches, or
+    None when ``epochs`` is False (``examples`` is a prefix of epoch 0's order, not every
+    example) and its blocks fall short. ``examples``: every example, in one block
+    (`gather_split`); each epoch is packed in one task."""
+    import ray.data
+
+    from raydpo.data.order import usable_rows
+    from raydpo.data.packing import pack_epoch
+    from raydpo.orchestration.errors import DataError
+
+    refs, left, epoch = [], micro_batches * global_batch, 0
+    with ordered_execution():
+        while left > 0:
+            blocks = examples.map_batches(pack_epoch, batch_size=None, batch_format="pyarrow", num_cpus=num_cpus,
+                                          fn_kwargs={"seed": seed, "epoch": epoch, "block_size": block_size,
+                                                     "chunk": chunk}).materialize()
+            keep = usable_rows(blocks.count(), global_batch)
+            if not epochs and keep < left:
+                return None
+            if keep == 0:
+                raise DataError(f"sft: {blocks.count()} packed blocks of {block_size} tokens, fewer than one global "
+                                f"batch of {global_batch}; add data, or lower data.sft_block_size or the batch size")
+            refs += blocks.limit(min(keep, left)).materialize().to_arrow_refs()
+            left, epoch = left - keep, epoch + 1
+    return ray.data.from_arrow_refs(refs)
+
+
+def sft_data(cfg, tok_path: str, progress):
+    """(SFT's training stream, its packed eval blocks, materialized, or None when empty): the
+    examples the run reaches are found and tokenized (`raydpo.data.reach`); when their blocks
+    fall short (more than `raydpo.data.packing.CHARS_PER_TOKEN` characters per token), every
+    example is."""
+    from raydpo.data.packing import pack_epoch
+    from raydpo.data.pipeline import build_datasets, find_reach
+    from raydpo.data.reach import EVAL_EPOCH, Reach
+
+    s, d = cfg.sft, cfg.data
+    reach = find_reach(cfg, "sft", tok_path)
+    progress(f"[sft] the run reads {reach.describe()}: only those are tokenized")
+    kw = {"seed": d.seed, "global_batch": s.per_device_batch_size * cfg.scaling.num_workers,
+          "micro_batches": s.max_steps * s.gradient_accumulation_steps, "block_size": d.sft_block_size,
+          "chunk": d.tokenize_batch_size, "num_cpus": d.tokenize_num_cpus}
+    train, evals = build_datasets(cfg, "sft", tok_path, reach)
+    whole = reach.train is None or reach.train.num_rows >= reach.n_train
+    stream = sft_stream(gather_split(train, float("inf")), epochs=whole, **kw)
+    if stream is None:
+        progress("[sft] the examples found fill too few blocks (a tokenizer of long tokens): tokenizing every example")
+        train, _ = build_datasets(cfg, "sft", tok_path, Reach(reach.n_train, reach.n_eval, None, reach.eval))
+        stream = sft_stream(gather_split(train, float("inf")), **kw)
+    eval_blocks = gather_split(evals, float("inf")).map_batches(
+        pack_epoch, batch_size=None, batch_format="pyarrow", num_cpus=d.tokenize_num_cpus,
+        fn_kwargs={"seed": d.seed, "epoch": EVAL_EPOCH, "block_size": d.sft_block_size,
+                   "chunk": d.tokenize_batch_size}).materialize()
+    return stream, (eval_blocks if eval_blocks.count() else None)
+
+
 def data_config():
     """Ray Train's DataConfig: ``train`` reaches every worker whole and in order; ``eval`` is split."""
     import ray.train

@@ -58,7 +58,8 @@ class StageRun:
 
 
 def stage_datasets(cfg: Config, stage: Stage, base_path: str, tok_path: str, progress=echo):
-    """(train, eval) lazy Ray datasets of a stage: the tokenized pairs the run reads, with the reference log-prob
+    """(train, eval) lazy Ray datasets of a stage (SFT: its tokenized examples, packed by
+    `raydpo.orchestration.ingest.sft_data`): the tokenized pairs the run reads, with the reference log-prob
     columns (computed once, `raydpo.orchestration.reference`) when DPO uses ``dpo.reference=precomputed`` and a
     loss that reads a reference (`DPOConfig.precomputed_reference`: none for simpo, orpo, sft)."""
     if stage == "dpo" and cfg.dpo.precomputed_reference:
@@ -70,9 +71,8 @@ def stage_datasets(cfg: Config, stage: Stage, base_path: str, tok_path: str, pro
                  "reference forward in any step")
     from raydpo.data.pipeline import build_datasets, find_reach
 
-    reach = find_reach(cfg, stage, tok_path)  # SFT: every row, no pass
-    if reach.n_train >= 0:
-        progress(f"[{stage}] the run reads {reach.describe()}: only those are tokenized")
+    reach = find_reach(cfg, stage, tok_path)
+    progress(f"[{stage}] the run reads {reach.describe()}: only those are tokenized")
     return build_datasets(cfg, stage, tok_path, reach)
 
 
@@ -252,9 +252,14 @@ def stage_data(run: StageRun, datasets: tuple[Any, Any] | None) -> tuple[Any, An
     """(the ordered training stream, the materialized eval split or None). An empty eval split is
     dropped with a warning; too few training rows for one batch is a `DataError`."""
     from raydpo.orchestration.checks import check_batch_fits
-    from raydpo.orchestration.ingest import gather_split, ordered_stream
+    from raydpo.orchestration.ingest import gather_split, ordered_stream, sft_data
 
     cfg, stage, stage_cfg = run.cfg, run.stage, run.stage_cfg
+    if stage == "sft" and datasets is None:  # packed after the order (raydpo.data.packing)
+        stream, eval_ds = sft_data(cfg, run.tok_path, run.progress)
+        if eval_ds is None:
+            run.progress("[sft] warning: the eval split is empty; training runs without evaluation")
+        return stream, eval_ds
     train_ds, eval_ds = datasets or stage_datasets(cfg, stage, run.base_path, run.tok_path, run.progress)
     if eval_ds is not None:
         eval_ds = eval_ds.materialize()  # evaluated many times: tokenize it once
@@ -263,8 +268,7 @@ def stage_data(run: StageRun, datasets: tuple[Any, Any] | None) -> tuple[Any, An
             eval_ds = None
     train_ds = gather_split(train_ds)
     n_train = train_ds.count()
-    global_batch = check_batch_fits(stage, n_train, "pairs" if stage == "dpo" else "blocks",
-                                    cfg.scaling.num_workers, stage_cfg.per_device_batch_size)
+    global_batch = check_batch_fits(stage, n_train, "pairs", cfg.scaling.num_workers, stage_cfg.per_device_batch_size)
     stream = ordered_stream(train_ds, n_train, seed=cfg.data.seed, global_batch=global_batch,
                             micro_batches=stage_cfg.max_steps * stage_cfg.gradient_accumulation_steps,
                             num_cpus=cfg.data.tokenize_num_cpus)  # sorted once, read whole by every worker

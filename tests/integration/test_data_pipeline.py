@@ -193,9 +193,10 @@ def test_build_datasets_dpo_streams_valid_pairs_split_by_question(ray_local, cfg
     want_eval = sum(is_eval(r["question"], 0.2) for r in rows)
     assert (n_train, n_eval) == (300 - want_eval, want_eval) and 30 < n_eval < 90
     assert set(train.columns()) == {"prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "truncated", "row_id"}
-    # eval holds exactly the eval questions' prompts
+    # eval holds exactly the eval questions' prompts (the template's trailing space is the
+    # response's first token: prompt and response are encoded together, raydpo.data.tokenize)
     eval_prompts = {tok.decode(r["prompt_input_ids"][1:]) for r in evals.take_all()}
-    assert eval_prompts == {format_prompt(r["question"], cfg.data.prompt_template) for r in rows
+    assert eval_prompts == {format_prompt(r["question"], cfg.data.prompt_template).removesuffix(" ") for r in rows
                             if is_eval(r["question"], 0.2)}
     for r in train.take(50):
         p, c, j = r["prompt_input_ids"], r["chosen_input_ids"], r["rejected_input_ids"]
@@ -213,18 +214,32 @@ def test_build_datasets_dpo_streams_valid_pairs_split_by_question(ray_local, cfg
     assert (fast["score_slot"] >= 0).sum() == (plain["score_slot"] >= 0).sum() == plain["pair_lengths"][:, 1:].sum()
 
 
-def test_build_datasets_sft_packs_fixed_blocks(ray_local, cfg_tok):
-    from raydpo.data.pipeline import build_datasets
+def test_sft_tokenizes_the_examples_its_blocks_need_and_packs_them_in_the_runs_order(ray_local, cfg_tok, monkeypatch):
+    """`sft_data`: a 3-step SFT run on 600 examples tokenizes whole chunks of its seeded order
+    (not all 600) and its stream is the first blocks every example would give; a bound on
+    characters per token that does not hold falls back to every example, with the same blocks."""
+    import raydpo.data.packing as packing
     from raydpo.data.ray_collate import SFTCollate
+    from raydpo.orchestration.ingest import sft_data
 
     cfg, tok_path = cfg_tok
-    cfg = _with(cfg, sample_size=300, sft_block_size=64, max_chars=200_000)
-    train, evals = build_datasets(cfg, "sft", tok_path)
-    assert train.columns() == ["input_ids", "row_id"]  # row_id: the key of the training order
-    lengths = train.map_batches(lambda b: {"n": np.array([len(x) for x in b["input_ids"]])}).unique("n")
-    assert lengths == [64] and train.count() > 100
-    batch = next(iter(train.iter_torch_batches(batch_size=8, collate_fn=SFTCollate())))
+    cfg = _with(cfg, sample_size=600, sft_block_size=64, max_chars=200_000, tokenize_batch_size=2).with_overrides(
+        {"scaling.num_workers": 2, "sft.per_device_batch_size": 4, "sft.max_steps": 3, "sft.eval_max_batches": 1})
+    said = []
+    stream, evals = sft_data(cfg, tok_path, said.append)
+    assert stream.columns() == ["input_ids", "row_id"]
+    blocks = [list(x) for x in stream.to_pandas()["input_ids"]]
+    assert len(blocks) == 3 * 8 and {len(b) for b in blocks} == {64}
+    assert evals.count() >= 8 and {len(x) for x in evals.to_pandas()["input_ids"]} == {64}
+    n = int(said[0].split(" of ")[0].split()[-1].replace(",", ""))
+    assert n % 2 == 0 and 0 < n < 560, said  # whole chunks, a fraction of the examples
+    batch = next(iter(stream.iter_torch_batches(batch_size=8, collate_fn=SFTCollate())))
     assert batch["input_ids"].shape == (8, 64) and (batch["labels"] == batch["input_ids"]).all()
+    monkeypatch.setattr(packing, "CHARS_PER_TOKEN", 0.001)  # finds one chunk, too few: redone over every one
+    said2 = []
+    again, _ = sft_data(cfg, tok_path, said2.append)
+    assert any("tokenizing every example" in s for s in said2), said2
+    assert [list(x) for x in again.to_pandas()["input_ids"]] == blocks
 
 
 def test_the_training_stream_is_the_same_sorted_in_one_task_or_by_ray_datas_distributed_sort(ray_local, cfg_tok):
@@ -256,7 +271,7 @@ def test_the_training_stream_is_the_same_sorted_in_one_task_or_by_ray_datas_dist
 def test_a_run_inside_epoch_0_tokenizes_only_the_rows_it_reaches_and_trains_on_the_same_stream(ray_local, cfg_tok):
     """`find_reach` + `build_datasets(reach)`: a 3-step run on 600 pairs tokenizes its 24 train
     pairs (and its 16 eval pairs), and its training stream is row for row the stream the whole
-    split gives; a run that reaches epoch 1 reads every row."""
+    split gives; a run that reaches epoch 1 reads every row (here from the same pass: a small source)."""
     from raydpo.data.pipeline import build_datasets, find_reach
     from raydpo.orchestration.ingest import gather_split, ordered_stream
 
@@ -277,7 +292,7 @@ def test_a_run_inside_epoch_0_tokenizes_only_the_rows_it_reaches_and_trains_on_t
     assert [list(x) for x in a["chosen_input_ids"]] == [list(x) for x in b["chosen_input_ids"]]
     two_epochs = cfg.with_overrides({"dpo.max_steps": n // g + 1, "dpo.eval_max_batches": None})
     wide = find_reach(two_epochs, "dpo", tok_path)
-    assert wide.train_ids is None and wide.eval_ids is None and wide.n_train == n
+    assert wide.want.train is None and wide.want.eval is None and len(wide.train_ids) == wide.n_train == n
 
 
 def test_sample_source_end_to_end(ray_local, cfg_tok):
