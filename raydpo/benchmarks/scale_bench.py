@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     s, b = out[args.small], out[args.rows]
     if args.json:
         print(json.dumps({str(k): v for k, v in out.items()}))
-    print(f"\n| source rows | time to first step (s) | driver peak (MiB) | object store peak (MiB) |\n|---|---|---|---|")
+    print("\n| source rows | time to first step (s) | driver peak (MiB) | object store peak (MiB) |\n|---|---|---|---|")
     for n in (args.small, args.rows):
         r = out[n]
         print(f"| {n:,} | {r['first_step_s']:.1f} | {r['driver_peak_bytes'] / 2**20:.0f} | "

@@ -23,19 +23,20 @@ Ray Data, never read whole twice. Message rows need the tokenizer's chat templat
 A source that cannot be read at all (missing path, no data files, unreadable file, a broken JSON
 array, an unknown hub id, columns of no known format, message rows and no chat template) raises
 `DataSourceError` with a one-line message naming it, before any Ray work starts.
-``DataConfig.split`` applies to hub datasets only.
+``DataConfig.split`` applies to hub datasets only (`hub_files`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from raydpo.config import BUILTIN_SOURCE, CANONICAL_COLUMNS, HUB_ID, DataConfig, Stage
-from raydpo.data.formats import PEEK_ROWS, FormatError, first_match
+from raydpo.data.formats import FormatError, first_match
 from raydpo.data.rows import decode_line, encode_row, parse_json_line, prepare_rows
 
 if TYPE_CHECKING:
@@ -166,10 +167,13 @@ def _lines(path: str) -> Iterator[Any]:
         raise DataSourceError(f"{path}: {_one_line(e)}") from None
 
 
-def _parquet_rows(path: str) -> Iterator[Any]:
+def _parquet_rows(path: str | BinaryIO) -> Iterator[Any]:
     import pyarrow.parquet as pq
 
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=64):
+    # a buffered read decodes page by page: the first rows of a 100k-row row group cost a few
+    # pages, not the whole group in the driver's memory (+130 MB on a 1M-row file)
+    for batch in pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False).iter_batches(batch_size=64,
+                                                                                           use_threads=False):
         yield from batch.to_pylist()
 
 
@@ -258,46 +262,140 @@ def _local(path: Path, cfg: DataConfig, tokenizer: str | None, revision: str | N
         parts.append(ray.data.read_binary_files(line_files, ray_remote_args=read).map_batches(
             lines_to_rows, batch_size=1, batch_format="pyarrow", fn_kwargs=opts, num_cpus=cfg.tokenize_num_cpus))
     if files.get("parquet"):
+        # batch_size None: whole read blocks, so Ray Data fuses the read with this and the next maps
+        # into one task (a map that asks for a batch size is not fused after a read) and the raw
+        # columns never pass through the object store
         parts.append(ray.data.read_parquet(files["parquet"], ray_remote_args=read).map_batches(
-            records_to_rows, batch_format="pyarrow", fn_kwargs=opts, num_cpus=cfg.tokenize_num_cpus))
+            records_to_rows, batch_size=None, batch_format="pyarrow", fn_kwargs=opts, num_cpus=cfg.tokenize_num_cpus))
     if not parts:  # only empty JSON arrays
         return ray.data.from_arrow(_table({k: [] for k in COLUMNS})), fmt
     return (parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])), fmt
 
 
+# -- the Hugging Face Hub (driver side: lists the files and peeks at the first rows; Ray Data read
+# tasks read the files, in parallel, straight from the Hub) ---------------------------------------
+
+# datasets' default split rule (datasets/data_files.py SPLIT_KEYWORDS): a data file belongs to the
+# split whose keyword is a word of one of its folder or file names below data_dir (words end at
+# "-", ".", "_", " " or a digit), folders first; files that name no split are all "train"
+SPLIT_KEYWORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "dev", "val"),
+                  "test": ("test", "testing", "eval", "evaluation")}
+_SPLIT_WORDS = {split: re.compile(rf"(?:^|[-._ 0-9])(?:{'|'.join(words)})(?:[-._ 0-9]|$)")
+                for split, words in SPLIT_KEYWORDS.items()}
+# a repository's own .json files, never data (datasets' FILES_TO_IGNORE)
+HUB_METADATA = ("config.json", "dataset_info.json", "dataset_infos.json", "dataset_dict.json")
+
+
+def hub_filesystem():
+    """The Hub as an fsspec filesystem (`huggingface_hub.HfFileSystem`), paths
+    ``datasets/<repo>[@<revision>]/<path>``. It carries the driver's token (``HF_TOKEN``, else the
+    ``huggingface-cli login`` file) to the read tasks it is pickled into, so workers on nodes without
+    one read private and gated datasets too. Tests replace this function with a local filesystem laid
+    out like a repository."""
+    from huggingface_hub import HfFileSystem, get_token
+
+    return HfFileSystem(token=get_token())
+
+
+def hub_path(src: str, data_dir: str | None, revision: str | None = None) -> str:
+    """``data_dir`` of dataset repo ``src`` (at ``revision``; None: the default branch) on `hub_filesystem`."""
+    root = f"datasets/{src}" + (f"@{revision}" if revision else "")
+    return f"{root}/{data_dir.strip('/')}" if data_dir else root
+
+
+def split_of(rel_path: str) -> str | None:
+    """The split datasets' default rule gives the data file at ``rel_path`` (below data_dir), or None."""
+    for part in rel_path.split("/"):
+        for split, words in _SPLIT_WORDS.items():
+            if words.search(part):
+                return split
+    return None
+
+
+def hub_files(fs, base: str, split: str, where: str) -> list[tuple[str, str]]:
+    """``(kind, path)`` of the data files of ``split`` below ``base`` on ``fs``, in name order: split
+    "train" of a folder whose files name no split is every file in it (what ``load_dataset`` reads);
+    one-line `DataSourceError` for an unknown repo, no network, no data files or no such split."""
+    try:
+        found = sorted(fs.find(base))
+    except Exception as e:  # noqa: BLE001 - repo not found, no access, no network: "unreadable source"
+        raise DataSourceError(f"{where}: {_one_line(e)}") from None
+    rel = {f: f[len(base):].lstrip("/") if f.startswith(base) else f for f in found}
+    files = [f for f in found if Path(f).suffix.lower() in KINDS and Path(f).name not in HUB_METADATA
+             and not any(part.startswith((".", "_")) for part in rel[f].split("/"))]
+    if not files:
+        raise DataSourceError(f"{where}: no .parquet, .jsonl or .json files")
+    splits = {f: split_of(rel[f]) for f in files}
+    named = sorted({s for s in splits.values() if s})
+    if not named and split != "train":
+        raise DataSourceError(f"{where}: its files name no split, so all of them are split train; set data.split=train")
+    chosen = [f for f in files if splits[f] == split] if named else files
+    if not chosen:
+        raise DataSourceError(f"{where}: no files of split {split} (its files name {', '.join(named)})")
+    kinds = [(KINDS[Path(f).suffix.lower()], f) for f in chosen]
+    for kind, f in kinds:
+        if kind == "json" and _hub_head(fs, f)[:1] == b"[":
+            raise DataSourceError(f"{f}: a JSON array is read whole, not streamed from the Hub; "
+                                  "use .jsonl or .parquet files")
+    return kinds
+
+
+def _hub_head(fs, path: str) -> bytes:
+    try:
+        with fs.open(path, "rb") as h:
+            return h.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    except Exception as e:  # noqa: BLE001
+        raise DataSourceError(f"{path}: {_one_line(e)}") from None
+
+
+def _hub_first_rows(fs, files: list[tuple[str, str]]) -> Iterator[Any]:
+    """The files' rows in name order, read lazily from the start: `resolve_format` reads at most
+    `PEEK_ROWS` of them, from the first file only as a rule."""
+    for kind, f in files:
+        try:
+            with fs.open(f, "rb") as h:
+                if kind == "parquet":
+                    yield from _parquet_rows(h)  # page by page: a few ranged reads, not the row group
+                else:  # JSON Lines (.json files too: an array was refused in `hub_files`)
+                    for raw in h:
+                        if raw.strip():
+                            yield parse_json_line(decode_line(raw.removesuffix(b"\n")))
+        except Exception as e:  # noqa: BLE001 - any failure here means "cannot be read"
+            raise DataSourceError(f"{f}: {_one_line(e)}") from None
+
+
 def _hub(src: str, cfg: DataConfig, stage: Stage, tokenizer: str | None, revision: str | None):
     """A hub dataset, e.g. ``lvwerra/stack-exchange-paired`` with ``data/finetune`` (SFT) or
-    ``data/rl`` (DPO).
+    ``data/rl`` (DPO): its data files (`hub_files`) read by Ray Data tasks through `hub_filesystem`,
+    in parallel and streaming, so rows never pass through the driver and ``data.max_rows`` stops the
+    reads early. Parquet, JSON Lines and ``.json`` files of JSON Lines.
 
-    Not ``ray.data.from_huggingface``: for a hub dataset it looks for the hub's parquet export of
-    the dataset's *config*, which for a ``data_dir`` load is the default config — every folder of
-    the repository, not just ``data_dir`` — and, for a non-streaming dataset, first reloads that
-    whole default config to compare fingerprints. Instead the rows ``load_dataset`` cached
-    locally go into Ray as Arrow tables (its own fallback path), in blocks.
+    Not ``datasets.load_dataset``: it downloads the whole split to the driver before the first row.
+    Not ``ray.data.from_huggingface``: it reads the hub's parquet export of the dataset's default
+    config, every folder of the repository rather than ``data_dir``.
     """
-    import datasets
     import ray
 
     data_dir = cfg.sft_data_dir if stage == "sft" else cfg.dpo_data_dir
     where = f"{src} (data_dir={data_dir}, split={cfg.split})"
-    try:
-        hf = datasets.load_dataset(src, data_dir=data_dir, split=cfg.split)
-    except Exception as e:  # noqa: BLE001 - any hub/network/format failure is "unreadable source"
-        raise DataSourceError(f"{where}: {_one_line(e)}") from None
-    if cfg.max_rows is not None and cfg.max_rows < len(hf):
-        hf = hf.select(range(cfg.max_rows))
-    fmt, renderer = resolve_format(cfg, (hf[i] for i in range(min(len(hf), PEEK_ROWS))), where, tokenizer, revision)
-    table = hf.with_format("arrow")[:]
-    step = 65_536
-    blocks = [table.slice(i, step) for i in range(0, table.num_rows, step)] or [table]
-    return ray.data.from_arrow(blocks).map_batches(
-        records_to_rows, batch_format="pyarrow", fn_kwargs=_opts(cfg, fmt, renderer),
-        num_cpus=cfg.tokenize_num_cpus), fmt
+    fs = hub_filesystem()
+    files = hub_files(fs, hub_path(src, data_dir), cfg.split, where)
+    fmt, renderer = resolve_format(cfg, _hub_first_rows(fs, files), where, tokenizer, revision)
+    opts = _opts(cfg, fmt, renderer)
+    cpus = cfg.tokenize_num_cpus  # not the 1-CPU default: Train workers hold the rest
+    parquet = [f for kind, f in files if kind == "parquet"]
+    lines = [f for kind, f in files if kind != "parquet"]
+    parts = []
+    if parquet:
+        parts.append(ray.data.read_parquet(parquet, filesystem=fs, partitioning=None, num_cpus=cpus).map_batches(
+            records_to_rows, batch_format="pyarrow", fn_kwargs=opts, num_cpus=cpus))
+    if lines:
+        parts.append(ray.data.read_binary_files(lines, filesystem=fs, num_cpus=cpus).map_batches(
+            lines_to_rows, batch_size=1, batch_format="pyarrow", fn_kwargs=opts, num_cpus=cpus))
+    return (parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])), fmt
 
 
 def _sample(cfg: DataConfig, tokenizer: str | None, revision: str | None):
-    import ray
-
     from raydpo.data.sample import sample_rows
 
     rows = sample_rows(cfg.sample_size, cfg.seed, "stack_exchange" if cfg.format == "auto" else cfg.format,

@@ -68,7 +68,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raydpo.config import BUILTIN_MODEL, BUILTIN_SOURCE, Config
+from raydpo.config import BUILTIN_MODEL, Config
 from raydpo.orchestration.passes import Passes, count_source_rows, data_passes, format_passes
 from raydpo.train.deepspeed import REDUCE_BUCKET_SIZE, resolve_precision
 

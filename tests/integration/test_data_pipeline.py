@@ -325,37 +325,6 @@ def test_ray_workers_racing_to_build_the_tiny_model_share_one_folder(ray_local, 
     assert AutoModelForCausalLM.from_pretrained(paths[0]).config.num_hidden_layers == 2
 
 
-def test_hub_source_loads_the_stage_data_dir_with_datasets(ray_local, cfg_tok, monkeypatch):
-    import datasets
-
-    from raydpo.data.pipeline import build_datasets
-    from raydpo.data.sources import DataSourceError
-    from raydpo.data.stats import compute_stats
-
-    calls = []
-
-    def fake_load_dataset(path, data_dir=None, split=None, **kwargs):  # the hub, as datasets returns it
-        calls.append((path, data_dir, split))
-        if path == "nobody/nothing":
-            raise FileNotFoundError("Dataset 'nobody/nothing' doesn't exist on the Hub\nor cannot be accessed.")
-        return datasets.Dataset.from_list(GOOD + [{**GOOD[0], "response_j": None}])
-
-    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    cfg, tok = cfg_tok
-    hub = _with(cfg, source="lvwerra/stack-exchange-paired", sft_data_dir="data/finetune", dpo_data_dir="data/rl")
-    s = compute_stats(hub, tok)
-    assert calls[-1] == ("lvwerra/stack-exchange-paired", "data/rl", "train")
-    assert s["rows"] == len(GOOD) + 1 and s["valid"] == len(GOOD) and s["dropped"]["null_field"] == 1
-    train, evals = build_datasets(_with(hub, sft_block_size=16), "sft", tok)
-    assert calls[-1][1] == "data/finetune" and train.count() + evals.count() >= len(GOOD)  # 8 short rows: >= 8 blocks
-    assert compute_stats(_with(hub, max_rows=3), tok)["rows"] == 3
-    with pytest.raises(DataSourceError) as e:
-        compute_stats(_with(hub, source="nobody/nothing"), tok)
-    assert str(e.value).startswith("nobody/nothing (data_dir=data/rl, split=train): FileNotFoundError")
-    assert "\n" not in str(e.value)
-
-
-
 # -- other data formats (raydpo.data.formats) -------------------------------------------------
 
 def _msgs(role, text):
