@@ -131,8 +131,9 @@ def keep_bnb_cpu_layout(model):
 
 def load_model(model_cfg: ModelConfig, quant_cfg: QuantizationConfig, lora_cfg: LoraConfig, *,
                base_path: str | None = None, device: str | torch.device = "cpu", adapter_path: str | None = None,
-               trainable: bool = True) -> PeftModel:
-    """Base (quantized or not) + a fresh LoRA adapter, or the adapter at ``adapter_path``.
+               trainable: bool = True, engine_dtype: str | None = None) -> PeftModel:
+    """Base (quantized or not) + a fresh LoRA adapter, or the adapter at ``adapter_path``, cast
+    as the training engine will cast it (``engine_dtype``: `cast_like_engine`).
 
     Quantized: ``prepare_model_for_kbit_training`` (freezes the base, upcasts the fp16/bf16
     non-quantized weights to fp32, optional gradient checkpointing). Not quantized: gradient
@@ -141,11 +142,13 @@ def load_model(model_cfg: ModelConfig, quant_cfg: QuantizationConfig, lora_cfg: 
     a loaded adapter (a new one is always trainable).
 
     DeepSpeed caveats (the loop's concern, recorded here because they follow from this setup):
-    the fp32 upcast leaves mixed dtypes, which a bf16 engine casts back to bf16 by value —
-    harmless only when ``quant_storage`` is bf16 (see `bnb_config`); TRL 1.16 skips
+    the fp32 upcast leaves mixed dtypes, which a bf16 engine casts back to bf16 by value (done
+    here already with ``engine_dtype``, for the policy and the reference alike) — harmless only
+    when ``quant_storage`` is bf16 (see `bnb_config`); TRL 1.16 skips
     ``prepare_model_for_kbit_training`` for sharded QLoRA. TRL 1.16 also forces
     ``use_reentrant=True`` for PEFT + ZeRO-3 + gradient checkpointing (trl#2514); this
-    function uses ``use_reentrant=False`` (what PyTorch recommends), fine for stages 0-2.
+    function uses ``use_reentrant=False`` (what PyTorch recommends), fine at every stage: DeepSpeed
+    0.19.8 re-gathers frozen weights for the recompute (deepspeed#8148; tests/test_zero3_qlora.py).
     """
     import peft
 
@@ -163,8 +166,33 @@ def load_model(model_cfg: ModelConfig, quant_cfg: QuantizationConfig, lora_cfg: 
         model = peft.get_peft_model(model, peft.LoraConfig(
             r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
             target_modules=list(lora_cfg.target_modules), bias=lora_cfg.bias, task_type="CAUSAL_LM"))
+    cast_like_engine(model, engine_dtype)
     trainable_n, total = count_parameters(model)
     log.info("model %s: %d trainable of %d parameters", base_path or model_cfg.name_or_path, trainable_n, total)
+    return model
+
+
+# what DeepSpeed casts (``deepspeed.runtime.engine.CASTABLE_DTYPES``): floating storage only
+CASTABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def cast_like_engine(model, dtype: str | None):
+    """Cast ``model`` in place as the training engine casts it, so that a model loaded for the
+    reference scores in the policy's numerics: every floating parameter to ``dtype`` by value
+    (`raydpo.train.deepspeed.engine_cast_dtype`), buffers untouched. This is DeepSpeed 0.19's
+    cast under bf16 / fp16 at every ZeRO stage (``engine._cast_module_mixed_precision``, no
+    ``zero.Init``): it reaches the embeddings, norms and LM head `prepare_model_for_kbit_training`
+    upcast to fp32, a plain model's fp32 weights and the LoRA weights; 4-bit weights are already
+    stored as ``dtype`` (`bnb_config`, checked by the config), 8-bit ones are int8; rotary
+    ``inv_freq`` stays fp32 (DeepSpeed casts buffers only with ``data_types.buffer_dtype``). Done
+    to the policy before ``deepspeed.initialize`` (whose own cast is then a no-op) and to the
+    precomputed reference's model. None: nothing (DeepSpeed fp32, the plain engine)."""
+    if dtype is None:
+        return model
+    to = DTYPES[dtype]
+    for p in model.parameters():
+        if p.dtype in CASTABLE_DTYPES and p.dtype != to:
+            p.data = p.data.to(to)
     return model
 
 

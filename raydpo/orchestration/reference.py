@@ -4,7 +4,7 @@ The reference log-probs depend only on the frozen reference model (the base, or 
 model) and the tokenized pairs — never on beta or the learning rate — so DPO (by default) and
 every Tune trial read them from parquet instead of running a second forward every step. The
 model is loaded exactly as the trainer loads it (same quantization, same k-bit preparation, a
-fresh adapter) and scored with the adapter disabled through the training forward itself
+fresh adapter, cast as the training engine casts it) and scored with the adapter disabled through the training forward itself
 (`raydpo.models.pairs.reference_logps`), so the stored values are the ones the on-the-fly path computes.
 
 The cache key is content, never a path (TRL keys its precomputed reference on the weights and
@@ -23,11 +23,13 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import warnings
 from pathlib import Path
 
 from raydpo import storage, storage_copy
 from raydpo.config import BUILTIN_SOURCE, Config
+from raydpo.data.reach import Want
 from raydpo.tracking.terminal import echo
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -36,19 +38,30 @@ SPLIT_COLUMN = "split"  # tags the rows of the one scoring pass; it becomes the 
 
 
 class RefLogps:
-    """Ray Data callable: tokenized DPO rows → the same rows plus reference log-prob sums."""
+    """Ray Data callable: tokenized DPO rows → the same rows plus reference log-prob sums.
+
+    The model is the policy at step 0 as a training worker holds it: loaded the same way and cast
+    as the training engine casts it (`raydpo.train.deepspeed.engine_cast_dtype`: bf16 DeepSpeed
+    casts every weight to bf16), so the stored sums are the policy's own at step 0 in every
+    precision, not those of the fp32-upcast model the loader returns. Exactly, bit for bit, in the
+    padding-free layout (``dpo.padding_free``, the default: attention per sequence, so a pair's
+    numbers do not depend on the other pairs of its batch). In a padded layout under bf16 a pair's
+    log-probs, the policy's own too, depend on its batch's padded length (by ~1e-6 of their value
+    on CPU): the precomputed reference is that close, the per-step one exact."""
 
     def __init__(self, cfg_dict: dict, base_path: str, use_gpu: bool = False):
         import torch
 
-        from raydpo.models.factory import load_model
         from raydpo.data.tokenizer import load_tokenizer
+        from raydpo.models.factory import load_model
+        from raydpo.train.deepspeed import engine_cast_dtype
 
         cfg = Config.from_dict(cfg_dict)
         self.dpo = cfg.dpo
         self.device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
         self.pad = load_tokenizer(base_path).pad_token_id
-        self.model = load_model(cfg.model, cfg.quantization, cfg.lora, base_path=base_path, device=self.device)
+        self.model = load_model(cfg.model, cfg.quantization, cfg.lora, base_path=base_path, device=self.device,
+                                engine_dtype=engine_cast_dtype(cfg, use_gpu))
         self.model.eval()
 
     def __call__(self, batch):
@@ -137,7 +150,38 @@ def data_fingerprint(cfg: Config, memo_dir: str | Path | None = None) -> str:
         src = files_digest(cfg.data.source, memo_dir)
     else:
         src = f"hub:{cfg.data.source}"
-    return hashlib.sha256(json.dumps({"data": d, "source": src}, sort_keys=True).encode()).hexdigest()
+    from raydpo.data.tokenize import TOKENIZE_VERSION  # the tokenization rules themselves
+
+    return hashlib.sha256(json.dumps({"data": d, "source": src, "tokenize": TOKENIZE_VERSION},
+                                     sort_keys=True).encode()).hexdigest()
+
+
+# the libraries whose kernels and casts make the reference's numbers
+NUMERICS_LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "deepspeed")
+
+
+def numerics_identity(cfg: Config) -> str:
+    """What, besides the weights and the tokens, sets the reference's numbers: the loaded dtype,
+    the attention kernel, the quantization, the training engine's cast (`RefLogps` scores in the
+    policy's precision), the batch layout and the logits' positions (a padded bf16 layout moves
+    the last bits), and the versions of the libraries that compute them (read from the installed
+    metadata, without importing them: the driver's, which the workers share)."""
+    from importlib import metadata
+
+    from raydpo.train.deepspeed import engine_cast_dtype
+
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return hashlib.sha256(json.dumps({
+        "dtype": cfg.model.dtype, "attn": cfg.model.attn_implementation,
+        "quantization": cfg.quantization.model_dump(mode="json"),
+        "engine_cast": engine_cast_dtype(cfg, cfg.scaling.use_gpu),
+        "layout": [cfg.dpo.share_prefix, cfg.dpo.padding_free, cfg.dpo.completion_only_logits],
+        "versions": {name: version(name) for name in NUMERICS_LIBRARIES}}, sort_keys=True).encode()).hexdigest()
 
 
 CACHE_LAYOUT = 2  # 2: rows carry their stable row_id (the training order's key)
@@ -145,16 +189,14 @@ CACHE_LAYOUT = 2  # 2: rows carry their stable row_id (the training order's key)
 
 def cache_key(cfg: Config, base_path: str, tok_path: str | None = None) -> tuple[str, dict]:
     """``(key, parts)``: the reference's content, the tokenizer's, the data's, and the settings
-    that change the numbers (dtype, attention kernel, quantization)."""
+    that change the numbers (`numerics_identity`: dtype, attention kernel, quantization, the engine's cast, the layout, library versions)."""
     memo = storage.reference_dir(cfg.run.storage_path)
     parts = {
         "layout": CACHE_LAYOUT,
         "reference": model_identity(base_path, cfg.model.revision if base_path == cfg.model.name_or_path else None, memo),
         "tokenizer": tokenizer_identity(tok_path or base_path, cfg.model.revision),
         "data": data_fingerprint(cfg, memo),
-        "numerics": hashlib.sha256(json.dumps({
-            "dtype": cfg.model.dtype, "attn": cfg.model.attn_implementation,
-            "quantization": cfg.quantization.model_dump(mode="json")}, sort_keys=True).encode()).hexdigest(),
+        "numerics": numerics_identity(cfg),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16], parts
 
@@ -188,42 +230,20 @@ def valid_cache(root: str) -> dict | None:
 
 def reference_datasets(cfg: Config, base_path: str, tok_path: str, progress=echo):
     """(train, eval) DPO datasets with reference log-prob columns, computed at most once per
-    (reference, tokenizer, data) content and stored as parquet under the run storage. An empty
-    split is None (with a warning for eval; an empty train split is an error)."""
-    from ray.data import ActorPoolStrategy
-
-    from raydpo.data.pipeline import build_datasets
-    from raydpo.orchestration.resources import reference_needs, reference_pool_size, wait_for_resources
+    (reference, tokenizer, data) content and stored as parquet under the run storage. Only the
+    rows the run reads are scored (`raydpo.data.reach`); a rerun that reads more (a higher
+    ``max_steps``) scores the rows the cache lacks and adds them. An empty split is None (with a
+    warning for eval; an empty train split is an error)."""
+    from raydpo.data.pipeline import run_wants
 
     key, parts = cache_key(cfg, base_path, tok_path)
     root = storage.reference_dir(cfg.run.storage_path, key)
+    want = run_wants(cfg, "dpo")
     marker = valid_cache(root)
-    if marker is None:
-        if storage.exists(root):
-            progress(f"[reference] {root} is incomplete or damaged: rebuilding it")
-            storage.remove(root)
-        progress(f"[reference] computing reference log-probs once into {root}")
-        tmp = storage.reference_building(root, os.getpid())
-        storage.remove(tmp)
-        storage.makedirs(tmp)
-        wait_for_resources(cfg, reference_needs(cfg), "reference", progress)
-        train, evals = build_datasets(cfg, "dpo", tok_path)
-        s, replica = cfg.scaling, cfg.scaling.replica_resources()
-        # one execution scores both splits, tagged and written to their own folders: one pool of
-        # model replicas starts once, not once per split
-        both = train.map_batches(_tagged, fn_kwargs={"split": "train"}, batch_format="pyarrow").union(
-            evals.map_batches(_tagged, fn_kwargs={"split": "eval"}, batch_format="pyarrow"))
-        both.map_batches(RefLogps, fn_constructor_args=(cfg.to_dict(), base_path, s.use_gpu),
-                         batch_size=cfg.dpo.per_device_batch_size * 4, batch_format="pyarrow",
-                         compute=ActorPoolStrategy(min_size=1, max_size=reference_pool_size(cfg)),
-                         num_cpus=replica["CPU"], num_gpus=replica.get("GPU", 0)
-                         ).write_parquet(tmp, partition_cols=[SPLIT_COLUMN])
-        commit_cache(tmp, root, {"key": parts, "base": base_path})
-        marker = valid_cache(root)
-        if marker is None:
-            raise RuntimeError(f"the reference cache {root} is not complete after building it")
-    else:
+    if marker is not None and Want.from_json(marker.get("reach")).covers(want):
         progress(f"[reference] reusing reference log-probs in {root} (same reference, tokenizer and data)")
+    else:
+        marker = build_cache(cfg, root, {"key": parts, "base": base_path}, base_path, tok_path, marker, progress)
     if marker["rows"]["train"] == 0:
         raise RuntimeError("no training pairs: the train split is empty (check data.source and data.eval_fraction)")
     train_ds = read_split(storage.reference_split(root, "train"), cfg.data.tokenize_num_cpus)
@@ -232,7 +252,99 @@ def reference_datasets(cfg: Config, base_path: str, tok_path: str, progress=echo
                       stacklevel=2)
         progress("[reference] warning: the eval split is empty; training runs without evaluation")
         return train_ds, None
-    return train_ds, read_split(storage.reference_split(root, "eval"), cfg.data.tokenize_num_cpus)
+    eval_ds = read_split(storage.reference_split(root, "eval"), cfg.data.tokenize_num_cpus)
+    return train_ds, the_run_eval_rows(eval_ds, cfg.data.seed, want.eval, int(marker["rows"]["eval"]))
+
+
+def build_cache(cfg: Config, root: str, about: dict, base_path: str, tok_path: str, marker: dict | None,
+                progress) -> dict:
+    """Score the rows the run reads that ``root`` lacks (all of them without a valid ``marker``)
+    and commit them; the new marker."""
+    from raydpo.data.pipeline import build_datasets, find_reach, run_wants
+    from raydpo.orchestration.resources import reference_needs, wait_for_resources
+
+    if marker is None and storage.exists(root):
+        progress(f"[reference] {root} is incomplete or damaged: rebuilding it")
+        storage.remove(root)
+    t0 = time.perf_counter()
+    want = run_wants(cfg, "dpo")
+    if marker is not None:  # what the cache already holds is read whole either way: ask for at least that
+        want = want.widest(Want.from_json(marker.get("reach")))
+    reach = find_reach(cfg, "dpo", tok_path, want)
+    progress(f"[reference] the run reads {reach.describe()}: found in one pass over the source "
+             f"({time.perf_counter() - t0:.0f}s)")
+    have = {s: cached_ids(storage.reference_split(root, s)) for s in SPLITS} if marker else {}
+    progress(f"[reference] computing reference log-probs once into {root}" if marker is None else
+             f"[reference] adding the rows {root} lacks (it holds {marker['rows']['train']} train / "
+             f"{marker['rows']['eval']} eval pairs)")
+    tmp = storage.reference_building(root, os.getpid())
+    storage.remove(tmp)
+    storage.makedirs(tmp)
+    wait_for_resources(cfg, reference_needs(cfg), "reference", progress)
+    train, evals = build_datasets(cfg, "dpo", tok_path, reach, skip=have)
+    score(cfg, base_path, train, evals, tmp)
+    reach_json = reach.want.to_json()
+    if marker is None:
+        commit_cache(tmp, root, {**about, "reach": reach_json, "n": [reach.n_train, reach.n_eval]})
+    else:
+        add_to_cache(tmp, root, {**marker, "reach": reach_json, "n": [reach.n_train, reach.n_eval]})
+    marker = valid_cache(root)
+    if marker is None:
+        raise RuntimeError(f"the reference cache {root} is not complete after building it")
+    return marker
+
+
+def score(cfg: Config, base_path: str, train, evals, out: str) -> None:
+    """Both splits scored by one pool of model replicas (it starts once, not once per split), each
+    row tagged with its split and written to that split's folder under ``out``."""
+    from ray.data import ActorPoolStrategy
+
+    from raydpo.orchestration.resources import reference_pool_size
+
+    s, replica = cfg.scaling, cfg.scaling.replica_resources()
+    both = train.map_batches(_tagged, fn_kwargs={"split": "train"}, batch_format="pyarrow").union(
+        evals.map_batches(_tagged, fn_kwargs={"split": "eval"}, batch_format="pyarrow"))
+    both.map_batches(RefLogps, fn_constructor_args=(cfg.to_dict(), base_path, s.use_gpu),
+                     batch_size=cfg.dpo.per_device_batch_size * 4, batch_format="pyarrow",
+                     compute=ActorPoolStrategy(min_size=1, max_size=reference_pool_size(cfg)),
+                     num_cpus=replica["CPU"], num_gpus=replica.get("GPU", 0)
+                     ).write_parquet(out, partition_cols=[SPLIT_COLUMN])
+
+
+def cached_ids(folder: str):
+    """The ``row_id`` of every row of a cached split (none: an empty array)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    files = parquet_files(folder)
+    if not files:
+        return np.empty(0, np.int64)
+    fs, _ = storage.filesystem(folder)
+    return np.concatenate([pq.read_table(storage.filesystem(f)[1], columns=["row_id"], filesystem=fs)["row_id"]
+                           .to_numpy() for f in files]).astype(np.int64)
+
+
+def the_run_eval_rows(eval_ds, seed: int, k: int | None, held: int):
+    """The eval rows this run reads out of a cached eval split that may hold more (a cache built
+    by a run with a larger ``eval_max_batches``): the first ``k`` of the eval order."""
+    import numpy as np
+
+    from raydpo.data.reach import EVAL_EPOCH, smallest
+    from raydpo.data.order import order_key
+
+    if k is None or held <= k:
+        return eval_ds
+    ids = np.concatenate([np.asarray(b["row_id"], np.int64) for b in eval_ds.iter_batches(
+        batch_size=None, batch_format="numpy")])
+    keep = smallest(order_key(ids, seed, EVAL_EPOCH), ids, k)[1]
+    return eval_ds.map_batches(_rows_in, fn_kwargs={"ids": keep}, batch_format="pyarrow")
+
+
+def _rows_in(batch, ids):
+    import numpy as np
+    import pyarrow as pa
+
+    return batch.filter(pa.array(np.isin(batch["row_id"].to_numpy(), ids)))
 
 
 def commit_cache(tmp: str, root: str, about: dict) -> None:
@@ -262,6 +374,20 @@ def commit_cache(tmp: str, root: str, about: dict) -> None:
         os.replace(tmp, root)
     except OSError:  # another driver finished the same key first: theirs is as good
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def add_to_cache(tmp: str, root: str, marker: dict) -> None:
+    """Newly scored rows into a valid cache: each split's new parquet files (Ray names them
+    uniquely per write) are moved beside the old ones, then the marker goes in with the new row
+    counts. A driver that dies in between leaves counts that disagree: the cache is rebuilt."""
+    rows = {}
+    for split in SPLITS:
+        written = storage.partition_dir(tmp, SPLIT_COLUMN, split)
+        for f in parquet_files(written) if storage.is_dir(written) else {}:
+            storage.move(f, storage.join(storage.reference_split(root, split), storage.name(f)))
+        rows[split] = parquet_rows(storage.reference_split(root, split))
+    storage.write_text(storage.reference_marker(root), json.dumps({**marker, "rows": rows}))
+    storage.remove(tmp)
 
 
 def read_split(folder: str, num_cpus: float, local_read_max_bytes: int | None = None):

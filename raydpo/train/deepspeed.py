@@ -57,6 +57,17 @@ def build_ds_config(cfg: Config, stage: TrainStageConfig, *, use_gpu: bool, worl
     }
 
 
+def engine_cast_dtype(cfg: Config, use_gpu: bool) -> str | None:
+    """The dtype (a `raydpo.config.DTYPES` name) the training engine casts every floating parameter
+    of the model to: DeepSpeed bf16 / fp16 (the ``bf16`` / ``fp16`` sections above); None where
+    nothing is cast (DeepSpeed fp32, the plain engine). The policy and the reference model are
+    both loaded in it (`raydpo.models.factory.cast_like_engine`), and the reference cache is keyed
+    on it. A pure function of the config: no torch here."""
+    if not cfg.deepspeed.enabled:
+        return None
+    return {"bf16": "bfloat16", "fp16": "float16"}.get(resolve_precision(cfg, use_gpu))
+
+
 def comm_backend(use_gpu: bool) -> str:
     """The torch.distributed backend: NCCL between GPUs, gloo on CPU. The one rule: the Ray
     TorchTrainer (`raydpo.orchestration.launch`), the torchrun runner (`raydpo.train.standalone`) and the

@@ -92,6 +92,11 @@ def main(argv: list[str] | None = None) -> None:
     # evaluation: each rank its share, the same number of rows on every rank (the metric
     # all-reduce is collective), the last partial batch kept
     eval_cols = tokenize_rows(tok, cfg, stage, [r for r in rows if r["is_eval"]][env.rank::env.world_size])
+    if stage == "sft":  # this rank's share packed in the eval order, as the Ray path packs the split
+        from raydpo.data.reach import EVAL_EPOCH
+
+        blocks = sft_blocks(eval_cols, cfg, 0, 1, epoch=EVAL_EPOCH)
+        eval_cols = {"input_ids": blocks, "row_id": list(range(len(blocks)))}
     n_eval = fewest_on_any_rank(len(eval_cols["row_id"]), env)
     model = load_policy(cfg, stage, path, env)
     if stage == "dpo" and cfg.dpo.precomputed_reference:  # none for a reference-free loss
@@ -148,13 +153,15 @@ def shared_model_path(cfg, env: WorkerEnv) -> str:
 
 
 def tokenize_rows(tok, cfg, stage: str, rows: list[dict]) -> dict[str, list]:
-    """The stage's token columns of ``rows``: packed SFT blocks with their row ids, or DPO pairs."""
-    from raydpo.data.tokenize import block_row_ids, pack_sft, tokenize_dpo
+    """The stage's token columns of ``rows``: SFT examples with their ids (packed in the run's
+    order: `sft_blocks`), or DPO pairs."""
+    from raydpo.data.packing import EXAMPLE_IDS, encode_examples, example_ids
+    from raydpo.data.tokenize import tokenize_dpo
 
     if stage == "sft":
-        blocks = pack_sft(tok, [r["prompt"] + r["chosen"] for r in rows], cfg.data.sft_block_size,
-                          [r["templated"] for r in rows])
-        return {"input_ids": blocks, "row_id": block_row_ids(blocks)}
+        return {EXAMPLE_IDS: encode_examples(tok, [r["prompt"] + r["chosen"] for r in rows],
+                                             [r["templated"] for r in rows]),
+                "row_id": example_ids([r["prompt"] for r in rows], [r["chosen"] for r in rows]).tolist()}
     return tokenize_dpo(tok, [r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows],
                         cfg.data.max_length, cfg.data.max_prompt_length, [r["templated"] for r in rows])
 
@@ -182,13 +189,19 @@ def train_stream(cols: dict[str, list], collate, cfg, stage: str, env: WorkerEnv
     from raydpo.data.order import epoch_order, epochs_needed, rank_batches, usable_rows
 
     st = cfg.stage(stage)
-    bs, n_train = st.per_device_batch_size, len(cols["row_id"])
+    bs = st.per_device_batch_size
+    g, micro = bs * env.world_size, st.max_steps * st.gradient_accumulation_steps
+    if stage == "sft":  # the blocks of each epoch, already in the run's order
+        cols = {"input_ids": sft_blocks(cols, cfg, g * micro, g)}
+        cols["row_id"] = list(range(len(cols["input_ids"])))
+    n_train = len(cols["row_id"])
 
     def train_batches(skip: int):
-        g = bs * env.world_size
-        micro = st.max_steps * st.gradient_accumulation_steps
-        stream = np.concatenate([epoch_order(cols["row_id"], cfg.data.seed, e)[:usable_rows(n_train, g)]
-                                 for e in range(epochs_needed(n_train, g, micro))])
+        if stage == "sft":
+            stream = np.arange(n_train)
+        else:
+            stream = np.concatenate([epoch_order(cols["row_id"], cfg.data.seed, e)[:usable_rows(n_train, g)]
+                                     for e in range(epochs_needed(n_train, g, micro))])
 
         def numpy_batches(n):
             for lo in range(0, len(stream) - n + 1, n):
@@ -196,6 +209,32 @@ def train_stream(cols: dict[str, list], collate, cfg, stage: str, env: WorkerEnv
         return rank_batches(numpy_batches, bs, env.world_size, env.rank, collate, skip)
 
     return train_batches
+
+
+def sft_blocks(examples: dict[str, list], cfg, rows: int, global_batch: int, epoch: int | None = None) -> list:
+    """SFT blocks (`raydpo.data.packing`): epoch 0, 1, ... each cut to whole global batches,
+    until ``rows`` blocks; or, given ``epoch``, that one order packed whole (evaluation)."""
+    import numpy as np
+
+    from raydpo.data.order import usable_rows
+    from raydpo.data.packing import EXAMPLE_IDS, epoch_blocks
+
+    d = cfg.data
+
+    def pack(e):
+        return epoch_blocks(examples[EXAMPLE_IDS], np.asarray(examples["row_id"], np.int64), d.seed, e,
+                            d.sft_block_size, d.tokenize_batch_size)
+    if epoch is not None:
+        return pack(epoch)
+    blocks: list = []
+    e = 0
+    while len(blocks) < rows:
+        one = pack(e)
+        keep = usable_rows(len(one), global_batch)
+        if keep == 0:
+            raise ValueError(f"sft: {len(one)} packed blocks, fewer than one global batch of {global_batch}")
+        blocks, e = blocks + one[:keep], e + 1
+    return blocks[:rows]
 
 
 def fewest_on_any_rank(n: int, env: WorkerEnv) -> int:
@@ -220,9 +259,13 @@ def load_policy(cfg, stage: str, path: str, env: WorkerEnv):
     import torch
 
     from raydpo.models.factory import load_model
+    from raydpo.train.deepspeed import engine_cast_dtype
 
     torch.manual_seed(cfg.stage(stage).seed)  # the fresh adapter's init: the same on every rank and every run
-    return load_model(cfg.model, cfg.quantization, cfg.lora, base_path=path, device=env.device)
+    # in the engine's numerics already: the in-process reference pass scores this model before
+    # DeepSpeed is built
+    return load_model(cfg.model, cfg.quantization, cfg.lora, base_path=path, device=env.device,
+                      engine_dtype=engine_cast_dtype(cfg, env.use_gpu))
 
 
 def copy_checkpoints(out_dir: Path) -> Callable[[dict[str, float], str | None], None]:

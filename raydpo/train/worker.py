@@ -186,10 +186,12 @@ def load_policy(inputs: WorkerInputs, cfg: Config, env: WorkerEnv):
 
     from raydpo.data.tokenizer import load_tokenizer
     from raydpo.models.factory import load_model
+    from raydpo.train.deepspeed import engine_cast_dtype
 
     tokenizer = load_tokenizer(inputs.tokenizer_path, revision=cfg.model.revision)
     torch.manual_seed(cfg.stage(inputs.stage).seed)  # the fresh adapter's init: the same on every rank and every run
-    model = load_model(cfg.model, cfg.quantization, cfg.lora, base_path=inputs.base_path, device=env.device)
+    model = load_model(cfg.model, cfg.quantization, cfg.lora, base_path=inputs.base_path, device=env.device,
+                       engine_dtype=engine_cast_dtype(cfg, env.use_gpu))
     return tokenizer, model
 
 

@@ -175,6 +175,9 @@ def test_rerun_resumes_from_latest_checkpoint(zero3):
     # steps 1..n were not repeated: training picked up the step-n checkpoint, in the same MLflow run,
     # which now holds each logged step once
     assert any(f"resuming run 'z3' from step {n}" in s for s in said), said
+    # the cache scored the pairs the 6-step runs read; two more steps read 32 more: only those are scored
+    assert any(s.startswith("[reference] adding the rows") for s in said), said
+    assert any("the run reads 128 of " in s for s in said), said
     assert r2.run_id == dpo.run_id
     assert [h["step"] for h in r2.history if "train/loss" in h] == [*logged, n + 1, n + 2]
     _assert_checkpoint(r2.checkpoint_path, n + 2, "dpo")
