@@ -246,3 +246,11 @@ def test_one_resource_formula_counts_trainers_and_replicas_while_ray_data_keeps_
     assert slots(gpu, {"CPU": 64.0, "GPU": 8.0}, workers_need) == 4  # the GPUs bound it
     assert slots(gpu, {"CPU": 2.0, "GPU": 8.0}, workers_need) == 1  # here the CPUs do
     assert gpu.replica_resources() == {"CPU": 0.0, "GPU": 1.0}  # a replica takes no CPU from Ray Data
+
+
+def test_fp16_without_a_gpu_is_refused_up_front_not_inside_deepspeed():
+    with pytest.raises(ConfigError, match="deepspeed.precision fp16 needs a GPU"):
+        Config().with_overrides({"deepspeed.precision": "fp16"})
+    assert Config().with_overrides({"deepspeed.precision": "fp16", "scaling.use_gpu": True,
+                                    "quantization.quant_storage": "float16",
+                                    "quantization.compute_dtype": "float16"}).deepspeed.precision == "fp16"

@@ -59,6 +59,10 @@ class Config(Section):
                 raise ValueError(
                     f"quantization.quant_storage ({storage}) must equal compute_dtype ({q.compute_dtype}) under ZeRO-3"
                 )
+        if self.deepspeed.enabled and self.deepspeed.precision == "fp16" and not self.scaling.use_gpu:
+            # DeepSpeed 0.19.8 raises "Type fp16 is not supported on your device" inside initialize
+            raise ValueError("deepspeed.precision fp16 needs a GPU (scaling.use_gpu); DeepSpeed on CPU trains "
+                             "fp32 or bf16")
         if (self.dpo.share_prefix or self.dpo.padding_free) and self.model.attn_implementation == "flash_attention_2":
             raise ValueError("dpo.share_prefix and dpo.padding_free need a custom attention mask: use "
                              "model.attn_implementation sdpa or eager, or turn both off for flash_attention_2")
