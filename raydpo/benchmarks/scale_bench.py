@@ -2,7 +2,8 @@
 
     python -m raydpo.benchmarks.scale_bench [--rows 1000000] [--small 10000] [--steps 2] [--workdir DIR]
 
-Builds two stack-exchange-shaped parquet files (columns of ``lvwerra/stack-exchange-paired``;
+Builds two stack-exchange-shaped parquet datasets, in shards of 100k rows as the Hub ships
+``data/rl`` (columns of ``lvwerra/stack-exchange-paired``;
 question / response_j / response_k lengths drawn from log-normals near the real rows': medians
 ~1,200 / 700 / 450 characters, long tails; text sliced from a seeded word stream), then runs
 ``raydpo dpo`` on each — the demo's tiny model, 4-bit LoRA, the precomputed reference (default),
@@ -40,32 +41,32 @@ WORDS = ("the a to of in is it you that and for this on with be not can are as i
          "server client request response config path load save build debug thread lock memory").split()
 
 
-def write_source(path: Path, rows: int, seed: int = 0, chunk: int = 100_000) -> Path:
-    """A stack-exchange-shaped parquet file of ``rows`` rows (kept when it exists)."""
+def write_source(folder: Path, rows: int, seed: int = 0, shard: int = 100_000) -> Path:
+    """A stack-exchange-shaped parquet dataset of ``rows`` rows in shards of ``shard`` rows, as the
+    Hub ships ``data/rl`` (kept when it exists)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if path.exists() and pq.ParquetFile(path).metadata.num_rows == rows:
-        return path
+    done = folder / "_COMPLETE"
+    if done.exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     stream = " ".join(rng.choice(WORDS, size=3_000_000)) + " "
-    tmp = path.with_suffix(".tmp")
-    with pq.ParquetWriter(tmp, pa.schema([("qid", pa.int64()), ("question", pa.string()), ("date", pa.string()),
-                                          ("metadata", pa.list_(pa.string())), ("response_j", pa.string()),
-                                          ("response_k", pa.string())])) as w:
-        for lo in range(0, rows, chunk):
-            n = min(chunk, rows - lo)
-            cols = {"qid": pa.array(np.arange(lo, lo + n)), "date": pa.array(["2020/01/01"] * n),
-                    "metadata": pa.array([[f"https://stackoverflow.com/q/{i}"] for i in range(lo, lo + n)])}
-            for name, (median, sigma) in LENGTHS.items():
-                lens = np.clip(rng.lognormal(np.log(median), sigma, n).astype(int), 20, MAX_CHARS)
-                starts = rng.integers(0, len(stream) - MAX_CHARS, n)
-                cols[name] = pa.array([f"{i} {stream[s:s + k]}" for i, s, k in zip(range(lo, lo + n), starts, lens)])
-            w.write_table(pa.table({k: cols[k] for k in ("qid", "question", "date", "metadata", "response_j",
-                                                         "response_k")}))
-    tmp.rename(path)
-    return path
+    for k, lo in enumerate(range(0, rows, shard)):
+        n = min(shard, rows - lo)
+        cols = {"qid": pa.array(np.arange(lo, lo + n)), "date": pa.array(["2020/01/01"] * n),
+                "metadata": pa.array([[f"https://stackoverflow.com/q/{i}"] for i in range(lo, lo + n)])}
+        for name, (median, sigma) in LENGTHS.items():
+            lens = np.clip(rng.lognormal(np.log(median), sigma, n).astype(int), 20, MAX_CHARS)
+            starts = rng.integers(0, len(stream) - MAX_CHARS, n)
+            cols[name] = pa.array([f"{i} {stream[s:s + k]}" for i, s, k in zip(range(lo, lo + n), starts, lens)])
+        pq.write_table(pa.table({c: cols[c] for c in ("qid", "question", "date", "metadata", "response_j",
+                                                       "response_k")}),
+                       folder / f"train-{k:05d}-of-{-(-rows // shard):05d}.parquet")
+    done.write_text("")
+    return folder
 
 
 class StorePeak(threading.Thread):
@@ -143,9 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     sources = {}
     for n in (args.small, args.rows):
         t = time.perf_counter()
-        sources[n] = write_source(work / f"stack-{n}.parquet", n)
-        print(f"source {n:,} rows: {sources[n].stat().st_size / 2**20:.0f} MiB ({time.perf_counter() - t:.0f}s)",
-              flush=True)
+        sources[n] = write_source(work / f"stack-{n}", n)
+        size = sum(f.stat().st_size for f in sources[n].glob("*.parquet"))
+        print(f"source {n:,} rows: {size / 2**20:.0f} MiB ({time.perf_counter() - t:.0f}s)", flush=True)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     address = ray.get_runtime_context().gcs_address
     out = {}
