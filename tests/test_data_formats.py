@@ -424,24 +424,30 @@ def test_config_fields_of_formats_and_their_errors(tmp_path):
 
 
 def test_batch_functions_tokenize_like_the_pure_functions_with_one_tokenizer_per_process(tmp_path, tiny_path, tok):
-    """Ray Data runs ``dpo_batch`` / ``sft_batch`` as tasks: they give the pure functions' ids, the
+    """Ray Data runs ``dpo_batch`` / ``examples_batch`` as tasks: they give the pure functions' ids,
+    handed the tokenizer's name or its portable backend (no transformers in the task), the
     tokenizer is loaded once per process, and a tokenizer rewritten in place is loaded again."""
     import shutil
 
-    from raydpo.data.tokenize import cached_tokenizer, dpo_batch, sft_batch
+    from raydpo.data.packing import examples_batch
+    from raydpo.data.tokenize import cached_tokenizer, dpo_batch
+    from raydpo.data.tokenizer import BackendSpec, task_tokenizer
 
     rows = sample_rows(8, seed=3)
     pairs = [to_pair(r, "stack_exchange", 1000, TEMPLATE) for r in rows]
     batch = pa.table({"prompt": [p.prompt for p in pairs], "chosen": [p.chosen for p in pairs],
                       "rejected": [p.rejected for p in pairs]})
-    got = dpo_batch(batch, tokenizer=tiny_path, max_length=64, max_prompt_length=32)
+    spec = task_tokenizer(tiny_path)
+    assert isinstance(spec, BackendSpec)  # the tiny tokenizer's backend encodes alone
     want = tokenize_dpo(tok, batch["prompt"].to_pylist(), batch["chosen"].to_pylist(), batch["rejected"].to_pylist(),
                         64, 32)
-    for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "truncated", "row_id"):
-        assert got[k].to_pylist() == want[k]
-    blocks = sft_batch(batch, tokenizer=tiny_path, block_size=32)["input_ids"].to_pylist()
-    assert blocks and blocks == pack_sft(tok, [p + c for p, c in zip(batch["prompt"].to_pylist(),
-                                                                      batch["chosen"].to_pylist())], 32)
+    for handed in (tiny_path, spec):
+        got = dpo_batch(batch, tokenizer=handed, max_length=64, max_prompt_length=32)
+        for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "truncated", "row_id"):
+            assert got[k].to_pylist() == want[k]
+        examples = examples_batch(batch, tokenizer=handed)["example_ids"].to_pylist()
+        assert sum(examples, []) == sum(pack_sft(tok, [p + c for p, c in zip(
+            batch["prompt"].to_pylist(), batch["chosen"].to_pylist())], 1), [])  # blocks of 1: every token
 
     copy = tmp_path / "tok"
     shutil.copytree(tiny_path, copy)

@@ -77,7 +77,7 @@ def encode_examples(tokenizer, texts: list[str], templated: list[bool] | None = 
     return out
 
 
-def examples_batch(batch, *, tokenizer: str, revision: str | None = None) -> Any:
+def examples_batch(batch, *, tokenizer, revision: str | None = None) -> Any:
     """Ray Data batch function: formatted rows → one tokenized SFT example each (``example_ids``,
     list<int32>) with its ``row_id`` (`example_ids`)."""
     import pyarrow as pa

@@ -46,14 +46,17 @@ def tokenized(ds, cfg: Config, stage: Stage, tokenizer_name_or_path: str):
 
     from raydpo.data.packing import examples_batch
     from raydpo.data.tokenize import dpo_batch
+    from raydpo.data.tokenizer import task_tokenizer
 
     d = cfg.data
     common = {"batch_size": d.tokenize_batch_size, "batch_format": "pyarrow", "num_cpus": d.tokenize_num_cpus,
               "compute": TaskPoolStrategy(size=cfg.tokenize_tasks())}
+    # the tokenizer's Rust backend when it encodes alone: a task needs no transformers (~3 s of its start)
+    tok = task_tokenizer(tokenizer_name_or_path, cfg.model.revision)
     if stage == "sft":  # one tokenized example per row: packed in the run's order (raydpo.data.packing)
-        return ds.map_batches(examples_batch, fn_kwargs={"tokenizer": tokenizer_name_or_path,
+        return ds.map_batches(examples_batch, fn_kwargs={"tokenizer": tok,
                                                          "revision": cfg.model.revision}, **common)
-    return ds.map_batches(dpo_batch, fn_kwargs={"tokenizer": tokenizer_name_or_path, "max_length": d.max_length,
+    return ds.map_batches(dpo_batch, fn_kwargs={"tokenizer": tok, "max_length": d.max_length,
                                                 "max_prompt_length": d.max_prompt_length,
                                                 "revision": cfg.model.revision}, **common)
 

@@ -155,15 +155,27 @@ def templated(batch) -> list[bool] | None:
     return batch["templated"].to_pylist() if "templated" in batch.column_names else None
 
 
-def cached_tokenizer(name_or_path: str, revision: str | None = None):
-    """`raydpo.data.tokenizer.load_tokenizer`, loaded once per process for a given tokenizer: the
-    key holds a local folder's file times, so a tokenizer rewritten in place is loaded again."""
+def cached_tokenizer(name_or_path, revision: str | None = None):
+    """A task's tokenizer, loaded once per process: a `raydpo.data.tokenizer.BackendSpec`'s
+    backend (keyed on its content), or `raydpo.data.tokenizer.load_tokenizer` of a name (the key
+    holds a local folder's file times, so a tokenizer rewritten in place is loaded again)."""
     from pathlib import Path
 
+    from raydpo.data.tokenizer import BackendSpec
+
+    if isinstance(name_or_path, BackendSpec):
+        return _backend_once(name_or_path.digest, name_or_path)
     folder = Path(name_or_path)
     stamp = tuple(sorted((f.name, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file())) \
         if folder.is_dir() else ()
     return _load_once(name_or_path, revision, stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _backend_once(digest: str, spec):
+    from raydpo.data.tokenizer import BackendTokenizer
+
+    return BackendTokenizer(spec)
 
 
 @functools.lru_cache(maxsize=4)
@@ -173,7 +185,7 @@ def _load_once(name_or_path: str, revision: str | None, stamp: tuple):
     return load_tokenizer(name_or_path, revision=revision)
 
 
-def dpo_batch(batch, *, tokenizer: str, max_length: int, max_prompt_length: int, revision: str | None = None):
+def dpo_batch(batch, *, tokenizer, max_length: int, max_prompt_length: int, revision: str | None = None):
     """Ray Data batch function: formatted rows → prompt/chosen/rejected token ids (pyarrow table)."""
     import pyarrow as pa
 
@@ -188,20 +200,3 @@ def dpo_batch(batch, *, tokenizer: str, max_length: int, max_prompt_length: int,
         "truncated": pa.array(out["truncated"], type=pa.bool_()),
         "row_id": pa.array(out["row_id"], type=pa.int64()),
     })
-
-
-def sft_batch(batch, *, tokenizer: str, block_size: int, revision: str | None = None):
-    """Ray Data batch function: formatted rows → fixed-length packed ``input_ids`` blocks."""
-    import pyarrow as pa
-
-    texts = [p + c for p, c in zip(batch["prompt"].to_pylist(), batch["chosen"].to_pylist())]
-    blocks = pack_sft(cached_tokenizer(tokenizer, revision), texts, block_size, templated(batch))
-    return pa.table({"input_ids": pa.array(blocks, type=pa.list_(pa.int32())),
-                     "row_id": pa.array(block_row_ids(blocks), type=pa.int64())})
-
-
-def block_row_ids(blocks: list[list[int]]) -> list[int]:
-    """Stable ids of packed SFT blocks: their token content (`raydpo.data.order.row_id`)."""
-    from raydpo.data.order import row_id
-
-    return [row_id(b) for b in blocks]
