@@ -26,22 +26,32 @@ RESUME_FREE = ("tracking.", "run.max_failures", "run.timeout_s", "run.keep_check
 # folder) or a run moved to another mount resumes.
 LOCATIONS = ("run.storage_path", "model.cache_dir")
 
+# Settings added after checkpoints were first written whose default is not what those checkpoints
+# ran: a checkpoint without the key ran this value. DPO from an SFT adapter trained a fresh adapter
+# on the merged SFT model before ``dpo.sft_reference`` existed; resumed as ``adapter`` its adapter
+# would load onto the raw base. The key counts only for DPO from an SFT adapter (`resume_fingerprint`).
+RAN_BEFORE_THE_KEY = {"dpo.sft_reference": "merged"}
+
 
 def resume_fingerprint(cfg: Config) -> dict[str, Any]:
     """The flattened config minus `RESUME_FREE` keys and `LOCATIONS`, as stored in every
     checkpoint. Take it from the config as the user wrote it (relative paths relative), not
     from `Config.with_absolute_paths`: those paths change with the cwd."""
-    return {k: v for k, v in cfg.flat().items() if not k.startswith(RESUME_FREE) and k not in LOCATIONS}
+    fp = {k: v for k, v in cfg.flat().items() if not k.startswith(RESUME_FREE) and k not in LOCATIONS}
+    if not cfg.dpo.sft_adapter:  # no SFT adapter: the setting changes nothing
+        fp.pop("dpo.sft_reference", None)
+    return fp
 
 
 def fingerprint_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Keys whose values differ between a checkpoint's fingerprint and the current config's. A key
-    the checkpoint lacks (added to the config since it was written) counts as its default, so a
-    run checkpointed before a new setting existed resumes while that setting keeps its default."""
+    the checkpoint lacks (added to the config since it was written) counts as its default (or as
+    what runs did before it, `RAN_BEFORE_THE_KEY`), so a run checkpointed before a new setting
+    existed resumes while that setting keeps its default."""
     defaults = flatten(Config().to_dict())
 
     def was(k: str) -> Any:
-        return saved[k] if k in saved else defaults.get(k, "<unset>")
+        return saved[k] if k in saved else RAN_BEFORE_THE_KEY.get(k, defaults.get(k, "<unset>"))
 
     keys = (set(saved) | set(current)) - set(LOCATIONS)  # an older checkpoint's fingerprint has them
     return sorted(k for k in keys if was(k) != current.get(k, "<unset>"))

@@ -237,6 +237,13 @@ class DPOConfig(TrainStageConfig):
     sft_adapter: str | None = Field(
         None, description="SFT adapter to start from (set by `raydpo pipeline`); None: start from the base model"
     )
+    sft_reference: Literal["adapter", "merged"] = Field(
+        "adapter", description="DPO from sft_adapter — adapter: the policy trains the SFT adapter itself on the "
+        "(4-bit) base and the reference is a frozen copy of it, exactly the SFT model as trained (no merge; the "
+        "adapter's LoRA settings must equal lora.*); merged: the SFT adapter is merged into the unquantized base, "
+        "which is reloaded (4-bit: requantized, so only near the SFT model: python -m "
+        "raydpo.benchmarks.nf4_reference) and trained with a fresh adapter, as stack_llama_2 does"
+    )
 
     @field_validator("loss_type", mode="before")
     @classmethod
@@ -301,6 +308,12 @@ class DPOConfig(TrainStageConfig):
     def precomputed_reference(self) -> bool:
         """Whether the reference log-probs are computed once before training (the reference pass)."""
         return self.reference == "precomputed" and self.needs_reference
+
+    @property
+    def trains_sft_adapter(self) -> str | None:
+        """The SFT adapter the policy trains and the reference copies (``sft_reference: adapter``),
+        or None: a fresh adapter (on the base, or on the merged SFT model)."""
+        return self.sft_adapter if self.sft_adapter and self.sft_reference == "adapter" else None
 
 
 class GenerationsConfig(Section):

@@ -2,8 +2,11 @@
 4-bit (NF4/FP4) or 8-bit; PEFT LoRA. Knows nothing about Ray.
 
 The DPO reference is the same model with the adapter disabled (``model.disable_adapter()``):
-no second copy in memory. When DPO starts from SFT, its base is the merged SFT model
-(`merge_adapter`), so "adapter disabled" means "the SFT model", as in stack_llama_2.
+no second copy in memory. When DPO starts from SFT (`load_stage_model`), either the policy trains
+the SFT adapter itself and the reference is a frozen copy of it on the same base
+(``dpo.sft_reference: adapter``, `add_reference_copy`: exactly the SFT model, 4-bit included), or
+its base is the merged SFT model (``merged``, `merge_adapter`), so "adapter disabled" means the
+SFT model as in stack_llama_2 — under 4-bit a requantized one, only near it.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from raydpo import storage, storage_copy
-from raydpo.config import BUILTIN_MODEL, LoraConfig, ModelConfig, QuantizationConfig
+from raydpo.config import BUILTIN_MODEL, Config, LoraConfig, ModelConfig, QuantizationConfig
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -131,15 +134,16 @@ def keep_bnb_cpu_layout(model):
 
 def load_model(model_cfg: ModelConfig, quant_cfg: QuantizationConfig, lora_cfg: LoraConfig, *,
                base_path: str | None = None, device: str | torch.device = "cpu", adapter_path: str | None = None,
-               trainable: bool = True, engine_dtype: str | None = None) -> PeftModel:
-    """Base (quantized or not) + a fresh LoRA adapter, or the adapter at ``adapter_path``, cast
-    as the training engine will cast it (``engine_dtype``: `cast_like_engine`).
+               trainable: bool = True, engine_dtype: str | None = None, reference_copy: bool = False) -> PeftModel:
+    """Base (quantized or not) + a fresh LoRA adapter, or the adapter at ``adapter_path`` (with
+    ``reference_copy``, a frozen copy of it beside: `add_reference_copy`), cast as the training
+    engine will cast it (``engine_dtype``: `cast_like_engine`).
 
     Quantized: ``prepare_model_for_kbit_training`` (freezes the base, upcasts the fp16/bf16
     non-quantized weights to fp32, optional gradient checkpointing). Not quantized: gradient
     checkpointing (``use_reentrant=False``) when ``model_cfg.gradient_checkpointing``. The
-    reference for DPO is this model under ``disable_adapter()``. ``trainable`` only applies to
-    a loaded adapter (a new one is always trainable).
+    reference for DPO is this model under `raydpo.models.pairs.reference_disabled`. ``trainable``
+    only applies to a loaded adapter (a new one is always trainable).
 
     DeepSpeed caveats (the loop's concern, recorded here because they follow from this setup):
     the fp32 upcast leaves mixed dtypes, which a bf16 engine casts back to bf16 by value (done
@@ -162,6 +166,8 @@ def load_model(model_cfg: ModelConfig, quant_cfg: QuantizationConfig, lora_cfg: 
         model.enable_input_require_grads()
     if adapter_path:
         model = peft.PeftModel.from_pretrained(model, storage_copy.local_copy(adapter_path), is_trainable=trainable)
+        if reference_copy:
+            add_reference_copy(model)
     else:
         model = peft.get_peft_model(model, peft.LoraConfig(
             r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
@@ -169,6 +175,55 @@ def load_model(model_cfg: ModelConfig, quant_cfg: QuantizationConfig, lora_cfg: 
     cast_like_engine(model, engine_dtype)
     trainable_n, total = count_parameters(model)
     log.info("model %s: %d trainable of %d parameters", base_path or model_cfg.name_or_path, trainable_n, total)
+    return model
+
+
+def load_stage_model(cfg: Config, stage: str, *, base_path: str | None = None, device: str | torch.device = "cpu",
+                     engine_dtype: str | None = None) -> PeftModel:
+    """The model ``stage`` trains, as at step 0: a fresh adapter on ``base_path`` (the base, or
+    for DPO with ``dpo.sft_reference: merged`` the merged SFT model); for DPO from
+    ``dpo.sft_adapter`` with ``dpo.sft_reference: adapter``, the SFT adapter itself, trainable,
+    on ``base_path`` (the base SFT trained on) beside its frozen reference copy. Training workers
+    and the precomputed reference pass load through here alike."""
+    start = sft_policy_adapter(cfg) if stage == "dpo" else None
+    return load_model(cfg.model, cfg.quantization, cfg.lora, base_path=base_path, device=device, adapter_path=start,
+                      engine_dtype=engine_dtype, reference_copy=start is not None)
+
+
+def sft_policy_adapter(cfg: Config) -> str | None:
+    """The SFT adapter DPO's policy trains and its reference copies (``dpo.sft_reference:
+    adapter``), or None: a fresh adapter (on the base, or on the merged SFT model)."""
+    return cfg.dpo.trains_sft_adapter
+
+
+def step0_dropout_reason(cfg: Config) -> str | None:
+    """Why the DPO step-0 sanity check cannot hold, or None: a policy that trains the SFT adapter
+    applies its LoRA dropout in training mode, the frozen reference copy none, so at step 0 they
+    differ by the dropout noise (a fresh adapter contributes nothing, dropped out or not)."""
+    if sft_policy_adapter(cfg) is None or cfg.lora.dropout == 0:
+        return None
+    return (f"the policy trains the SFT adapter (dpo.sft_reference=adapter) with lora.dropout={cfg.lora.dropout}, "
+            "its reference copy without: they differ by the dropout noise at step 0 (lora.dropout=0 checks exactly)")
+
+
+def add_reference_copy(model: PeftModel) -> PeftModel:
+    """A frozen copy of ``model``'s adapter beside it, named `raydpo.models.pairs.REF_ADAPTER`,
+    without dropout: DPO's reference when the policy trains an SFT adapter, as TRL 1.16's
+    DPOTrainer adds its "ref" adapter to a PeftModel that carries one. The copy's tensors are the
+    adapter's own values (cast together later), so at step 0 policy and reference compute the same
+    numbers; frozen, it is neither optimized nor in the engine's checkpoint state (frozen
+    parameters are excluded). `raydpo.models.pairs.reference_disabled` switches to it."""
+    import copy
+
+    from raydpo.models.pairs import REF_ADAPTER
+
+    config = copy.deepcopy(model.peft_config["default"])
+    config.lora_dropout, config.inference_mode = 0.0, True  # the reference is deterministic in train mode too
+    model.add_adapter(REF_ADAPTER, config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".default." in name:
+                model.get_parameter(name.replace(".default.", f".{REF_ADAPTER}.")).copy_(p)
     return model
 
 

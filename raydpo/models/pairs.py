@@ -3,8 +3,9 @@
 `pair_logps` scores every pair of a collated batch (`raydpo.data.collate`) in whatever layout
 the collate made: padded pairs, a shared prompt per pair, or several pairs packed in one row,
 where `pair_attention` masks each sequence from the others. The reference is the same weights
-with the LoRA adapter disabled (`reference_disabled`); `reference_logps` is the one reference
-scorer, used by the training step, the reference pass and the torchrun runner alike.
+with the LoRA adapter disabled, or a frozen copy of the SFT adapter the policy trains
+(`reference_disabled`); `reference_logps` is the one reference scorer, used by the training
+step, the reference pass and the torchrun runner alike.
 """
 
 from __future__ import annotations
@@ -21,16 +22,36 @@ if TYPE_CHECKING:
     from peft import PeftModel
 
 
+# the frozen copy of an SFT adapter a DPO policy trains (`raydpo.models.factory.add_reference_copy`)
+REF_ADAPTER = "ref"
+
+
 @contextlib.contextmanager
 def reference_disabled(model: PeftModel) -> Iterator[PeftModel]:
-    """The DPO reference: ``model`` with its LoRA adapter disabled, under ``torch.no_grad()``.
+    """The DPO reference, under ``torch.no_grad()``: ``model`` with its LoRA adapter disabled —
+    with a fresh adapter the base (or merged SFT) model, no second copy of the weights — or, when
+    it holds a frozen copy of its adapter (`REF_ADAPTER`: a policy that trains the SFT adapter,
+    ``dpo.sft_reference: adapter``), that copy active instead: the SFT model as trained.
 
     Pass the PeftModel itself (under DeepSpeed, ``engine.module``); calling the engine inside
-    the block is fine, the adapter switch is on the shared modules. No second copy of the
-    weights exists: with a fresh adapter this is the base (or merged SFT) model.
+    the block is fine, the adapter switch is on the shared modules. Switching adapters also sets
+    which LoRA weights require grad (PEFT's ``set_adapter``); every flag is as before on exit.
     """
-    with torch.no_grad(), model.disable_adapter():
-        yield model
+    if REF_ADAPTER not in getattr(model, "peft_config", {}):
+        with torch.no_grad(), model.disable_adapter():
+            yield model
+        return
+    active = model.active_adapter
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    model.set_adapter(REF_ADAPTER, inference_mode=True)
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.set_adapter(active)
+        for p in model.parameters():
+            if p.requires_grad != (id(p) in trainable):
+                p.requires_grad_(id(p) in trainable)
 
 
 def pair_attention_mask(seq_ids: torch.Tensor, segments: torch.Tensor, additive: bool = False) -> torch.Tensor:
@@ -162,8 +183,9 @@ def pair_logps(model, batch: dict[str, torch.Tensor], completion_only: bool = Tr
 def reference_logps(model: PeftModel, batch: dict[str, torch.Tensor], *, completion_only: bool = True,
                     engine=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference log-prob sums ``([B], [B])`` (chosen, rejected) of a collated batch: the training
-    forward (`pair_logps`, through ``engine`` when training wraps the model, else ``model``) with
-    ``model``'s LoRA adapter disabled, so no second model is held in memory."""
+    forward (`pair_logps`, through ``engine`` when training wraps the model, else ``model``) as
+    `reference_disabled`: ``model``'s LoRA adapter disabled, so no second model is held in memory,
+    or its frozen reference copy of the SFT adapter active."""
     with reference_disabled(model):
         chosen, rejected, _, _ = pair_logps(engine if engine is not None else model, batch,
                                             completion_only=completion_only)

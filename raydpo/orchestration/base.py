@@ -1,5 +1,7 @@
-"""The model a stage trains from: the configured base, or for DPO from an SFT adapter, the
-base and that adapter merged (`stage_base`, called by `launch.fit_stage` and `tune.run_tune`)."""
+"""The model a stage trains from: the configured base, or for DPO from an SFT adapter either
+the base itself, on which the policy trains that adapter beside a frozen copy of it, the
+reference (``dpo.sft_reference: adapter``), or the base and that adapter merged (``merged``)
+(`stage_base`, called by `launch.fit_stage` and `tune.run_tune`)."""
 
 from __future__ import annotations
 
@@ -30,15 +32,43 @@ def resolve_base(cfg: Config) -> tuple[str, str]:
 
 
 def stage_base(cfg: Config, stage: Stage, progress: Callable[[str], None] | None = None) -> tuple[str, str]:
-    """(base model path, tokenizer path) of ``stage``: DPO from ``dpo.sft_adapter`` trains from
-    the merged SFT model (`merged_sft_base`), which is then its reference too. ``progress`` (if
-    given) hears that the merge runs; a search says nothing here."""
+    """(base model path, tokenizer path) of ``stage``. DPO from ``dpo.sft_adapter``: with
+    ``dpo.sft_reference: adapter`` the base SFT trained on (the workers load the SFT adapter on
+    it, `raydpo.models.factory.load_stage_model`; its LoRA settings checked against ``lora.*``
+    here, `sft_adapter_mismatch`) and the SFT adapter's tokenizer; with ``merged`` the merged SFT
+    model (`merged_sft_base`), which is then its reference too. ``progress`` (if given) hears
+    which; a search says nothing here."""
     base_path, tok_path = resolve_base(cfg)
+    if stage == "dpo" and cfg.dpo.trains_sft_adapter:
+        from raydpo.config import ConfigError
+
+        if problems := sft_adapter_mismatch(cfg):
+            raise ConfigError([("dpo.sft_reference", "adapter trains the SFT adapter itself, whose LoRA settings "
+                                f"differ from this config's: {'; '.join(problems)}. Set lora.* to the adapter's, or "
+                                "dpo.sft_reference=merged to train a fresh adapter on the merged SFT model")])
+        if progress is not None:
+            progress(f"[dpo] training the SFT adapter {cfg.dpo.sft_adapter} on the base; the reference is a "
+                     "frozen copy of it (dpo.sft_reference=adapter)")
+        a = cfg.dpo.sft_adapter
+        return base_path, a if storage.exists(storage.join(a, "tokenizer_config.json")) else tok_path
     if stage == "dpo" and cfg.dpo.sft_adapter:
         if progress is not None:
             progress(f"[dpo] merging SFT adapter {cfg.dpo.sft_adapter} into the base (the DPO reference)")
         base_path = tok_path = merged_sft_base(cfg, cfg.dpo.sft_adapter, base_path)
     return base_path, tok_path
+
+
+def sft_adapter_mismatch(cfg: Config) -> list[str]:
+    """How ``dpo.sft_adapter``'s LoRA settings (its ``adapter_config.json``) differ from ``lora.*``,
+    one line each; [] when they agree. With ``dpo.sft_reference: adapter`` DPO trains that adapter,
+    so its settings are the ones in force: a differing ``lora.*`` would be ignored silently."""
+    have = storage.read_json(storage.join(cfg.dpo.sft_adapter, "adapter_config.json")) or {}
+    lora = cfg.lora
+    want = {"r": (lora.r, have.get("r")), "alpha": (lora.alpha, have.get("lora_alpha")),
+            "dropout": (lora.dropout, have.get("lora_dropout")), "bias": (lora.bias, have.get("bias")),
+            "target_modules": (sorted(lora.target_modules), sorted(have.get("target_modules") or []))}
+    return [f"lora.{k} is {mine} here, {theirs} in the adapter"
+            for k, (mine, theirs) in want.items() if mine != theirs]
 
 
 def merged_sft_base(cfg: Config, sft_adapter: str, base_path: str) -> str:

@@ -47,21 +47,26 @@ class RefLogps:
     padding-free layout (``dpo.padding_free``, the default: attention per sequence, so a pair's
     numbers do not depend on the other pairs of its batch). In a padded layout under bf16 a pair's
     log-probs, the policy's own too, depend on its batch's padded length (by ~1e-6 of their value
-    on CPU): the precomputed reference is that close, the per-step one exact."""
+    on CPU): the precomputed reference is that close, the per-step one exact.
+
+    DPO from an SFT adapter with ``dpo.sft_reference: adapter``: the step-0 policy is that
+    adapter on the base, and the reference its frozen copy (`raydpo.models.factory.load_stage_model`);
+    scored through the copy, the same tensors as the adapter, so the stored sums are the step-0
+    policy's (adapter enabled), as the per-step path's are."""
 
     def __init__(self, cfg_dict: dict, base_path: str, use_gpu: bool = False):
         import torch
 
         from raydpo.data.tokenizer import load_tokenizer
-        from raydpo.models.factory import load_model
+        from raydpo.models.factory import load_stage_model
         from raydpo.train.deepspeed import engine_cast_dtype
 
         cfg = Config.from_dict(cfg_dict)
         self.dpo = cfg.dpo
         self.device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
         self.pad = load_tokenizer(base_path).pad_token_id
-        self.model = load_model(cfg.model, cfg.quantization, cfg.lora, base_path=base_path, device=self.device,
-                                engine_dtype=engine_cast_dtype(cfg, use_gpu))
+        self.model = load_stage_model(cfg, "dpo", base_path=base_path, device=self.device,
+                                      engine_dtype=engine_cast_dtype(cfg, use_gpu))
         self.model.eval()
 
     def __call__(self, batch):
@@ -198,6 +203,8 @@ def cache_key(cfg: Config, base_path: str, tok_path: str | None = None) -> tuple
         "data": data_fingerprint(cfg, memo),
         "numerics": numerics_identity(cfg),
     }
+    if cfg.dpo.trains_sft_adapter:  # the reference is ``base_path`` + the SFT adapter, unmerged
+        parts["sft_adapter"] = files_digest(cfg.dpo.trains_sft_adapter, memo)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16], parts
 
 

@@ -119,7 +119,8 @@ def save_state(engine: Engine, model, tokenizer, step: int, stage: str, env: Wor
     torch.save(_rng_state(), storage.rng_file(out, env.rank))
     with gathered_adapter(model):
         if env.rank == 0:
-            model.save_pretrained(str(storage.adapter_dir(out)))
+            # the trained adapter only, not the frozen reference copy (dpo.sft_reference: adapter)
+            model.save_pretrained(str(storage.adapter_dir(out)), selected_adapters=["default"])
             tokenizer.save_pretrained(str(storage.adapter_dir(out)))
             state = {"step": step, "stage": stage, "world_size": env.world_size, **(extra or {})}
             storage.write_text(storage.state_file(out), json.dumps(state))

@@ -26,6 +26,7 @@ from raydpo.data.collate import pair_tokens
 from raydpo.loss_names import NLL_ONLY, reads_chosen_nll, step0_skip_reason
 from raydpo.metric_names import (LR, NONFINITE_STEPS, PADDING_FRACTION, PEAK_MEMORY_GB, PEAK_RSS_MIB, SAMPLES_PER_S,
                                  SCORED_TOKENS_PER_S, STEP_TIME, TOKENS_PER_S)
+from raydpo.models.factory import step0_dropout_reason
 from raydpo.models.pairs import packed_attention, pair_logps, reference_logps
 from raydpo.train import generate
 from raydpo.train.checkpoint import SCORE_KEY, checkpoint_score, load_state, save_state
@@ -110,10 +111,10 @@ def sft_forward(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, d
 def dpo_forward(engine, model, batch: dict[str, torch.Tensor], cfg: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One policy forward over the pairs (`raydpo.models.pairs.pair_logps`, in whatever layout the collate
     made); the reference is precomputed log-probs carried in the batch, or the same weights with
-    the LoRA adapter disabled (no second model in memory), or — for a reference-free loss
-    (``cfg.dpo.needs_reference`` false: simpo, orpo, sft) — nothing at all: no reference forward,
-    zeros in its place. Log-probs are fp32 sums; the loss gets the response lengths and averages
-    per token where TRL 1.16 does."""
+    the LoRA adapter disabled or its frozen SFT copy (`raydpo.models.pairs.reference_disabled`),
+    or — for a reference-free loss (``cfg.dpo.needs_reference`` false: simpo, orpo, sft) —
+    nothing: zeros in its place. Log-probs are fp32 sums; the loss gets the response lengths and
+    averages per token where TRL 1.16 does."""
     d = cfg.dpo
     pol_c, pol_r, n_c, n_r = pair_logps(engine, batch, completion_only=d.completion_only_logits)
     if not d.needs_reference:  # the loss never reads them
@@ -260,7 +261,7 @@ def setup(stage: Stage, cfg: Config, model, tokenizer, env: WorkerEnv, hooks: Ho
     if saved:
         hooks.progress(f"[{stage}] resumed from {hooks.resume_dir} at step {state.step}")
     state.check_step0 = stage == "dpo" and cfg.dpo.sanity_check and state.step == 0
-    if state.check_step0 and (why := step0_skip_reason(cfg.dpo.loss_types)):
+    if state.check_step0 and (why := step0_skip_reason(cfg.dpo.loss_types) or step0_dropout_reason(cfg)):
         hooks.progress(f"[dpo] step-0 sanity check off: {why}")
         state.check_step0 = False
     return LoopRun(stage, cfg, stage_cfg, model, tokenizer, engine, sched, env, hooks, faults, state,
@@ -472,11 +473,12 @@ def maybe_save(run: LoopRun, metrics: dict[str, float], stop: bool, last: bool) 
 
 
 def sanity_check(m: dict[str, float], cfg: Config) -> None:
-    """At step 0 the fresh adapter makes policy == reference, so rewards are 0 and the loss is
-    the loss type's value at zero margin (ln 2 for sigmoid; the weighted sum for a list). An
-    ``sft`` term is left out: it is the base model's NLL, unknown in advance, so the check
-    compares the preference part, ``loss - w_sft·nll_loss``. Not for simpo/orpo
-    (`raydpo.loss_names.step0_skip_reason`)."""
+    """At step 0 policy == reference (a fresh adapter, or the SFT adapter and its frozen copy), so
+    rewards are 0 and the loss is the loss type's value at zero margin (ln 2 for sigmoid; the
+    weighted sum for a list). An ``sft`` term is left out: it is the base model's NLL, unknown in
+    advance, so the check compares the preference part, ``loss - w_sft·nll_loss``. Not for
+    simpo/orpo (`raydpo.loss_names.step0_skip_reason`) nor with the SFT adapter's dropout
+    (`raydpo.models.factory.step0_dropout_reason`)."""
     d = cfg.dpo
     terms = losses.loss_list(d.loss_types, d.loss_weights)
     pref = [(t, w) for t, w in terms if t not in NLL_ONLY]
@@ -492,7 +494,7 @@ def sanity_check(m: dict[str, float], cfg: Config) -> None:
         raise SanityCheckError(
             f"DPO step-0 sanity check failed: {what} {loss:.4f} (expected {expected:.4f}), rewards/chosen {rc:.4f}, "
             f"rewards/rejected {rr:.4f} (expected ~0). The policy and the reference differ before training: "
-            "likely the adapter is not freshly initialised (an SFT adapter passed as the DPO adapter instead of "
-            "merged into the base?), precomputed reference log-probs come from another model or tokenizer, or "
-            "dropout/precision differs between the two passes. Set dpo.sanity_check=false to run anyway."
+            "likely the adapter is neither fresh nor the reference's own copy (an SFT adapter passed as the DPO "
+            "adapter, not as dpo.sft_adapter?), precomputed reference log-probs come from another model or "
+            "tokenizer, or dropout/precision differs between the two passes. Set dpo.sanity_check=false to run anyway."
         )

@@ -181,17 +181,19 @@ def record_oom(inputs: WorkerInputs, cfg: Config, rank: int) -> str:
 
 
 def load_policy(inputs: WorkerInputs, cfg: Config, env: WorkerEnv):
-    """The tokenizer and the model with a fresh adapter, on this rank's device."""
+    """The tokenizer and the model the stage trains, on this rank's device: a fresh adapter, or
+    for DPO with ``dpo.sft_reference: adapter`` the SFT adapter and its frozen reference copy
+    (`raydpo.models.factory.load_stage_model`)."""
     import torch
 
     from raydpo.data.tokenizer import load_tokenizer
-    from raydpo.models.factory import load_model
+    from raydpo.models.factory import load_stage_model
     from raydpo.train.deepspeed import engine_cast_dtype
 
     tokenizer = load_tokenizer(inputs.tokenizer_path, revision=cfg.model.revision)
     torch.manual_seed(cfg.stage(inputs.stage).seed)  # the fresh adapter's init: the same on every rank and every run
-    model = load_model(cfg.model, cfg.quantization, cfg.lora, base_path=inputs.base_path, device=env.device,
-                       engine_dtype=engine_cast_dtype(cfg, env.use_gpu))
+    model = load_stage_model(cfg, inputs.stage, base_path=inputs.base_path, device=env.device,
+                             engine_dtype=engine_cast_dtype(cfg, env.use_gpu))
     return tokenizer, model
 
 

@@ -92,7 +92,8 @@ def test_a_cold_head_waits_for_a_late_node_that_trains_the_demo_from_shared_stor
     c = two_nodes
     out_file = c.base / "demo.out"
     args = ["demo", "--quick", "--verbose", "--set", f"run.storage_path={c.shared / 'runs'}",
-            "--set", "sft.save_every=3", "--set", "dpo.save_every=3", *_common(c)]
+            "--set", "sft.save_every=3", "--set", "dpo.save_every=3",
+            "--set", "dpo.sft_reference=merged", *_common(c)]  # the merge task on the worker node, covered
     t0 = time.monotonic()
     with open(out_file, "w") as out:
         p = subprocess.Popen([sys.executable, "-m", "raydpo.cli", *args], cwd=c.driver,

@@ -101,14 +101,15 @@ def _assert_checkpoint(path, step, stage):
 
 @pytest.fixture(scope="module")
 def zero3(tmp_path_factory, demo_run, ray_connected):
-    """DPO under ZeRO-3 over 4-bit LoRA from the demo's SFT adapter (merged into the base: the
-    reference), in-process on the session cluster: checked by the ZeRO-3 test, then rerun and
-    resumed by the resume test. (SFT under ZeRO-3: test_standalone.py's SFT run.)
+    """DPO under ZeRO-3 over 4-bit LoRA from the demo's SFT adapter (``dpo.sft_reference: adapter``,
+    the default: the policy trains the SFT adapter on the 4-bit base, the reference is a frozen copy
+    of it), in-process on the session cluster: checked by the ZeRO-3 test, then rerun and resumed by
+    the resume test (the frozen copy partitioned by ZeRO-3 beside the trained adapter). (SFT under
+    ZeRO-3: test_standalone.py's SFT run.)
 
     It runs under a new run name in the demo's run storage, as a user's second DPO run from the
-    same SFT adapter does: the demo's SFT merge is linked and the reference log-probs its DPO stage
-    cached there (same SFT content, tokenizer and data) are reused, neither done again; its own
-    MLflow store."""
+    same SFT adapter does: the reference log-probs the demo's DPO stage cached there (same base,
+    SFT adapter content, tokenizer and data) are reused, not scored again; its own MLflow store."""
     from raydpo.orchestration.launch import fit_stage
 
     demo_run.check()
@@ -148,13 +149,11 @@ def test_zero3_4bit_dpo_from_an_sft_adapter_loads_and_generates(zero3):
     ids = tok("Question: How do I undo a git commit?\n\nAnswer: ", return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=8, do_sample=False)
     assert out.shape[1] > ids["input_ids"].shape[1]
-    # the DPO adapter sits on the merged SFT model: its base is the SFT result, not the raw tiny model
+    # the DPO adapter is the SFT adapter trained on: an adapter on the tiny base itself (what `raydpo
+    # export --merge` merges it into), and no merged SFT model was written, by this run or the demo
     base = json.loads((Path(dpo.adapter_path) / "adapter_config.json").read_text())["base_model_name_or_path"]
-    assert base.endswith("sft-merged")
-    # the demo's merge of the same SFT adapter in the same storage was linked, not merged again
-    demo_merge = next(Path(cfg.run.storage_path).glob("demo-*/sft-merged"))
-    weights = sorted(p.name for p in Path(base).glob("*.safetensors"))
-    assert weights and all((Path(base) / w).samefile(demo_merge / w) for w in weights)
+    assert Path(base).name.startswith("tiny-llama") and (Path(base) / "config.json").exists()
+    assert not list(Path(cfg.run.storage_path).glob("*/sft-merged"))
 
 
 @pytest.mark.timeout(600)
