@@ -143,7 +143,7 @@ def test_a_task_handed_the_backend_alone_encodes_exactly_as_the_tokenizer(tok, r
     """Tokenization tasks get the tokenizer's Rust backend (`raydpo.data.tokenizer.portable`, no
     transformers import in the task): with the Llama-2-style tokenizer, DPO pairs and SFT examples
     are the same ids, BOS/EOS and the joint split included."""
-    from raydpo.data.packing import encode_examples
+    from raydpo.data.tokenize import sft_examples
     from raydpo.data.tokenizer import BackendTokenizer, portable
 
     tok = copy.deepcopy(tok)  # truncation is turned on below
@@ -154,6 +154,6 @@ def test_a_task_handed_the_backend_alone_encodes_exactly_as_the_tokenizer(tok, r
     assert tokenize_dpo(light, prompts, chosen, rejected, 256, 128) == tokenize_dpo(tok, prompts, chosen, rejected,
                                                                                    256, 128)
     texts = [p + c for p, c in zip(prompts, chosen)]
-    assert encode_examples(light, texts) == encode_examples(tok, texts)
+    assert sft_examples(light, texts) == sft_examples(tok, texts)
     tok.backend_tokenizer.enable_truncation(8)
     assert portable(tok) is None  # a backend that would cut: tasks load the tokenizer itself

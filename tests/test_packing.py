@@ -5,7 +5,8 @@ tokens of whole examples' encodings in order."""
 import numpy as np
 
 from raydpo.data.order import epoch_order
-from raydpo.data.packing import encode_examples, epoch_blocks, example_ids, pack_chunk
+from raydpo.data.packing import epoch_blocks, example_ids, pack_chunk
+from raydpo.data.tokenize import sft_examples
 
 
 def _examples(n: int, seed: int = 0) -> tuple[list[list[int]], np.ndarray]:
@@ -35,9 +36,9 @@ def test_a_prefix_of_whole_chunks_of_the_order_gives_the_first_blocks_of_the_who
 
 def test_an_example_is_bos_text_eos_and_a_templated_one_is_left_as_it_is():
     class Tok:  # ids = characters, BOS 1 with special tokens, EOS 2
-        eos_token_id = 2
+        eos_token_id, is_fast = 2, False
 
         def __call__(self, texts, add_special_tokens):
             return {"input_ids": [([1] if add_special_tokens else []) + [ord(c) for c in t] for t in texts]}
 
-    assert encode_examples(Tok(), ["ab", "<s>c"], [False, True]) == [[1, 97, 98, 2], [60, 115, 62, 99]]
+    assert sft_examples(Tok(), ["ab", "<s>c"], [False, True]) == [[1, 97, 98, 2], [60, 115, 62, 99]]

@@ -65,27 +65,15 @@ def pack_epoch(batch, *, seed: int, epoch: int, block_size: int, chunk: int):
                      "row_id": pa.array([row_id(b) for b in blocks], type=pa.int64())})
 
 
-def encode_examples(tokenizer, texts: list[str], templated: list[bool] | None = None) -> list[list[int]]:
-    """BOS + text + EOS per example (a ``templated`` text as it is, no special tokens added)."""
-    templated = templated or [False] * len(texts)
-    out: list[list[int]] = [[] for _ in texts]
-    for special in (True, False):
-        idx = [i for i, t in enumerate(templated) if t is not special]
-        if idx:
-            for i, ids in zip(idx, tokenizer([texts[i] for i in idx], add_special_tokens=special)["input_ids"]):
-                out[i] = list(ids) + ([tokenizer.eos_token_id] if special else [])
-    return out
-
-
 def examples_batch(batch, *, tokenizer, revision: str | None = None) -> Any:
     """Ray Data batch function: formatted rows → one tokenized SFT example each (``example_ids``,
     list<int32>) with its ``row_id`` (`example_ids`)."""
     import pyarrow as pa
 
-    from raydpo.data.tokenize import cached_tokenizer, templated
+    from raydpo.data.tokenize import cached_tokenizer, sft_examples, templated
 
     prompts, chosen = batch["prompt"].to_pylist(), batch["chosen"].to_pylist()
-    ids = encode_examples(cached_tokenizer(tokenizer, revision), [p + c for p, c in zip(prompts, chosen)],
-                          templated(batch)) if prompts else []
+    ids = sft_examples(cached_tokenizer(tokenizer, revision), [p + c for p, c in zip(prompts, chosen)],
+                       templated(batch)) if prompts else []
     return pa.table({EXAMPLE_IDS: pa.array(ids, type=pa.list_(pa.int32())),
                      "row_id": pa.array(example_ids(prompts, chosen), type=pa.int64())})

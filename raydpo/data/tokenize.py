@@ -135,19 +135,20 @@ def tokenize_dpo(tokenizer, prompts: list[str], chosen: list[str], rejected: lis
     return out
 
 
-def pack_sft(tokenizer, texts: list[str], block_size: int, templated: list[bool] | None = None) -> list[list[int]]:
-    """BOS + text + EOS per example (a ``templated`` text as it is), concatenated and cut into
-    ``block_size`` blocks; the tail shorter than a block is dropped."""
-    if not texts:
-        return []
+def sft_examples(tokenizer, texts: list[str], templated: list[bool] | None = None) -> list[list[int]]:
+    """BOS + text + EOS per SFT example (a ``templated`` text as it is, no special tokens added)."""
     templated = templated or [False] * len(texts)
     eos = tokenizer.eos_token_id
-    stream: list[int] = []
-    for ids, t in zip(_encode(tokenizer, texts, [not t for t in templated]), templated):
-        stream.extend(ids)
-        if not t:
-            stream.append(eos)
-    return [stream[i:i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
+    return [ids + ([] if t else [eos]) for ids, t in zip(_encode(tokenizer, texts, [not t for t in templated]),
+                                                          templated)]
+
+
+def pack_sft(tokenizer, texts: list[str], block_size: int, templated: list[bool] | None = None) -> list[list[int]]:
+    """`sft_examples` concatenated and cut into ``block_size`` blocks; the tail shorter than a
+    block is dropped (`raydpo.data.packing.pack_chunk`)."""
+    from raydpo.data.packing import pack_chunk
+
+    return pack_chunk(sft_examples(tokenizer, texts, templated), block_size) if texts else []
 
 
 def templated(batch) -> list[bool] | None:

@@ -155,12 +155,12 @@ def shared_model_path(cfg, env: WorkerEnv) -> str:
 def tokenize_rows(tok, cfg, stage: str, rows: list[dict]) -> dict[str, list]:
     """The stage's token columns of ``rows``: SFT examples with their ids (packed in the run's
     order: `sft_blocks`), or DPO pairs."""
-    from raydpo.data.packing import EXAMPLE_IDS, encode_examples, example_ids
-    from raydpo.data.tokenize import tokenize_dpo
+    from raydpo.data.packing import EXAMPLE_IDS, example_ids
+    from raydpo.data.tokenize import sft_examples, tokenize_dpo
 
     if stage == "sft":
-        return {EXAMPLE_IDS: encode_examples(tok, [r["prompt"] + r["chosen"] for r in rows],
-                                             [r["templated"] for r in rows]),
+        return {EXAMPLE_IDS: sft_examples(tok, [r["prompt"] + r["chosen"] for r in rows],
+                                          [r["templated"] for r in rows]),
                 "row_id": example_ids([r["prompt"] for r in rows], [r["chosen"] for r in rows]).tolist()}
     return tokenize_dpo(tok, [r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows],
                         cfg.data.max_length, cfg.data.max_prompt_length, [r["templated"] for r in rows])
