@@ -133,20 +133,19 @@ class Cut:
     chars: bool = False
     chunk: int = 1
 
-    def ids(self, rows) -> np.ndarray:
+    def ids(self, prompts: list[str], chosen: list[str], rejected: list[str]) -> np.ndarray:
+        """The rows' ids: a pair's `pair_ids`, an SFT example's `raydpo.data.packing.example_ids`."""
         if self.chars:
             from raydpo.data.packing import example_ids
 
-            return example_ids(rows["prompt"].to_pylist(), rows["chosen"].to_pylist())
-        return pair_ids(rows["prompt"].to_pylist(), rows["chosen"].to_pylist(), rows["rejected"].to_pylist())
+            return example_ids(prompts, chosen)
+        return pair_ids(prompts, chosen, rejected)
 
-    def weights(self, rows) -> np.ndarray:
-        import pyarrow.compute as pc
-
+    def weights(self, prompts: list[str], chosen: list[str]) -> np.ndarray:
+        """What each row counts toward ``target``: 1, or its example's characters."""
         if not self.chars:
-            return np.ones(rows.num_rows, np.int64)
-        return (pc.utf8_length(rows["prompt"]).to_numpy(zero_copy_only=False)
-                + pc.utf8_length(rows["chosen"]).to_numpy(zero_copy_only=False)).astype(np.int64)
+            return np.ones(len(prompts), np.int64)
+        return np.fromiter((len(p) + len(c) for p, c in zip(prompts, chosen)), np.int64, count=len(prompts))
 
     def keep(self, weights_in_order: np.ndarray, slack: bool = False) -> int:
         """Rows of an ordered run of rows to keep: through the row where the weight reaches
@@ -165,36 +164,44 @@ def _split_rows(batch, want_eval: bool):
     return batch.filter(pc.and_(pc.equal(batch["reason"], VALID), pc.equal(batch["is_eval"], want_eval)))
 
 
-def _first(rows, cut: Cut, seed: int, epoch: int, slack: bool):
-    """``rows`` (valid, one split; with their `ID` and `KEY` columns when they have them) in the
-    split's order, cut by ``cut``."""
+def _kept(keys: np.ndarray, ids: np.ndarray, weights: np.ndarray, cut: Cut, slack: bool) -> np.ndarray:
+    """Indices of the rows ``cut`` keeps, in the split's order."""
+    order = smallest(keys, ids, len(ids))
+    return order[:cut.keep(weights[order], slack)]
+
+
+def _first(rows, cut: Cut, slack: bool):
+    """``rows`` (one split, with their `ID` and `KEY` columns) in the split's order, cut by ``cut``."""
     import pyarrow as pa
 
-    if ID not in rows.column_names:
-        ids = cut.ids(rows)
-        rows = rows.append_column(ID, pa.array(ids, pa.int64())).append_column(
-            KEY, pa.array(order_key(ids, seed, epoch), pa.int64()))
-    order = smallest(rows[KEY].to_numpy(), rows[ID].to_numpy(), rows.num_rows)
-    rows = rows.take(pa.array(order))
-    return rows.slice(0, cut.keep(cut.weights(rows), slack))
+    take = _kept(rows[KEY].to_numpy(), rows[ID].to_numpy(),
+                 cut.weights(rows["prompt"].to_pylist(), rows["chosen"].to_pylist()), cut, slack)
+    return rows.take(pa.array(take))
 
 
 def reach_summary(batch, *, seed: int, train: Cut, eval: Cut):  # noqa: A002 - the split's name
     """Ray Data batch function (validated rows → the rows that may be reached): the batch's
     valid train rows in epoch 0's order cut by ``train``, and its valid eval rows in the eval
     order cut by ``eval``, with the columns `ID`, `KEY` and `COUNT` (the split's valid rows in the
-    batch, on the split's first output row)."""
+    batch, on the split's first output row). Only the kept rows are copied: a block's texts are
+    read once, as Python strings for the ids, never filtered or sorted whole."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
+    valid = pc.equal(batch["reason"], VALID).to_numpy(zero_copy_only=False)
+    is_eval = batch["is_eval"].to_numpy(zero_copy_only=False)
+    texts = {c: batch[c].to_pylist() for c in ("prompt", "chosen", "rejected")}
     parts = []
     for want_eval, epoch, cut in ((False, 0, train), (True, EVAL_EPOCH, eval)):
-        rows = _split_rows(batch, want_eval)
-        n = rows.num_rows
-        out = _first(rows, cut, seed, epoch, slack=True)
-        counts = np.zeros(out.num_rows, np.int64)
-        if out.num_rows:
-            counts[0] = n
-        parts.append(out.append_column(COUNT, pa.array(counts)))
+        idx = np.flatnonzero(valid & (is_eval == want_eval))
+        p, c, r = ([texts[k][i] for i in idx] for k in ("prompt", "chosen", "rejected"))
+        ids = cut.ids(p, c, r)
+        keys = order_key(ids, seed, epoch)
+        take = _kept(keys, ids, cut.weights(p, c), cut, slack=True)
+        counts = np.zeros(len(take), np.int64)
+        counts[:1] = len(idx)
+        parts.append(batch.take(pa.array(idx[take], pa.int64())).append_column(ID, pa.array(ids[take], pa.int64()))
+                     .append_column(KEY, pa.array(keys[take], pa.int64())).append_column(COUNT, pa.array(counts)))
     return pa.concat_tables(parts)
 
 
@@ -209,7 +216,7 @@ class Kept:
         self.parts.append(table)
         self.rows += table.num_rows
         if self.cut.target is not None and self.rows > self.bound:
-            self.parts = [_first(self._all(), self.cut, 0, 0, slack=True)]
+            self.parts = [_first(self._all(), self.cut, slack=True)]
             self.rows = self.parts[0].num_rows
             self.bound = max(self.bound, 2 * self.rows)
 
@@ -219,7 +226,7 @@ class Kept:
         return pa.concat_tables(self.parts)
 
     def result(self):
-        return _first(self._all(), self.cut, 0, 0, slack=False)
+        return _first(self._all(), self.cut, slack=False)
 
 
 def merge_summaries(batches, train: Cut, eval: Cut, global_batch: int) -> Reach:  # noqa: A002

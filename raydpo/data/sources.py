@@ -105,8 +105,13 @@ def json_texts_to_rows(batch, max_chars: int, template: str, eval_fraction: floa
 
 
 def records_to_rows(batch, max_chars: int, template: str, eval_fraction: float, **fmt):
-    """A typed Arrow batch (parquet, hub, sample) → prepared rows."""
-    return _table(prepare_rows(batch.to_pylist(), max_chars, template, eval_fraction, **fmt))
+    """A typed Arrow batch (parquet, hub, sample) → prepared rows. Only the columns a row format
+    reads become Python objects (not stack-exchange's ``qid``, ``date``, ``metadata``: a fifth of
+    the reach pass's time on a 1M-row source)."""
+    read = set(CANONICAL_COLUMNS) | set((fmt.get("columns") or {}).values())
+    keep = [c for c in batch.column_names if c in read]
+    return _table(prepare_rows((batch.select(keep) if keep else batch).to_pylist(), max_chars, template,
+                               eval_fraction, **fmt))
 
 
 # -- the format of a source (driver side) ------------------------------------------------------
