@@ -4,8 +4,9 @@ rows of the whole split's seeded order — identical rows, batch boundaries and 
 import numpy as np
 import pyarrow as pa
 
-from raydpo.data.order import epoch_order, usable_rows
-from raydpo.data.reach import EVAL_EPOCH, ID, Cut, Want, keep_reached, merge_summaries, pair_ids, reach_summary
+from raydpo.data.order import epoch_order, row_id, usable_rows
+from raydpo.data.reach import (EVAL_EPOCH, ID, Cut, Want, keep_reached, merge_summaries, pair_ids, reach_summary,
+                               text_ids)
 
 
 def _rows(n: int, dup_every: int = 7) -> pa.Table:
@@ -89,3 +90,42 @@ def test_sft_keeps_whole_chunks_of_the_order_until_their_text_reaches_the_target
         reach = merge_summaries(out, cut, Cut(None, chars=True, chunk=16), global_batch=8)
         assert reach.train[ID].to_pylist() == ids[order][:want].tolist()
         assert reach.eval.num_rows == keep_reached(table, want_eval=True).num_rows  # unbounded eval: all
+
+
+def _bounded_pass(table: pa.Table, batch_rows: int, want: Want, source_rows: int, seed: int = 3):
+    cuts = Cut(want.train).bounded(source_rows, 0.8), Cut(want.eval).bounded(source_rows, 0.2)
+    out = [reach_summary(table.slice(i, batch_rows), seed=seed, train=cuts[0], eval=cuts[1])
+           for i in range(0, len(table), batch_rows)]
+    return cuts, out, merge_summaries(out, *cuts, 8)
+
+
+def test_a_key_bound_from_the_source_size_keeps_the_same_rows_and_hands_over_far_fewer():
+    table = _rows(5000)
+    want = Want.of(micro_batches=2, global_batch=8, eval_max_batches=1)
+    plain = _pass(table, 250, want)
+    cuts, out, bounded = _bounded_pass(table, 250, want, source_rows=5000)
+    assert cuts[0].below is not None and cuts[1].below is not None
+    assert bounded.train[ID].to_pylist() == plain.train[ID].to_pylist()
+    assert bounded.eval[ID].to_pylist() == plain.eval[ID].to_pylist()
+    assert (bounded.n_train, bounded.n_eval) == (plain.n_train, plain.n_eval)  # counts of blocks that offer none
+    offered = sum(t.num_rows for t in out)
+    unbounded = sum(t.num_rows for t in (reach_summary(table.slice(i, 250), seed=3, train=Cut(16), eval=Cut(8))
+                                         for i in range(0, 5000, 250)))
+    assert offered * 3 < unbounded
+
+
+def test_a_bound_that_cut_too_deep_is_told_not_trusted():
+    table = _rows(5000)
+    want = Want.of(micro_batches=2, global_batch=8, eval_max_batches=1)
+    _, _, short = _bounded_pass(table, 250, want, source_rows=500_000)  # the source claims 100x its rows
+    assert short is None  # find_reach then runs the pass without bounds
+    assert Cut(16).bounded(None, 0.8) == Cut(16) and Cut(None).bounded(10**6, 0.8) == Cut(None)
+    assert Cut(16).bounded(40, 0.8).below is None  # a small source: every row is a candidate
+
+
+def test_ids_hashed_from_arrow_buffers_equal_the_pair_ids():
+    table = _rows(300).slice(7)
+    assert text_ids(table, ("prompt", "chosen", "rejected")).tolist() == _ids(table).tolist()
+    idx = np.array([0, 5, 9])
+    assert text_ids(table, ("prompt", "chosen"), idx).tolist() == [
+        row_id(p, c) for p, c in zip(table["prompt"].take(idx).to_pylist(), table["chosen"].take(idx).to_pylist())]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import re
 import subprocess
 import sys
@@ -104,6 +105,7 @@ def run_dpo(source: Path, work: Path, address: str, steps: int, extra: list[str]
     from raydpo.config.presets import demo_config
 
     cfg = work / "config.yaml"
+    shutil.rmtree(work, ignore_errors=True)  # a fresh run: an earlier one's reference cache would skip the pass
     work.mkdir(parents=True, exist_ok=True)
     cfg.write_text(demo_config(quick=True, overrides=sets).to_yaml())
     env = {**os.environ, "RAY_ADDRESS": address}

@@ -35,13 +35,14 @@ _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 
 
-def row_id(*parts: str | bytes | list[int]) -> int:
-    """A signed 64-bit id from a row's content (texts or token ids); stable across processes."""
+def row_id(*parts: str | bytes | memoryview | list[int]) -> int:
+    """A signed 64-bit id from a row's content (texts, their UTF-8 bytes, or token ids); stable
+    across processes."""
     h = hashlib.blake2b(digest_size=8)
     for p in parts:
         if isinstance(p, str):
             b = p.encode("utf-8", "surrogatepass")
-        elif isinstance(p, bytes):
+        elif isinstance(p, (bytes, memoryview)):
             b = p
         else:
             b = np.asarray(p, dtype=np.int64).tobytes()

@@ -73,6 +73,16 @@ def _table(cols: dict[str, list]):
     })
 
 
+def _projection(fmt: str, columns: dict[str, str], schema: Any) -> list[str] | None:
+    """The parquet columns a row of ``fmt`` reads (renamed by ``columns``), when ``schema`` (the
+    first file's) holds them all; None (read every column) otherwise. Not reading a source's other
+    columns (stack-exchange's ``metadata`` lists, ``qid``, ``date``) halves a 1M-row read."""
+    from raydpo.data.formats import FIELDS as FORMAT_FIELDS
+
+    wanted = [columns.get(f, f) for f in FORMAT_FIELDS[fmt]]
+    return wanted if all(c in schema.names for c in wanted) else None
+
+
 def _opts(cfg: DataConfig, fmt: str, renderer: ChatRenderer | None) -> dict[str, Any]:
     return {"max_chars": cfg.max_chars, "template": cfg.prompt_template, "eval_fraction": cfg.eval_fraction,
             "fmt": fmt, "columns": dict(cfg.columns) or None, "renderer": renderer}
@@ -108,6 +118,11 @@ def records_to_rows(batch, max_chars: int, template: str, eval_fraction: float, 
     """A typed Arrow batch (parquet, hub, sample) → prepared rows. Only the columns a row format
     reads become Python objects (not stack-exchange's ``qid``, ``date``, ``metadata``: a fifth of
     the reach pass's time on a 1M-row source)."""
+    from raydpo.data.arrow_rows import arrow_rows
+
+    fast = arrow_rows(batch, fmt.get("fmt", "stack_exchange"), max_chars, template, eval_fraction, fmt.get("columns"))
+    if fast is not None:  # the plain-text formats' checks as Arrow kernels (no Python object per row)
+        return fast
     read = set(CANONICAL_COLUMNS) | set((fmt.get("columns") or {}).values())
     keep = [c for c in batch.column_names if c in read]
     return _table(prepare_rows((batch.select(keep) if keep else batch).to_pylist(), max_chars, template,
@@ -242,6 +257,7 @@ def _check_parquet(path: str) -> None:
 
 
 def _local(path: Path, cfg: DataConfig, tokenizer: str | None, revision: str | None):
+    import pyarrow.parquet as pq
     import ray
 
     files = _data_files(path)
@@ -270,7 +286,8 @@ def _local(path: Path, cfg: DataConfig, tokenizer: str | None, revision: str | N
         # batch_size None: whole read blocks, so Ray Data fuses the read with this and the next maps
         # into one task (a map that asks for a batch size is not fused after a read) and the raw
         # columns never pass through the object store
-        parts.append(ray.data.read_parquet(files["parquet"], ray_remote_args=read).map_batches(
+        read_cols = _projection(fmt, cfg.columns, pq.read_schema(files["parquet"][0]))
+        parts.append(ray.data.read_parquet(files["parquet"], columns=read_cols, ray_remote_args=read).map_batches(
             records_to_rows, batch_size=None, batch_format="pyarrow", fn_kwargs=opts, num_cpus=cfg.tokenize_num_cpus))
     if not parts:  # only empty JSON arrays
         return ray.data.from_arrow(_table({k: [] for k in COLUMNS})), fmt
@@ -392,7 +409,12 @@ def _hub(src: str, cfg: DataConfig, stage: Stage, tokenizer: str | None, revisio
     lines = [f for kind, f in files if kind != "parquet"]
     parts = []
     if parquet:
-        parts.append(ray.data.read_parquet(parquet, filesystem=fs, partitioning=None, num_cpus=cpus).map_batches(
+        import pyarrow.parquet as pq
+
+        with fs.open(parquet[0], "rb") as fh:
+            read_cols = _projection(fmt, cfg.columns, pq.read_schema(fh))
+        parts.append(ray.data.read_parquet(parquet, filesystem=fs, columns=read_cols, partitioning=None,
+                                           num_cpus=cpus).map_batches(
             records_to_rows, batch_format="pyarrow", fn_kwargs=opts, num_cpus=cpus))
     if lines:
         parts.append(ray.data.read_binary_files(lines, filesystem=fs, num_cpus=cpus).map_batches(
@@ -443,6 +465,33 @@ def read(cfg: DataConfig, stage: Stage = "dpo", tokenizer: str | None = None, re
     if cfg.max_rows is not None:
         ds = ds.limit(cfg.max_rows)
     return ds, fmt
+
+
+def source_rows(cfg: DataConfig, stage: Stage = "dpo") -> int | None:
+    """How many rows `read` reads, where the source says so without being read (the sample,
+    parquet files' footers, ``max_rows``); None otherwise (JSON Lines) or when asking fails."""
+    import pyarrow.parquet as pq
+
+    src = stage_source(cfg, stage)
+    try:
+        if src == BUILTIN_SOURCE:
+            n = cfg.sample_size
+        elif Path(src).expanduser().exists():
+            files = _data_files(Path(src).expanduser())
+            n = sum(pq.ParquetFile(f).metadata.num_rows for f in files["parquet"]) if set(files) == {"parquet"} else None
+        elif _looks_like_path(src):
+            n = None
+        else:
+            fs = hub_filesystem()
+            data_dir = cfg.sft_data_dir if stage == "sft" else cfg.dpo_data_dir
+            files = hub_files(fs, hub_path(src, data_dir), cfg.split, src)
+            n = None if any(kind != "parquet" for kind, _ in files) else 0
+            for _, f in files if n is not None else ():
+                with fs.open(f, "rb") as fh:
+                    n += pq.ParquetFile(fh).metadata.num_rows
+    except Exception:  # noqa: BLE001 - a hint only: `read` reports what is wrong with the source
+        return None
+    return n if cfg.max_rows is None or n is None else min(n, cfg.max_rows)
 
 
 def read_rows(cfg: DataConfig, stage: Stage = "dpo", tokenizer: str | None = None, revision: str | None = None):
