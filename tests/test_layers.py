@@ -48,7 +48,7 @@ OWNER = {module: name for name, modules, _ in LAYERS for module in modules}
 SUBLAYERS = {  # package -> its modules' sub-layers, bottom to top (a module not listed sits in none)
     "raydpo.train": [
         ["raydpo.train", "raydpo.train.inputs", "raydpo.train.progress", "raydpo.train.faults", "raydpo.train.preempt",
-         "raydpo.train.deepspeed", "raydpo.train.generate"],
+         "raydpo.train.hang", "raydpo.train.deepspeed", "raydpo.train.generate"],
         ["raydpo.train.plain", "raydpo.train.engine", "raydpo.train.checkpoint"],
         ["raydpo.train.loop"],
         ["raydpo.train.worker", "raydpo.train.standalone"],

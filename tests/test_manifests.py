@@ -736,3 +736,27 @@ def test_broken_launcher_fails_rays_schema():
     cfg["available_node_types"]["gpu_worker"]["max_worker"] = cfg["available_node_types"]["gpu_worker"].pop("max_workers")
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(cfg, ray_launcher_schema())
+
+
+@pytest.mark.parametrize("which", ["RayCluster", "RayJob"])
+def test_every_ray_pod_and_the_job_stop_leave_a_step_and_a_save_before_sigkill(which):
+    """Kubernetes gives a pod 30 s and `ray job stop` the driver 3 s by default before SIGKILL:
+    less than a 7B step plus a checkpoint, so up to save_every steps were lost on every stop."""
+    from raydpo.orchestration.estimate import STOP_GRACE_S
+
+    for where, pod in ray_pod_specs(one(which)):
+        assert pod.get("terminationGracePeriodSeconds", 30) >= STOP_GRACE_S, where
+    if which == "RayJob":
+        env = yaml.safe_load(one("RayJob")["spec"]["runtimeEnvYAML"])["env_vars"]
+        assert int(env["RAY_JOB_STOP_WAIT_TIME_S"]) >= STOP_GRACE_S
+
+
+def test_raydpo_submit_gives_a_stopped_job_time_to_checkpoint():
+    from raydpo.orchestration.estimate import STOP_GRACE_S, stop_grace_s
+    from raydpo.orchestration.submit import build_runtime_env
+
+    assert build_runtime_env(".", env={})["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == str(STOP_GRACE_S)
+    # a longer wait the user set in the submitting shell is kept
+    assert build_runtime_env(".", env={"RAY_JOB_STOP_WAIT_TIME_S": "900"})["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == "900"
+    # sized from a step: 12 s at the full rate is 60 s at a fifth of it, + 60 s to save
+    assert stop_grace_s(12.0) == 120 and stop_grace_s(None) == STOP_GRACE_S and stop_grace_s(0.01) == 60

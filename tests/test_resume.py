@@ -45,7 +45,7 @@ def setup(tmp_path_factory, gloo):
     return cfg, path, tok, {k: np.array(v + [None], dtype=object)[:-1] for k, v in cols.items()}
 
 
-def _run(setup, tmp: Path, *, resume_dir=None, stop_after=None, faults="", overrides=None):
+def _run(setup, tmp: Path, *, resume_dir=None, stop_after=None, faults="", overrides=None, stop_requested=None):
     cfg, path, tok, cols = setup
     cfg = cfg.with_overrides(overrides or {})
     d = cfg.dpo
@@ -78,7 +78,8 @@ def _run(setup, tmp: Path, *, resume_dir=None, stop_after=None, faults="", overr
     hooks = Hooks(train_batches=lambda skip: rank_batches(numpy_batches, g, 1, 0, collate, skip),
                   eval_batches=lambda: iter([collate({k: v[:4] for k, v in cols.items()})]),
                   report=report, log=lambda m, s: logged.append((s, m)), resume_dir=resume_dir,
-                  progress=lambda s: None, stop_requested=stop, config_fingerprint={"x": 1}, faults=faults,
+                  progress=lambda s: None, stop_requested=stop_requested or stop, config_fingerprint={"x": 1},
+                  faults=faults,
                   faults_dir=str(tmp / "fired"))
     result = run_stage("dpo", cfg, model, tok, WorkerEnv(0, 1, torch.device("cpu"), False), hooks)
     lora = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
@@ -279,3 +280,26 @@ def test_the_plain_engine_drops_a_step_whose_gradients_are_not_finite():
     engine.backward(engine(torch.ones(2, 3)).sum())
     engine.step()
     assert engine.skipped_steps == 1 and not torch.equal(net.weight, before) and sched.get_last_lr()[0] > lr
+
+
+def test_a_node_drain_notice_checkpoints_and_stops_like_sigterm(setup, tmp_path):
+    """Ray's drain notice (`ray.train.PreemptionInfo`, here as Ray Train's watcher would leave it
+    on the worker) is read between steps: the step it appears at is checkpointed and the run stops."""
+    from ray.train import PreemptionInfo
+
+    from raydpo.train.preempt import StopWatch
+
+    steps, said = [0], []
+
+    def notice():
+        steps[0] += 1
+        return PreemptionInfo(deadline_ms=None, preempted_node_to_ranks={"ab12cd34ef": [0]}) if steps[0] >= 3 else None
+
+    watch = StopWatch(None, drain=notice, say=said.append)
+    try:
+        cut, _, saved, _ = _run(setup, tmp_path / "drain", stop_requested=watch.requested)
+    finally:
+        watch.close()
+    assert cut.preempted and cut.step == 3 and sorted(saved) == [2, 3]
+    assert verify_checkpoint(saved[3])["preempted"]
+    assert said == ["[preempt] Ray drains node ab12cd34 (ranks 0): checkpointing at the end of this step"]

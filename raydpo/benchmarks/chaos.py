@@ -214,6 +214,91 @@ class Suite:
             row.error = f"first run: exit {rc}, {self.error_line(out) or 'no preemption line'}"
         return row
 
+    @staticmethod
+    def clock(marks: dict[str, str]):
+        """An ``on_line`` that records when each of ``marks`` (name -> text) first appears."""
+        seen: dict[str, float] = {}
+
+        def on_line(line, p):
+            for name, text in marks.items():
+                if name not in seen and text in line:
+                    seen[name] = time.perf_counter()
+        return seen, on_line
+
+    def drain(self) -> Row:
+        row = Row("node drain notice from Ray after step 4 (a spot reclaim), then the same command")
+        name = "drain"
+        # Ray Train's watcher polls the GCS every 5 s by default: 0.5 s here, where a step takes ~1 s
+        env = {"RAYDPO_FAULTS": "drain@4:rank=1", "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5"}
+        seen, on_line = self.clock({"sent": "step 4/", "noticed": "Ray drains node", "saved": "preempted at step"})
+        rc, out, s1 = self.cli(name, env=env, on_line=on_line)
+        at = [int(x) for x in re.findall(r"preempted at step (\d+)", out)]
+        ok = rc == 0 and bool(at) and "Ray drains node" in out and "to resume" in out
+        rc2, out2, s2 = self.cli(name)
+        row.seconds = s1 + s2
+        self.recoverable(row, rc2, out2, name, at[0] if at else None)
+        row.survived = row.survived and ok and row.steps_lost == 0
+        if ok and {"sent", "saved"} <= set(seen):
+            row.notes.append(f"checkpointed at step {at[0]}, {seen['saved'] - seen['sent']:.1f} s after the notice")
+        if not ok:
+            row.error = f"first run: exit {rc}, {self.error_line(out) or 'no drain or preemption line'}"
+        return row
+
+    def hang(self) -> Row:
+        row = Row("a worker hangs (SIGSTOP) after step 4: the collective times out, Ray restarts the workers")
+        name = "hang"
+        seen, on_line = self.clock({"failed": "a collective waited", "resumed": "resumed from"})
+        rc, out, row.seconds = self.cli(name, "--set", "scaling.collective_timeout_s=20",
+                                        env={"RAYDPO_FAULTS": "hang@4:rank=1"}, on_line=on_line)
+        self.recoverable(row, rc, out, name, 4)
+        # rank 1 stops inside step 4 (before the step's last all-reduce): rank 0 waits there
+        if not re.search(r"rank 0: a collective waited 20 s at step 4 ", out):
+            row.survived = False
+            row.error = row.error or "no line naming the rank and the step"
+        if {"failed", "resumed"} <= set(seen):
+            row.notes.append(f"failed 20 s into the hang (the timeout), resumed {seen['resumed'] - seen['failed']:.0f} s "
+                             "later")
+        return row
+
+    def job_stop(self) -> Row:
+        row = Row("`ray job stop` at step 4 with raydpo submit's stop wait, then the same command")
+        name = "jobstop"
+        head = RayHead.start(self.work / "head")
+        try:
+            from raydpo.orchestration.submit import build_runtime_env, client as job_client
+
+            client = job_client(head.dashboard)
+            rt = build_runtime_env(str(self.work / "empty"), env={"MLFLOW_TRACKING_URI": self.uri})
+            (self.work / "empty").mkdir(exist_ok=True)
+            t0 = time.perf_counter()
+            job = client.submit_job(entrypoint=f"{sys.executable} -m raydpo.cli dpo --verbose --config {self.config} "
+                                               f"--set run.name={name}", runtime_env=rt)
+            stopped_at = None
+            while client.get_job_status(job).value not in ("SUCCEEDED", "FAILED", "STOPPED"):
+                if stopped_at is None and "step 4/" in client.get_job_logs(job):
+                    client.stop_job(job)  # SIGTERM to the driver, SIGKILL after RAY_JOB_STOP_WAIT_TIME_S
+                    stopped_at = time.perf_counter()
+                if time.perf_counter() - t0 > 900:
+                    break
+                time.sleep(0.5)
+            logs, status = client.get_job_logs(job), client.get_job_status(job).value
+            s1 = time.perf_counter() - t0
+            took = time.perf_counter() - stopped_at if stopped_at else None
+        finally:
+            head.stop()
+        at = [int(x) for x in re.findall(r"preempted at step (\d+)", logs)]
+        ok = status == "STOPPED" and bool(at)
+        rc2, out2, s2 = self.cli(name)
+        row.seconds = s1 + s2
+        self.recoverable(row, rc2, out2, name, at[0] if at else None)
+        row.survived = row.survived and ok and row.steps_lost == 0
+        wait = rt["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"]
+        if ok:
+            row.notes.append(f"checkpointed at step {at[0]} and exited {took:.0f} s after the stop (stop wait {wait} s)")
+        else:
+            row.error = f"stopped job: {status}, {self.error_line(logs) or 'no preemption line'}"
+        return row
+
     def corrupt_latest(self) -> Row:
         row = Row("latest checkpoint corrupted, then the same command")
         name = "corrupt"
@@ -425,6 +510,57 @@ class Suite:
         return row
 
 
+@dataclass
+class RayHead:
+    """`ray start --head` with the job API (token auth, as `raydpo submit` expects), its own temp dir."""
+    dashboard: str
+    pid: int
+    temp: str
+
+    @classmethod
+    def start(cls, where: Path) -> RayHead:
+        import uuid
+
+        where.mkdir(parents=True, exist_ok=True)
+        temp = tempfile.mkdtemp(prefix="rdpchaos-", dir="/tmp")  # Ray's sockets: a short path
+        port, dash = _free_port(), _free_port()
+        token = uuid.uuid4().hex
+        env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+        env.pop("RAY_ADDRESS", None)
+        bin_dir = Path(sys.executable).parent
+        p = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", "--num-cpus", "2", "--port", str(port),
+                              "--temp-dir", temp, "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+                              "--dashboard-port", str(dash), "--disable-usage-stats"], cwd=where, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        out, _ = p.communicate(timeout=300)
+        head = cls(f"http://127.0.0.1:{dash}", p.pid, temp)
+        if p.returncode != 0:
+            head.stop()
+            raise RuntimeError(f"ray start --head failed:\n{out[-3000:]}")
+        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)  # the job client authenticates with it
+        return head
+
+    def stop(self) -> None:
+        """End this head's processes only: those whose command line names its temp dir."""
+        for pid in os.listdir("/proc"):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if pid.isdigit() and self.temp in cmd:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _http_ok(uri: str) -> bool:
     import urllib.request
 
@@ -450,6 +586,9 @@ FAULTS = {
     "config_changed": Suite.config_changed,
     "too_few_pairs": Suite.too_few_pairs,
     "tune_driver_killed": Suite.tune_driver_killed,
+    "drain": Suite.drain,
+    "hang": Suite.hang,
+    "job_stop": Suite.job_stop,
 }
 
 

@@ -153,6 +153,10 @@ class DeepSpeedConfig(Section):
         return self
 
 
+GPU_COLLECTIVE_TIMEOUT_S = 1800.0  # torch's own default for NCCL groups
+CPU_COLLECTIVE_TIMEOUT_S = 300.0
+
+
 class ScalingConfig(Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
@@ -163,11 +167,21 @@ class ScalingConfig(Section):
         1.0, ge=1.0, description="CPUs left to Ray Data; checked against the cluster before training. At least "
         "1: Ray 2.60 file reads plan listing/sampling tasks of one whole CPU, which never run on less"
     )
+    collective_timeout_s: float | None = Field(
+        None, gt=0.0, description="seconds a collective (all-reduce, broadcast) waits for every rank before "
+        "the group fails and Ray restarts it from the last checkpoint (run.max_failures): a hung rank or a dead "
+        "link becomes a failure instead of a wait without end. None: 1800 on GPU (a 7B step with a save and a "
+        "slow rank fits), 300 on CPU"
+    )
     resources_timeout_s: float = Field(
         600.0, gt=0.0, description="seconds a step waits for the cluster to have what it needs (workers, Ray "
         "Data's CPUs, the merge, reference replicas), asking the autoscaler meanwhile; GPU nodes take minutes to "
         "boot. Then it stops with one line and exit 2"
     )
+
+    def collective_timeout(self) -> float:
+        """`collective_timeout_s`, or its default for the device."""
+        return self.collective_timeout_s or (GPU_COLLECTIVE_TIMEOUT_S if self.use_gpu else CPU_COLLECTIVE_TIMEOUT_S)
 
     # -- Ray resources: the one place that turns these fields into reservations and counts ----
     def worker_resources(self) -> dict[str, float]:

@@ -63,6 +63,7 @@ Times accumulation steps; per worker (each worker runs its own micro-batches in 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -420,6 +421,22 @@ def memory_parts(cfg: Config, shape: Shape) -> dict[str, float]:
             "activations": acts, "logits": logits, "reference": ref, "overhead": overhead}
 
 
+# What a stop must leave a run (`ray job stop`'s RAY_JOB_STOP_WAIT_TIME_S, a pod's
+# terminationGracePeriodSeconds): the step under way, then a checkpoint (a LoRA adapter and its
+# optimizer shard, written and uploaded). Without a rate to size it: 300 s, what the shipped
+# manifests and `raydpo submit` set (a 7B QLoRA step of the recipe runs well under a minute).
+STOP_GRACE_S = 300
+STEP_MFU_FLOOR = 0.2  # QLoRA reaches a fraction of the full rate: size the step at a fifth of it
+SAVE_S = 60.0  # a LoRA checkpoint's write and upload, with room for a slow store
+
+
+def stop_grace_s(seconds_per_step: float | None) -> int:
+    """Seconds a stop must wait before SIGKILL for the run to finish its step and checkpoint."""
+    if seconds_per_step is None:
+        return STOP_GRACE_S
+    return max(60, math.ceil((seconds_per_step / STEP_MFU_FLOOR + SAVE_S) / 30) * 30)
+
+
 def estimate(cfg: Config, *, gpu: str | None = None, tflops: float | None = None,
              env: dict[str, str] | None = None) -> Estimate:
     shape, source = model_shape(cfg, env)
@@ -474,6 +491,9 @@ def format_estimate(e: Estimate) -> str:
     if e.seconds_per_step is not None:
         lines.append(f"seconds per step: {e.seconds_per_step:.3f}" + (
             f", per epoch: {e.seconds_per_epoch:.0f} ({e.steps_per_epoch:.1f} steps)" if e.seconds_per_epoch else ""))
+    lines.append(f"stop grace: {stop_grace_s(e.seconds_per_step)} s (a step at {STEP_MFU_FLOOR:.0%} of the rate + "
+                 f"{SAVE_S:.0f} s to save; the shipped {STOP_GRACE_S} s without a rate): what "
+                 "RAY_JOB_STOP_WAIT_TIME_S and terminationGracePeriodSeconds must give a stopped run to checkpoint")
     lines += [s.replace("{workers}", str(e.world_size)) for s in format_passes(Passes(**e.passes), e.rows_why)]
     lines += [f"note: {n}" for n in e.notes]
     return "\n".join(lines)

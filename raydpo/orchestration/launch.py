@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
@@ -303,7 +304,8 @@ def build_trainer(run: StageRun, stream, eval_ds, callbacks: list, report_eval_o
         scaling_config=ray.train.ScalingConfig(
             num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=s.worker_resources()
         ),
-        torch_config=ray.train.torch.TorchConfig(backend=comm_backend(s.use_gpu)),
+        torch_config=ray.train.torch.TorchConfig(backend=comm_backend(s.use_gpu),
+                                                 timeout_s=math.ceil(s.collective_timeout())),
         datasets={"train": stream, **({"eval": eval_ds} if eval_ds is not None else {})},
         dataset_config=data_config(),
         run_config=ray.train.RunConfig(

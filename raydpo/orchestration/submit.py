@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from raydpo.orchestration.estimate import STOP_GRACE_S
 from raydpo.tracking import STAGE_TAG
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -27,11 +28,12 @@ STAGES = ("sft", "dpo", "pipeline", "tune")
 # passed through from the submitting shell when set; values never printed or logged
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME",
               "MLFLOW_TRACKING_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-PLAIN_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "HF_HOME", "HF_ENDPOINT")
+PLAIN_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "HF_HOME", "HF_ENDPOINT", "RAY_JOB_STOP_WAIT_TIME_S")
 # never uploaded with the working dir (on top of what .gitignore lists)
 EXCLUDES = [".git", ".venv", "raydpo_runs", "raydpo_output", "mlartifacts", "mlruns", "mlflow.db",
             ".raydpo_cache", "test-artifacts", "tests/schemas", "*.pyc", "__pycache__"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+STOP_WAIT_ENV = "RAY_JOB_STOP_WAIT_TIME_S"
 
 
 class SubmitError(ValueError):
@@ -91,6 +93,9 @@ def build_runtime_env(working_dir: str, *, pip: bool = False, image: str | None 
             env_vars[name] = env[name]
         else:
             raise SubmitError(f"--env {name}: not set in this shell")
+    # `ray job stop` SIGTERMs the driver, then SIGKILLs after this many seconds (Ray's default 3):
+    # long enough for the workers to finish the step and checkpoint (estimate.STOP_GRACE_S)
+    env_vars.setdefault(STOP_WAIT_ENV, str(STOP_GRACE_S))
     rt: dict[str, Any] = {"working_dir": working_dir, "excludes": list(EXCLUDES)}
     if env_vars:
         rt["env_vars"] = env_vars

@@ -8,7 +8,11 @@ else in raydpo injects faults, and with the variable unset this module does noth
 * ``sigterm@7``     the worker's process gets SIGTERM after step 7 (a preemption notice);
 * ``nan@5``         the loss of step 5's last micro-batch is NaN on that rank (``nanrun@5``: every
   micro-batch from step 5 on, for good);
-* ``oom@3``         step 3 raises ``torch.OutOfMemoryError``.
+* ``oom@3``         step 3 raises ``torch.OutOfMemoryError``;
+* ``drain@4``       after step 4 the worker asks Ray to drain its node for a preemption, 120 s
+  ahead (what a spot reclaim or a Kubernetes drain does; `raydpo.train.preempt.drain_notice`);
+* ``hang@4``        after step 4 the worker's process SIGSTOPs itself: a rank that never comes
+  to the next collective (`raydpo.train.hang`).
 
 Each fault fires once per run: a marker in the run's folder (``$RAYDPO_FAULTS_DIR`` overrides it)
 stops a restarted worker from hitting it again, so a restart can show that it recovers.
@@ -35,7 +39,8 @@ from raydpo import storage
 
 ENV = "RAYDPO_FAULTS"
 DIR_ENV = "RAYDPO_FAULTS_DIR"
-KINDS = ("kill", "sigterm", "nan", "nanrun", "oom")
+KINDS = ("kill", "sigterm", "nan", "nanrun", "oom", "drain", "hang")
+DRAIN_AHEAD_S = 120
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,26 @@ class Faults:
             os.kill(os.getpid(), signal.SIGKILL)
         if self._take("sigterm", step):
             os.kill(os.getpid(), signal.SIGTERM)
+        if self._take("drain", step):
+            drain_my_node(DRAIN_AHEAD_S)
+        if self._take("hang", step):
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def drain_my_node(ahead_s: float) -> None:
+    """Ask Ray's GCS to drain this worker's node for a preemption, ``ahead_s`` from now (what the
+    autoscaler does for a spot reclaim), as ``ray drain-node`` would."""
+    import time
+
+    import ray
+    from ray.core.generated import autoscaler_pb2
+
+    ctx = ray.get_runtime_context()
+    gcs = ray._raylet.GcsClient(address=ctx.gcs_address)
+    accepted, why = gcs.drain_node(ctx.get_node_id(), autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+                                   f"${ENV}", int((time.time() + ahead_s) * 1000))
+    if not accepted:
+        raise RuntimeError(f"${ENV}: Ray refused to drain this node: {why}")
 
 
 def _nothing(step: int) -> None:

@@ -6,8 +6,7 @@ checkpoints) to these functions, and `raydpo.train.standalone` runs them under p
 bottom: `setup` (engine, resume), then per optimizer step `train_step` (its `micro_step`s), the
 non-finite count, the step-0 sanity check, `maybe_log` / `maybe_eval` / `maybe_save`, until the
 end or a preemption. Engines: `raydpo.train.engine`; checkpoint I/O: `raydpo.train.checkpoint`;
-injected faults: `raydpo.train.faults`'s step hooks.
-"""
+injected faults: `raydpo.train.faults`'s step hooks; a hung collective: `raydpo.train.hang`."""
 
 from __future__ import annotations
 
@@ -32,6 +31,7 @@ from raydpo.train import generate
 from raydpo.train.checkpoint import SCORE_KEY, checkpoint_score, load_state, save_state
 from raydpo.train.engine import Engine, WorkerEnv, build_engine, discard_accumulated
 from raydpo.train.faults import StepHooks, step_hooks
+from raydpo.train.hang import named_hang
 from raydpo.train.progress import format_progress
 
 Batch = dict[str, torch.Tensor]  # a collated micro-batch (`raydpo.data.collate`), on the device
@@ -102,8 +102,7 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 def sft_forward(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Causal-LM loss on packed blocks. Returns (loss, metric sums incl. count)."""
     out = engine(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
-    loss = losses.sft_loss(out.logits, batch["labels"])
-    n = batch["input_ids"].shape[0]
+    loss, n = losses.sft_loss(out.logits, batch["labels"]), batch["input_ids"].shape[0]
     sums = {"loss": loss.detach().float() * n, "count": torch.tensor(float(n), device=loss.device)}
     return loss, sums
 
@@ -275,17 +274,18 @@ def run_stage(stage: Stage, cfg: Config, model, tokenizer, env: WorkerEnv, hooks
     batches = iter(hooks.train_batches(st.step * run.stage_cfg.gradient_accumulation_steps))
     run.engine.train()
     while st.step < max_steps:
-        skipped = train_step(run, batches)
-        st.step += 1
-        count_nonfinite(run, skipped)
-        maybe_check_step0(run, skipped)
-        run.faults.after_step(st.step)
-        stop = _all_agree(hooks.stop_requested(), env.device)
-        last = st.step == max_steps
-        metrics = maybe_log(run, stop, last)
-        metrics.update(maybe_eval(run, last))
-        publish(run, metrics)
-        maybe_save(run, metrics, stop, last)
+        with named_hang(env.rank, st.step + 1, cfg.scaling.collective_timeout()):  # every step has collectives
+            skipped = train_step(run, batches)
+            st.step += 1
+            count_nonfinite(run, skipped)
+            maybe_check_step0(run, skipped)
+            run.faults.after_step(st.step)
+            stop = _all_agree(hooks.stop_requested(), env.device)
+            last = st.step == max_steps
+            metrics = maybe_log(run, stop, last)
+            metrics.update(maybe_eval(run, last))
+            publish(run, metrics)
+            maybe_save(run, metrics, stop, last)
         if stop and not last:
             hooks.progress(f"[{stage}] stop requested (preemption): checkpointed at step {st.step} of {max_steps}")
             return LoopResult(step=st.step, history=st.history, preempted=True)

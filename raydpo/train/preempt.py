@@ -8,6 +8,9 @@
   main thread) replaces it with one that only raises `TERM`. Under torchrun the loop owns the
   main thread and `StopWatch` installs the same handler itself.
 
+* A node drain Ray announces ahead of time (a spot reclaim, ``kubectl drain``, `drain_notice`)
+  counts as the same request, read between steps on every rank.
+
 Every rank agrees on the flag through an all-reduce (`raydpo.train.loop`), so they all save
 the same step and return; the driver then exits 0 saying how to resume.
 """
@@ -17,6 +20,8 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 from raydpo import storage
 
@@ -35,6 +40,32 @@ def install_worker_handler():
     return signal.signal(signal.SIGTERM, _on_term)
 
 
+def drain_notice() -> Any:
+    """Ray Train's node-drain notice for this worker's group (a spot reclaim, a Kubernetes node
+    drain: `ray.train.PreemptionInfo`), or None; None outside a Ray Train worker.
+
+    Read from the worker's own copy, which Ray Train's watcher (polling every
+    ``RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S``, 5 s) writes on every worker of the group: a field
+    read per step. The public ``ray.train.get_preemption_info()`` is a barrier through Ray's
+    actors on every call; the loop's own all-reduce of the stop flag already makes every rank
+    stop at the same step."""
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        return get_train_context().preemption_context.preemption_info
+    except Exception:  # noqa: BLE001 - no Train context (torchrun, tests) or another Ray: no notice
+        return None
+
+
+def describe_drain(info: Any) -> str:
+    """One line about a `ray.train.PreemptionInfo`."""
+    nodes = ", ".join(n[:8] for n in getattr(info, "preempted_node_ids", [])) or "a node"
+    ranks = ", ".join(map(str, getattr(info, "preempted_ranks", []))) or "?"
+    deadline = getattr(info, "deadline_ms", None)
+    when = f", {max(0.0, deadline / 1000 - time.time()):.0f} s before it goes" if deadline else ""
+    return f"Ray drains node {nodes} (ranks {ranks}{when})"
+
+
 class StopWatch:
     """``requested()`` turns true once this process got SIGTERM or the driver's stop file exists.
     A stop file in an object store is looked up at most every `REMOTE_EVERY_S` (a request per
@@ -42,17 +73,24 @@ class StopWatch:
 
     REMOTE_EVERY_S = 10.0
 
-    def __init__(self, stop_file: str | None):
+    def __init__(self, stop_file: str | None, drain: Callable[[], Any] | None = None,
+                 say: Callable[[str], None] = print):
         self.stop_file = stop_file
         self._every = self.REMOTE_EVERY_S if stop_file and storage.is_remote(stop_file) else 0.0
         self._next = 0.0
         self._seen = False
         self._prev = None
+        self._drain, self._say = drain or (lambda: None), say
         if threading.current_thread() is threading.main_thread():  # torchrun
             self._prev = install_worker_handler()
 
     def requested(self) -> bool:
         if TERM.is_set() or self._seen:
+            return True
+        notice = self._drain()
+        if notice is not None:
+            self._seen = True
+            self._say(f"[preempt] {describe_drain(notice)}: checkpointing at the end of this step")
             return True
         if not self.stop_file or time.monotonic() < self._next:
             return False

@@ -129,6 +129,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def init_distributed(cfg) -> WorkerEnv:
     """Join torchrun's process group (NCCL on GPU, gloo on CPU): this rank's `WorkerEnv`."""
+    from datetime import timedelta
+
     import torch
     import torch.distributed as dist
 
@@ -136,7 +138,7 @@ def init_distributed(cfg) -> WorkerEnv:
     from raydpo.train.engine import env_from_torch
 
     use_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
-    dist.init_process_group(comm_backend(use_gpu))
+    dist.init_process_group(comm_backend(use_gpu), timeout=timedelta(seconds=cfg.scaling.collective_timeout()))
     return env_from_torch(use_gpu)
 
 

@@ -107,7 +107,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
 
     from raydpo.train.loop import Hooks, run_stage
-    from raydpo.train.preempt import StopWatch
+    from raydpo.train.preempt import StopWatch, drain_notice
 
     inputs = WorkerInputs.from_dict(config)
     cfg, env, threads = worker_setup(inputs)
@@ -121,7 +121,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     logger, exporter, log = open_logging(inputs, cfg, env.rank, resume_dir)
 
     storage_dir = inputs.storage_dir
-    watch = StopWatch(storage.stop_file(storage_dir) if storage_dir else None)
+    watch = StopWatch(storage.stop_file(storage_dir) if storage_dir else None, drain=drain_notice, say=progress)
     hooks = Hooks(train_batches=train_batches, eval_batches=eval_batches, report=report_to_ray,
                   log=log, resume_dir=resume_dir, progress=progress,
                   report_eval_only=inputs.report_eval_only,
