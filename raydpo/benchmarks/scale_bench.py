@@ -1,6 +1,6 @@
 """Scale: the same short DPO run on a 10k-row and a 1M-row source.
 
-    python -m raydpo.benchmarks.scale_bench [--rows 1000000] [--small 10000] [--steps 2] [--workdir DIR]
+    python -m raydpo.benchmarks.scale_bench [--rows 1000000] [--small 10000] [--steps 2] [--repeat 2] [--workdir DIR]
 
 Builds two stack-exchange-shaped parquet datasets, in shards of 100k rows as the Hub ships
 ``data/rl`` (columns of ``lvwerra/stack-exchange-paired``;
@@ -16,7 +16,9 @@ question / response_j / response_k lengths drawn from log-normals near the real 
 * the object store's peak use, polled every 0.25 s from the raylet (plus anything spilled).
 
 Both runs train on the same number of pairs; only the source grows 100x. A benchmark, not a
-test: it prints a table. Each run gets a fresh run storage (no reference cache reused).
+test: it prints a table. Each run gets a fresh run storage (no reference cache reused). With
+``--repeat`` the sizes alternate and the table holds medians: a single run's time to first step
+varies by up to a quarter on this 2-core machine (the 10k run: 30 to 42 s in one session).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import re
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -135,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--small", type=int, default=10_000)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--workdir", default=None, help="where the sources and runs go (default: a temp folder)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="runs per source, alternating small and large; the table shows the medians")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -151,16 +156,19 @@ def main(argv: list[str] | None = None) -> None:
         print(f"source {n:,} rows: {size / 2**20:.0f} MiB ({time.perf_counter() - t:.0f}s)", flush=True)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     address = ray.get_runtime_context().gcs_address
-    out = {}
+    runs: dict[int, list[dict]] = {args.small: [], args.rows: []}
     try:
-        for n in (args.small, args.rows):
-            out[n] = run_dpo(sources[n], work / f"run-{n}", address, args.steps, args.overrides)
-            print(f"{n:,} rows: {json.dumps(out[n])}", flush=True)
+        for _ in range(args.repeat):  # alternating: neither size always gets the freshly started cluster
+            for n in (args.small, args.rows):
+                runs[n].append(run_dpo(sources[n], work / f"run-{n}", address, args.steps, args.overrides))
+                print(f"{n:,} rows: {json.dumps(runs[n][-1])}", flush=True)
     finally:
         ray.shutdown()
+    out = {n: {k: statistics.median(r[k] for r in rs) for k in ("first_step_s", "driver_peak_bytes",
+                                                                  "store_peak_bytes")} for n, rs in runs.items()}
     s, b = out[args.small], out[args.rows]
     if args.json:
-        print(json.dumps({str(k): v for k, v in out.items()}))
+        print(json.dumps({str(k): v for k, v in runs.items()}))
     print("\n| source rows | time to first step (s) | driver peak (MiB) | object store peak (MiB) |\n|---|---|---|---|")
     for n in (args.small, args.rows):
         r = out[n]
