@@ -751,6 +751,14 @@ def test_every_ray_pod_and_the_job_stop_leave_a_step_and_a_save_before_sigkill(w
         assert int(env["RAY_JOB_STOP_WAIT_TIME_S"]) >= STOP_GRACE_S
 
 
+def test_the_launcher_heads_job_stop_waits_for_a_checkpoint():
+    from raydpo.orchestration.estimate import STOP_GRACE_S
+
+    cfg = yaml.safe_load((REPO / "cluster/launcher/aws-gpu.yaml").read_text())
+    head = " ".join(cfg["head_start_ray_commands"])
+    assert int(re.search(r"RAY_JOB_STOP_WAIT_TIME_S=(\d+)", head).group(1)) >= STOP_GRACE_S
+
+
 def test_raydpo_submit_gives_a_stopped_job_time_to_checkpoint():
     from raydpo.orchestration.estimate import STOP_GRACE_S, stop_grace_s
     from raydpo.orchestration.submit import build_runtime_env
@@ -759,4 +767,4 @@ def test_raydpo_submit_gives_a_stopped_job_time_to_checkpoint():
     # a longer wait the user set in the submitting shell is kept
     assert build_runtime_env(".", env={"RAY_JOB_STOP_WAIT_TIME_S": "900"})["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == "900"
     # sized from a step: 12 s at the full rate is 60 s at a fifth of it, + 60 s to save
-    assert stop_grace_s(12.0) == 120 and stop_grace_s(None) == STOP_GRACE_S and stop_grace_s(0.01) == 60
+    assert stop_grace_s(12.0) == 120 and stop_grace_s(None) == STOP_GRACE_S and stop_grace_s(0.0) == 60
