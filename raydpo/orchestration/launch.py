@@ -93,7 +93,8 @@ def set_aside(folder: str) -> str | None:
 
 def _prior_state(folder: str, stage: str, run_name: str, fingerprint: dict) -> tuple[dict | None, dict]:
     """(newest intact checkpoint's trainer state or None, the folder's run record); a checkpoint
-    of another ``fingerprint`` is a `ResumeConfigError`."""
+    of another ``fingerprint`` is a `ResumeConfigError` (not one on another number of workers:
+    `resume_shape` keeps its global batch)."""
     from raydpo.config import fingerprint_diff
     from raydpo.train.checkpoint import verify_checkpoint
     from raydpo.train.worker import intact_checkpoints
@@ -105,8 +106,7 @@ def _prior_state(folder: str, stage: str, run_name: str, fingerprint: dict) -> t
     if saved_fp:
         diff = fingerprint_diff(saved_fp, fingerprint)
         if diff:
-            shown = ", ".join(f"{k} ({saved_fp.get(k, '<unset>')!r} -> {fingerprint.get(k, '<unset>')!r})"
-                              for k in diff[:8])
+            shown = ", ".join(f"{k} ({_fp_value(saved_fp, k)!r} -> {_fp_value(fingerprint, k)!r})" for k in diff[:8])
             more = f" and {len(diff) - 8} more" if len(diff) > 8 else ""
             raise ResumeConfigError(
                 f"{stage}: run '{run_name}' has a checkpoint in {folder} made with another config: {shown}{more}. "
@@ -114,6 +114,35 @@ def _prior_state(folder: str, stage: str, run_name: str, fingerprint: dict) -> t
     if state is not None:
         state["path"] = str(ckpts[0])
     return state, record
+
+
+def _fp_value(fp: dict, key: str) -> Any:
+    from raydpo.config.fingerprint import STAGES, global_batch
+
+    stage = key.split(".")[0]
+    if key == f"{stage}.global_batch" and stage in STAGES:  # older fingerprints lack it
+        return global_batch(fp, stage)
+    return fp.get(key, "<unset>")
+
+
+def resume_shape(cfg: Config, stage: Stage, prior: dict | None, fingerprint: dict,
+                 progress) -> tuple[Config, dict]:
+    """(config, fingerprint) a stage resumes ``prior`` (`_prior_state`'s checkpoint) with: on
+    another number of workers, the gradient accumulation that keeps the checkpoint's global batch
+    (`raydpo.config.fingerprint.keep_global_batch`, said in one line), or a `ResumeConfigError`
+    naming the numbers and the choices. A finished stage, reused as it is, keeps both."""
+    from raydpo.config.fingerprint import keep_global_batch
+
+    if not (prior or {}).get("config") or (int(prior["step"]) >= cfg.stage(stage).max_steps
+                                           and not prior.get("preempted")):
+        return cfg, fingerprint
+    try:
+        cfg, fingerprint, line = keep_global_batch(cfg, stage, prior["config"], fingerprint)
+    except ValueError as e:
+        raise ResumeConfigError(str(e)) from None
+    if line:
+        progress(line)
+    return cfg, fingerprint
 
 
 def fit_stage(
@@ -181,6 +210,7 @@ def prepare_stage(cfg: Config, stage: Stage, restart: bool, progress, t0: float,
     if restart and (moved := set_aside(folder)) is not None:
         progress(f"[{stage}] --restart: the earlier run's folder is kept as {moved}")
     prior, record = _prior_state(folder, stage, cfg.run.name, fingerprint)
+    cfg, fingerprint = resume_shape(cfg, stage, prior, fingerprint, progress)  # another number of workers
     return StageRun(cfg=cfg, stage=stage, uri=uri, folder=folder, prior=prior, record=record,
                     fingerprint=fingerprint, progress=progress, t0=t0)
 

@@ -7,6 +7,11 @@ config fingerprint), and per rank the engine's optimizer/scheduler shard, the RN
 last, a manifest of the files that rank wrote. A checkpoint is used only when every rank's
 manifest is there and matches (`verify_checkpoint`): a rank that died mid-save leaves none.
 
+Another number of workers: under ZeRO-1/2 rank 0 also writes the trainable weights in fp32 and
+their Adam moments whole (`FULL_STATE`), which a resume on another world size loads instead of the
+shards DeepSpeed refuses there (`load_resharded`). Without ZeRO every rank's state is whole
+already. RNG states are per rank: a rank that has none in the checkpoint keeps its seed's.
+
 Also here: the score Ray keeps the best checkpoint by (`checkpoint_score`, reported as `SCORE_KEY`).
 """
 
@@ -29,6 +34,10 @@ from raydpo.metric_names import EVAL_ACCURACY
 from raydpo.train.engine import Engine, WorkerEnv
 
 SCORE_KEY = "checkpoint_score"
+TAG = "state"  # the engine's checkpoint tag: its files are in deepspeed/state/
+# rank 0's world-size-free copy of the trainable state under ZeRO-1/2, beside the engine's shards
+FULL_STATE = "full_state.pt"
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 SCORE_FLOOR = -1e30
 
 
@@ -114,8 +123,12 @@ def save_state(engine: Engine, model, tokenizer, step: int, stage: str, env: Wor
     ranks' folders into one checkpoint directory in storage.
     """
     out = Path(tempfile.mkdtemp(prefix=f"raydpo-{stage}-ckpt-{step}-r{env.rank}-"))
-    engine.save_checkpoint(str(storage.deepspeed_dir(out)), tag="state", exclude_frozen_parameters=True,
+    engine.save_checkpoint(str(storage.deepspeed_dir(out)), tag=TAG, exclude_frozen_parameters=True,
                            client_state={"step": step})
+    if engine.zero_optimization_stage() in (1, 2):
+        full = full_state(engine)  # a collective: every rank takes part, rank 0 writes it
+        if env.rank == 0:
+            torch.save(full, _full_state_file(out))
     torch.save(_rng_state(), storage.rng_file(out, env.rank))
     with gathered_adapter(model):
         if env.rank == 0:
@@ -130,12 +143,18 @@ def save_state(engine: Engine, model, tokenizer, step: int, stage: str, env: Wor
 
 def load_state(engine: Engine, ckpt_dir: str, rank: int = 0) -> dict[str, Any]:
     """Restore the engine (LoRA weights, optimizer, scheduler) and this rank's RNG from a
-    verified checkpoint; returns the trainer state."""
+    verified checkpoint; returns the trainer state. A checkpoint of another world size under
+    ZeRO-1/2 is re-partitioned (`load_resharded`); a rank without an RNG state in it (more
+    workers than wrote it) keeps the one its seed gave."""
     state = verify_checkpoint(ckpt_dir)
-    _, client = engine.load_checkpoint(
-        str(storage.deepspeed_dir(ckpt_dir)), tag="state", load_module_strict=False,
-        load_optimizer_states=True, load_lr_scheduler_states=True,
-    )
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if world != int(state.get("world_size", 1)) and engine.zero_optimization_stage() >= 1:
+        client = load_resharded(engine, ckpt_dir, int(state.get("world_size", 1)), world)
+    else:
+        _, client = engine.load_checkpoint(
+            str(storage.deepspeed_dir(ckpt_dir)), tag=TAG, load_module_strict=False,
+            load_optimizer_states=True, load_lr_scheduler_states=True,
+        )
     if client is None:
         raise CheckpointError(f"could not load the engine state from {ckpt_dir} (a DeepSpeed checkpoint and a plain "
                               "one, deepspeed.enabled=false, do not resume each other)")
@@ -143,6 +162,82 @@ def load_state(engine: Engine, ckpt_dir: str, rank: int = 0) -> dict[str, Any]:
     if os.path.exists(rng):
         _set_rng_state(torch.load(rng, weights_only=False))
     return state
+
+
+def _full_state_file(ckpt_dir: str | Path) -> Path:
+    return Path(storage.deepspeed_dir(ckpt_dir)) / TAG / FULL_STATE
+
+
+def _trainable(engine: Engine) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+
+
+def full_state(engine: Engine) -> dict[str, Any]:
+    """The trainable weights in fp32 and their Adam moments, whole (by parameter name), Adam's step
+    count and its parameter groups' settings (the learning rate the scheduler last set): gathered
+    from every rank's ZeRO-1/2 partition (`deepspeed.utils.safe_get_full_*`, collectives every rank
+    calls). No moments before the optimizer's first update."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    named = _trainable(engine)
+    opt_state = engine.optimizer.optimizer.state  # the torch AdamW over this rank's fp32 partition
+    step = next((float(st["step"]) for st in opt_state.values() if "step" in st), None)
+    return {
+        "weights": {n: safe_get_full_fp32_param(p).detach().cpu() for n, p in named},
+        "moments": {k: {n: safe_get_full_optimizer_state(p, k).detach().cpu() for n, p in named}
+                    for k in (ADAM_MOMENTS if step is not None else ())},
+        "step": step,
+        # the LR the scheduler last set lives in the optimizer's groups, not in the scheduler's state
+        "groups": [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.optimizer.param_groups],
+    }
+
+
+def load_resharded(engine: Engine, ckpt_dir: str, saved_world: int, world: int) -> dict[str, Any] | None:
+    """Load a ZeRO-1/2 checkpoint written by ``saved_world`` ranks on ``world`` ranks: DeepSpeed
+    loads what is not partitioned (the weights it saved, the LR scheduler, its step counters;
+    ``load_optimizer_states=False``, as its partitioned shards load only on their own world size),
+    then `set_full_state` re-partitions rank 0's `FULL_STATE` for this world. Returns DeepSpeed's
+    client state (None: nothing it could load)."""
+    if engine.zero_optimization_stage() not in (1, 2) or not _full_state_file(ckpt_dir).exists():
+        raise CheckpointError(
+            f"{ckpt_dir} was written by {saved_world} workers and resumes only on {saved_world} (under ZeRO-"
+            f"{engine.zero_optimization_stage()} its optimizer state is partitioned and has no whole copy); "
+            f"set scaling.num_workers={saved_world}")
+    _, client = engine.load_checkpoint(
+        str(storage.deepspeed_dir(ckpt_dir)), tag=TAG, load_module_strict=False,
+        load_optimizer_states=False, load_lr_scheduler_states=True,
+    )
+    set_full_state(engine, torch.load(_full_state_file(ckpt_dir), map_location="cpu", weights_only=False))
+    return client
+
+
+def set_full_state(engine: Engine, full: dict[str, Any]) -> None:
+    """Put `full_state`'s whole weights and moments into this rank's ZeRO-1/2 partition, as
+    DeepSpeed's universal-checkpoint loader does (``load_hp_checkpoint_state_from_checkpoint_dir``):
+    each parameter's fragment of the fp32 partition and of each moment, then the partition's flat
+    optimizer state (`deepspeed.utils.tensor_fragment.map_to_flat_opt_states`) with Adam's step, and
+    the groups' settings (DeepSpeed's scheduler state alone leaves the initial learning rate there)."""
+    from deepspeed.utils import safe_set_full_fp32_param
+    from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
+
+    zero = engine.optimizer
+    names = {id(p): n for n, p in _trainable(engine)}
+    with torch.no_grad():
+        for i, group in enumerate(zero.optimizer.param_groups):
+            flat, params = group["params"][0], zero.bit16_groups[i]
+            for p in params:
+                w = full["weights"][names[id(p)]]
+                safe_set_full_fp32_param(p, w.to(flat.device))
+                p.data.copy_(w.to(p.dtype))  # the model's copy, as DeepSpeed's all-gather after a step leaves it
+                if p._hp_mapping is not None and full["step"] is not None:
+                    at = p._hp_mapping.lp_fragment_address
+                    p._hp_mapping.optim_fragment = {
+                        k: full["moments"][k][names[id(p)]].flatten().narrow(0, at.start, at.numel).to(flat.device)
+                        for k in ADAM_MOMENTS}
+            if full["step"] is not None:
+                map_to_flat_opt_states(flat, params, zero.optimizer.state, ADAM_MOMENTS)
+                zero.optimizer.state[flat]["step"] = torch.tensor(full["step"], dtype=torch.float32)
+            group.update(full["groups"][i])
 
 
 class gathered_adapter:

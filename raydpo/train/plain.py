@@ -13,8 +13,9 @@ it runs the standalone path (``tests/test_gpu_check.py``).
 
 Checkpoint: in the checkpoint's ``deepspeed/`` folder (`raydpo.storage.deepspeed_dir`),
 ``state/plain_r{rank}.pt`` holds the trainable weights, optimizer, scheduler and the client
-state; the adapter folder beside it is the same Hugging Face PEFT folder as with DeepSpeed. A
-DeepSpeed checkpoint does not resume a plain run or the reverse (the optimizer layouts differ);
+state (whole on every rank: a rank the checkpoint's world lacked loads rank 0's); the adapter
+folder beside it is the same Hugging Face PEFT folder as with DeepSpeed. A DeepSpeed checkpoint
+does not resume a plain run or the reverse (the optimizer layouts differ);
 `raydpo.train.checkpoint.load_state` says so in one line.
 """
 
@@ -107,6 +108,8 @@ class PlainEngine:
 
     def load_checkpoint(self, load_dir: str, tag: str, **_) -> tuple[str | None, dict[str, Any] | None]:
         f = Path(load_dir) / tag / PLAIN_FILE.format(rank=self.rank)
+        if not f.exists():  # a rank the checkpoint's world did not have: every rank's state is whole alike
+            f = Path(load_dir) / tag / PLAIN_FILE.format(rank=0)
         if not f.exists():  # e.g. a DeepSpeed checkpoint: its optimizer layout is not ours
             return None, None
         st = torch.load(f, map_location="cpu", weights_only=False)
@@ -116,7 +119,10 @@ class PlainEngine:
                 by_name[n].copy_(t)
         self.optimizer.load_state_dict(st["optimizer"])
         self.lr_scheduler.load_state_dict(st["scheduler"])
-        self.micro_steps, self.global_steps = st["micro_steps"], st["global_steps"]
+        # a checkpoint is taken at an accumulation boundary; counted in this run's accumulation, which
+        # differs from the saved run's when the number of workers did (the global batch is kept)
+        self.global_steps = st["global_steps"]
+        self.micro_steps = self.global_steps * self.accum
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
         return str(f), st["client_state"]
