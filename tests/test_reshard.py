@@ -4,8 +4,8 @@ data position is the same pair, and the LoRA adapter with its Adam moments is re
 
 The rule (`raydpo.config.fingerprint.keep_global_batch`) and the stream position are pure and
 checked against numbers worked out by hand. The engine part runs the real loop in gloo processes
-(no Ray), DeepSpeed ZeRO-2 on fp32 CPU as the chaos config: 2 workers -> 1 -> 2 across two resumes
-against 2 workers that never stopped."""
+(no Ray), DeepSpeed ZeRO-2 on fp32 CPU as the chaos config, and ZeRO-3 with every weight
+partitioned: 2 workers -> 1 -> 2 across two resumes against 2 workers that never stopped."""
 
 from __future__ import annotations
 
@@ -88,12 +88,12 @@ def test_only_a_change_of_the_maths_is_refused():
     assert keep_global_batch(one, "dpo", old, resume_fingerprint(one))[0].dpo.gradient_accumulation_steps == 2
 
 
-def test_zero3_checkpoints_resume_on_their_own_number_of_workers_only():
+def test_zero3_checkpoints_resume_on_another_number_of_workers_too():
     z3 = {"deepspeed.stage": 3}
     saved = resume_fingerprint(_cfg(**z3))
     one = _cfg(**z3, **{"scaling.num_workers": 1})
-    with pytest.raises(ValueError, match="ZeRO-3 checkpoint of 2.*scaling.num_workers=2"):
-        keep_global_batch(one, "dpo", saved, resume_fingerprint(one))
+    assert fingerprint_diff(saved, resume_fingerprint(one)) == []
+    assert keep_global_batch(one, "dpo", saved, resume_fingerprint(one))[0].dpo.gradient_accumulation_steps == 2
 
 
 def test_the_driver_resumes_on_other_workers_with_the_accumulation_that_keeps_the_batch_and_says_so():
@@ -156,7 +156,8 @@ def _merge(src: str, dest: Path) -> None:
 
 def _worker(rank: int, world: int, port: int, job: dict) -> None:
     """One rank of one run: the real loop (`run_stage`) on the tiny model, the pairs of
-    ``job["data"]`` in the stream order, DeepSpeed ZeRO-2 on a gloo group of ``world`` ranks."""
+    ``job["data"]`` in the stream order, DeepSpeed (ZeRO-2 unless the config says 3) on a gloo
+    group of ``world`` ranks."""
     import torch
     import torch.distributed as dist
 
@@ -164,6 +165,7 @@ def _worker(rank: int, world: int, port: int, job: dict) -> None:
     from raydpo.data.order import epoch_order, epochs_needed, usable_rows
     from raydpo.data.tokenizer import load_tokenizer
     from raydpo.models.factory import load_model
+    from raydpo.train.checkpoint import gathered_adapter
     from raydpo.train.engine import WorkerEnv
     from raydpo.train.loop import Hooks, run_stage
 
@@ -205,9 +207,10 @@ def _worker(rank: int, world: int, port: int, job: dict) -> None:
                   report=report, log=lambda m, s: logged.update({s: m}), resume_dir=job["resume_dir"],
                   progress=lambda s: None, stop_requested=stop, config_fingerprint=job["fingerprint"])
     result = run_stage("dpo", cfg, model, tok, WorkerEnv(rank, world, torch.device("cpu"), False), hooks)
-    if rank == 0:
-        torch.save({k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}, tmp / "lora.pt")
-        (tmp / "log.json").write_text(json.dumps({"step": result.step, "logged": logged}))
+    with gathered_adapter(model):  # under ZeRO-3 each rank holds a slice of every LoRA weight
+        if rank == 0:
+            torch.save({k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}, tmp / "lora.pt")
+            (tmp / "log.json").write_text(json.dumps({"step": result.step, "logged": logged}))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -272,9 +275,14 @@ def test_two_workers_then_one_then_two_end_with_the_adapter_of_two_that_never_st
     assert verify_checkpoint(one)["micro_batches"] == 8  # 4 steps x accumulation 2: the same 16 pairs
 
     back, back_log = _fit(pairs, tmp_path / "back", 2, resume_from=one)  # steps 5-6 on 2 workers again
-    assert back_log["step"] == STEPS and sorted(map(int, back_log["logged"])) == [5, 6]
+    _assert_like_the_uninterrupted_run(full, full_log, one_log, back, back_log)
 
-    # the same pairs per step and the same maths: only the order of the additions differs
+
+def _assert_like_the_uninterrupted_run(full: dict, full_log: dict, one_log: dict, back: dict, back_log: dict) -> None:
+    """Steps 3-4 (on 1 worker) and 5-6 (on 2 again) log what the run that never stopped logged,
+    and end with its adapter: the same pairs per step and the same maths, only the order of the
+    additions differs."""
+    assert back_log["step"] == STEPS and sorted(map(int, back_log["logged"])) == [5, 6]
     assert any(v.abs().sum() > 0 for k, v in full.items() if "lora_B" in k)  # trained off LoRA's zero init
     worst = max(float((back[k] - full[k]).abs().max()) for k in full)
     assert worst < 1e-5, worst
@@ -285,6 +293,23 @@ def test_two_workers_then_one_then_two_end_with_the_adapter_of_two_that_never_st
                                                                    abs=1e-6), (s, key)
     assert back_log["logged"][str(STEPS)]["eval/loss"] == pytest.approx(
         full_log["logged"][str(STEPS)]["eval/loss"], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.timeout(600)
+def test_under_zero3_two_workers_then_one_then_two_end_with_the_adapter_of_two_that_never_stopped(pairs, tmp_path):
+    """ZeRO-3 partitions every weight too (persistence threshold 0): DeepSpeed loads none of its
+    shards on another world size, so the resume re-partitions rank 0's whole copy itself."""
+    from raydpo.train.checkpoint import FULL_STATE, verify_checkpoint
+
+    z3 = {"deepspeed.stage": 3, "deepspeed.stage3_param_persistence_threshold": 0}
+    full, full_log = _fit(pairs, tmp_path / "full", 2, overrides=z3)
+    two = tmp_path / "full" / "checkpoint_step2"  # saved on the way (save_every 2): what a stop at 2 leaves
+    assert verify_checkpoint(two)["world_size"] == 2 and (two / "deepspeed" / "state" / FULL_STATE).exists()
+    _, one_log = _fit(pairs, tmp_path / "one", 1, resume_from=two, stop_after=2, overrides=z3)  # steps 3-4
+    one = tmp_path / "one" / "checkpoint_step4"
+    assert one_log["step"] == 4 and verify_checkpoint(one)["micro_batches"] == 8
+    back, back_log = _fit(pairs, tmp_path / "back", 2, resume_from=one, overrides=z3)  # steps 5-6 on 2 again
+    _assert_like_the_uninterrupted_run(full, full_log, one_log, back, back_log)
 
 
 def test_the_plain_engine_resumes_a_rank_the_checkpoint_lacks_at_its_accumulation_boundaries(tmp_path):

@@ -136,11 +136,6 @@ def keep_global_batch(cfg: Config, stage: str, saved: dict[str, Any],
     and the line says so; the fingerprint, stored in the new checkpoints, carries each such
     stage's global batch on. Else all three as they were (None: nothing to say)."""
     was = saved.get("scaling.num_workers", cfg.scaling.num_workers)
-    if was != cfg.scaling.num_workers and cfg.deepspeed.enabled and cfg.deepspeed.stage == 3:
-        raise ValueError(
-            f"{stage}: cannot resume on {cfg.scaling.num_workers} workers a ZeRO-3 checkpoint of {was}: its weights "
-            f"and optimizer state are partitioned {was} ways with no whole copy (ZeRO-1/2 keep one); resume on "
-            f"{was} workers (scaling.num_workers={was}), or pass --restart")
     fp = dict(fingerprint)
     for s in STAGES:
         if saved.get(_accum_key(s), fp.get(_accum_key(s))) == fp.get(_accum_key(s)):

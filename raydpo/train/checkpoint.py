@@ -7,10 +7,10 @@ config fingerprint), and per rank the engine's optimizer/scheduler shard, the RN
 last, a manifest of the files that rank wrote. A checkpoint is used only when every rank's
 manifest is there and matches (`verify_checkpoint`): a rank that died mid-save leaves none.
 
-Another number of workers: under ZeRO-1/2 rank 0 also writes the trainable weights in fp32 and
-their Adam moments whole (`FULL_STATE`), which a resume on another world size loads instead of the
-shards DeepSpeed refuses there (`load_resharded`). Without ZeRO every rank's state is whole
-already. RNG states are per rank: a rank that has none in the checkpoint keeps its seed's.
+Another number of workers: under ZeRO (stages 1-3) rank 0 also writes the trainable weights in
+fp32 and their Adam moments whole (`FULL_STATE`), which a resume on another world size loads
+instead of the shards DeepSpeed refuses there (`load_resharded`). Without ZeRO every rank's state
+is whole already. RNG states are per rank: a rank that has none in the checkpoint keeps its seed's.
 
 Also here: the score Ray keeps the best checkpoint by (`checkpoint_score`, reported as `SCORE_KEY`).
 """
@@ -35,8 +35,10 @@ from raydpo.train.engine import Engine, WorkerEnv
 
 SCORE_KEY = "checkpoint_score"
 TAG = "state"  # the engine's checkpoint tag: its files are in deepspeed/state/
-# rank 0's world-size-free copy of the trainable state under ZeRO-1/2, beside the engine's shards
+# rank 0's world-size-free copy of the trainable state under ZeRO, beside the engine's shards
 FULL_STATE = "full_state.pt"
+# DeepSpeed's name for data-parallel rank 0's model-states file under ZeRO-3 (scheduler, counters)
+Z3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 SCORE_FLOOR = -1e30
 
@@ -125,7 +127,7 @@ def save_state(engine: Engine, model, tokenizer, step: int, stage: str, env: Wor
     out = Path(tempfile.mkdtemp(prefix=f"raydpo-{stage}-ckpt-{step}-r{env.rank}-"))
     engine.save_checkpoint(str(storage.deepspeed_dir(out)), tag=TAG, exclude_frozen_parameters=True,
                            client_state={"step": step})
-    if engine.zero_optimization_stage() in (1, 2):
+    if engine.zero_optimization_stage() >= 1:
         full = full_state(engine)  # a collective: every rank takes part, rank 0 writes it
         if env.rank == 0:
             torch.save(full, _full_state_file(out))
@@ -144,7 +146,7 @@ def save_state(engine: Engine, model, tokenizer, step: int, stage: str, env: Wor
 def load_state(engine: Engine, ckpt_dir: str, rank: int = 0) -> dict[str, Any]:
     """Restore the engine (LoRA weights, optimizer, scheduler) and this rank's RNG from a
     verified checkpoint; returns the trainer state. A checkpoint of another world size under
-    ZeRO-1/2 is re-partitioned (`load_resharded`); a rank without an RNG state in it (more
+    ZeRO is re-partitioned (`load_resharded`); a rank without an RNG state in it (more
     workers than wrote it) keeps the one its seed gave."""
     state = verify_checkpoint(ckpt_dir)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
@@ -175,8 +177,8 @@ def _trainable(engine: Engine) -> list[tuple[str, torch.nn.Parameter]]:
 def full_state(engine: Engine) -> dict[str, Any]:
     """The trainable weights in fp32 and their Adam moments, whole (by parameter name), Adam's step
     count and its parameter groups' settings (the learning rate the scheduler last set): gathered
-    from every rank's ZeRO-1/2 partition (`deepspeed.utils.safe_get_full_*`, collectives every rank
-    calls). No moments before the optimizer's first update."""
+    from every rank's ZeRO partition, stages 1-3 (`deepspeed.utils.safe_get_full_*`, collectives
+    every rank calls). No moments before the optimizer's first update."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     named = _trainable(engine)
@@ -193,22 +195,42 @@ def full_state(engine: Engine) -> dict[str, Any]:
 
 
 def load_resharded(engine: Engine, ckpt_dir: str, saved_world: int, world: int) -> dict[str, Any] | None:
-    """Load a ZeRO-1/2 checkpoint written by ``saved_world`` ranks on ``world`` ranks: DeepSpeed
-    loads what is not partitioned (the weights it saved, the LR scheduler, its step counters;
-    ``load_optimizer_states=False``, as its partitioned shards load only on their own world size),
-    then `set_full_state` re-partitions rank 0's `FULL_STATE` for this world. Returns DeepSpeed's
-    client state (None: nothing it could load)."""
-    if engine.zero_optimization_stage() not in (1, 2) or not _full_state_file(ckpt_dir).exists():
+    """Load a ZeRO checkpoint written by ``saved_world`` ranks on ``world`` ranks: what is not
+    partitioned first (the LR scheduler, the step counters; under ZeRO-1/2 also the weights it
+    saved, through DeepSpeed with ``load_optimizer_states=False``, as its partitioned shards load
+    only on their own world size; under ZeRO-3 even the module states are partitioned, so from
+    rank 0's model-states file, `_load_unpartitioned_z3`), then `set_full_state` re-partitions rank
+    0's `FULL_STATE` for this world. Returns DeepSpeed's client state (None: nothing it could load)."""
+    if not _full_state_file(ckpt_dir).exists():
         raise CheckpointError(
-            f"{ckpt_dir} was written by {saved_world} workers and resumes only on {saved_world} (under ZeRO-"
-            f"{engine.zero_optimization_stage()} its optimizer state is partitioned and has no whole copy); "
-            f"set scaling.num_workers={saved_world}")
+            f"{ckpt_dir} was written by {saved_world} workers and resumes only on {saved_world} (it has no whole "
+            f"copy of its partitioned optimizer state, {FULL_STATE}); set scaling.num_workers={saved_world}")
+    full = torch.load(_full_state_file(ckpt_dir), map_location="cpu", weights_only=False)
+    if engine.zero_optimization_stage() == 3:
+        client = _load_unpartitioned_z3(engine, ckpt_dir)
+        set_full_state_z3(engine, full)
+        return client
     _, client = engine.load_checkpoint(
         str(storage.deepspeed_dir(ckpt_dir)), tag=TAG, load_module_strict=False,
         load_optimizer_states=False, load_lr_scheduler_states=True,
     )
-    set_full_state(engine, torch.load(_full_state_file(ckpt_dir), map_location="cpu", weights_only=False))
+    set_full_state(engine, full)
     return client
+
+
+def _load_unpartitioned_z3(engine: Engine, ckpt_dir: str) -> dict[str, Any]:
+    """The LR scheduler and step counters from rank 0's ZeRO-3 model-states file, as DeepSpeed's
+    ``_load_checkpoint`` restores them; returns the client state (``{"step": ...}``). DeepSpeed's
+    own load would also read each rank's partition of the weights, which exist only on the
+    world size that wrote them."""
+    sd = torch.load(Path(storage.deepspeed_dir(ckpt_dir)) / TAG / Z3_MODEL_STATES, map_location="cpu",
+                    weights_only=False)
+    if engine.lr_scheduler is not None:
+        engine.lr_scheduler.load_state_dict(sd["lr_scheduler"])
+    engine.global_steps = sd["global_steps"]
+    engine.global_samples = sd.get("global_samples", engine.global_steps * engine.train_batch_size())
+    engine.skipped_steps = sd["skipped_steps"]
+    return {"step": sd["step"]}
 
 
 def set_full_state(engine: Engine, full: dict[str, Any]) -> None:
@@ -238,6 +260,45 @@ def set_full_state(engine: Engine, full: dict[str, Any]) -> None:
                 map_to_flat_opt_states(flat, params, zero.optimizer.state, ADAM_MOMENTS)
                 zero.optimizer.state[flat]["step"] = torch.tensor(full["step"], dtype=torch.float32)
             group.update(full["groups"][i])
+
+
+def set_full_state_z3(engine: Engine, full: dict[str, Any]) -> None:
+    """`set_full_state` under ZeRO-3, as its universal-checkpoint loader does
+    (``load_hp_checkpoint_state_from_checkpoint_dir_stage3``): every parameter partitioned first
+    (DeepSpeed's checkpoint prologue), this rank's slice of each weight and moment into its
+    sub-group's flat fp32 partition and Adam state (created here: a fresh ZeRO-3 optimizer has
+    none before its first step), the fp32 partition copied to the one the forward gathers, the
+    groups' settings, then the persistent parameters (small ones ZeRO-3 keeps whole on every rank
+    between steps) gathered again, as DeepSpeed's checkpoint epilogue does."""
+    zero = engine.optimizer
+    names = {id(p): n for n, p in _trainable(engine)}
+    keys = ADAM_MOMENTS if full["step"] is not None else ()
+    zero.checkpoint_event_prologue()
+    with torch.no_grad():
+        for sub, params in enumerate(zero.fp16_groups):
+            flat = zero.fp32_partitioned_groups_flat[sub]
+            if keys:
+                zero.optimizer.state[flat] = {"step": torch.tensor(full["step"], dtype=torch.float32),
+                                              **{k: torch.zeros_like(flat) for k in keys}}
+            for p in params:
+                _set_z3_slice(zero, p, full["weights"][names[id(p)]], None)
+                for k in keys:
+                    _set_z3_slice(zero, p, full["moments"][k][names[id(p)]], k)
+            zero._reassign_or_swap_out_partitioned_parameters(sub)
+        for i, group in enumerate(zero.optimizer.param_groups):
+            group.update(full["groups"][i])
+    zero.checkpoint_event_epilogue()
+
+
+def _set_z3_slice(zero, p: torch.nn.Parameter, whole: torch.Tensor, key: str | None) -> None:
+    """This rank's slice of ``whole`` (a weight, or its moment ``key``) into its ZeRO-3 partition:
+    ``safe_set_full_fp32_param``'s arithmetic, with the zero padding a parameter whose size the
+    world size does not divide has in its last rank's partition (DeepSpeed's narrow runs past the
+    end there)."""
+    part, _ = zero._get_fp32_opt_state_partition(p, release_swap_buffers=False, optim_state_key=key)
+    flat = whole.flatten().to(part.device, part.dtype)
+    flat = torch.nn.functional.pad(flat, (0, part.numel() * zero._get_param_partition_world_size(p) - flat.numel()))
+    part.copy_(flat.narrow(0, part.numel() * zero._get_param_partition_rank(p), part.numel()))
 
 
 class gathered_adapter:
