@@ -162,12 +162,12 @@ def _worker(rank: int, world: int, port: int, job: dict) -> None:
     import torch.distributed as dist
 
     from raydpo.data.collate import collate_dpo
-    from raydpo.data.order import epoch_order, epochs_needed, usable_rows
     from raydpo.data.tokenizer import load_tokenizer
     from raydpo.models.factory import load_model
     from raydpo.train.checkpoint import gathered_adapter
     from raydpo.train.engine import WorkerEnv
     from raydpo.train.loop import Hooks, run_stage
+    from raydpo.train.standalone import train_stream
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -179,17 +179,10 @@ def _worker(rank: int, world: int, port: int, job: dict) -> None:
     tok = load_tokenizer(job["model"])
     torch.manual_seed(0)  # the fresh adapter's init, the same on every rank and run
     model = load_model(cfg.model, cfg.quantization, cfg.lora, base_path=job["model"])
-    n, g = len(cols["row_id"]), d.per_device_batch_size * world
-    ids = cols["row_id"].astype(np.int64)
-    stream = np.concatenate([epoch_order(ids, cfg.data.seed, e)[:usable_rows(n, g)]
-                             for e in range(epochs_needed(n, g, d.max_steps * d.gradient_accumulation_steps))])
+    env = WorkerEnv(rank, world, torch.device("cpu"), False)
 
     def collate(b):
         return collate_dpo(b, tok.pad_token_id, share_prefix=d.share_prefix, pack=d.padding_free)
-
-    def numpy_batches(size):
-        for lo in range(0, len(stream) - size + 1, size):
-            yield {k: v[stream[lo:lo + size]] for k, v in cols.items()}
 
     logged, calls = {}, [0]
 
@@ -201,12 +194,11 @@ def _worker(rank: int, world: int, port: int, job: dict) -> None:
         calls[0] += 1
         return job["stop_after"] is not None and calls[0] >= job["stop_after"]
 
-    hooks = Hooks(train_batches=lambda skip: rank_batches(numpy_batches, d.per_device_batch_size, world, rank, collate,
-                                                          skip),
+    hooks = Hooks(train_batches=train_stream(cols, collate, cfg, "dpo", env),  # the run's stream, this rank's slice
                   eval_batches=lambda: iter([collate({k: v[:4] for k, v in cols.items()})]),
                   report=report, log=lambda m, s: logged.update({s: m}), resume_dir=job["resume_dir"],
                   progress=lambda s: None, stop_requested=stop, config_fingerprint=job["fingerprint"])
-    result = run_stage("dpo", cfg, model, tok, WorkerEnv(rank, world, torch.device("cpu"), False), hooks)
+    result = run_stage("dpo", cfg, model, tok, env, hooks)
     with gathered_adapter(model):  # under ZeRO-3 each rank holds a slice of every LoRA weight
         if rank == 0:
             torch.save({k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}, tmp / "lora.pt")
