@@ -57,6 +57,8 @@ MERGED_MARKER = "raydpo_merged.json"
 MODELS_DIR = "models"
 REFERENCE_DIR = "reference"
 REFERENCE_MARKER = "_SUCCESS"
+REFERENCE_SPLIT_COLUMN = "split"  # a building cache's hive partition column: its values become the split folders
+REFERENCE_SCORED = "_SCORED"  # the training workers finished scoring a building cache (`raydpo.train.ref_scoring`)
 DIGEST_MEMO = "digests.json"
 FAULTS_DIR = "faults_fired"
 NODE_CHECK = ".raydpo_node_check-{token}"
@@ -153,6 +155,21 @@ def reference_marker(cache: str | Path) -> str:
 def reference_building(cache: str | Path, pid: int) -> str:
     """Where a cache is built before it is moved into place (beside it, hidden)."""
     return join(parent(cache), f".{name(cache)}.building-{pid}")
+
+
+def reference_part_dir(building: str | Path, split: str) -> str:
+    """Where a building cache's rows of ``split`` are written, by Ray Data or by the training workers."""
+    return partition_dir(building, REFERENCE_SPLIT_COLUMN, split)
+
+
+def reference_part(building: str | Path, split: str, rank: int) -> str:
+    """One training worker's scored rows of ``split`` (`raydpo.train.ref_scoring`)."""
+    return join(reference_part_dir(building, split), f"part-r{rank:05d}.parquet")
+
+
+def reference_scored(building: str | Path) -> str:
+    """Rank 0's mark that every worker wrote its part: the driver may commit the folder."""
+    return join(building, REFERENCE_SCORED)
 
 
 def partition_dir(folder: str | Path, column: str, value: str) -> str:

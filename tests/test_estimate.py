@@ -18,9 +18,10 @@ from raydpo.orchestration.estimate import (BUILTIN_SHAPES, GIB, EstimateError, S
 ROOT = Path(__file__).resolve().parents[1]
 GPU_JOB = str(ROOT / "jobs" / "stack_llama_2_gpu.yaml")
 
-# the tiny default shape: hidden 64, 2 layers, 4 heads, intermediate 176, vocab 2048
+# the tiny default shape: hidden 64, 2 layers, 4 heads, intermediate 176, vocab 2048; the [S', V]
+# logits head, worked out by hand below (the fused head's: test_fused_head_by_hand)
 SMALL = {"data.max_length": 16, "data.max_prompt_length": 8, "dpo.per_device_batch_size": 2,
-         "lora.dropout": 0.0, "scaling.num_workers": 2, "deepspeed.stage": 2}
+         "lora.dropout": 0.0, "scaling.num_workers": 2, "deepspeed.stage": 2, "dpo.fused_lm_head": False}
 
 
 def small(**over) -> Config:
@@ -82,6 +83,27 @@ def test_small_shape_by_hand():
                         shape)["reference"] == 0
 
 
+def test_fused_head_by_hand():
+    """The fused head keeps no [S', V] logits: one tile's fp32 logits and logsumexp temporary
+    (8 B x tile x V) in the forward, beside d log p / d hidden (4·64 B) and 8 B per scored position."""
+    shape = model_shape(small())[0]
+    fused = memory_parts(small(**{"dpo.fused_lm_head": True}), shape)
+    assert fused["logits"] == 60 * (4 * 64 + 8) + 60 * 2048 * 8 == 998_880  # S' = 60 < the 512-position tile
+    tiled = memory_parts(small(**{"dpo.fused_lm_head": True, "dpo.lm_head_tile_tokens": 16}), shape)
+    assert tiled["logits"] == 60 * (4 * 64 + 8) + 16 * 2048 * 8 == 277_984
+    # the rest is the [S', V] head's: the layer's backward working set 162,688 is below either peak
+    plain = memory_parts(small(), shape)
+    assert tiled["activations"] == fused["activations"] == plain["activations"]
+    # a reference forward every step: its tile and a layer's working set beside what the head keeps
+    ref = memory_parts(small(**{"dpo.fused_lm_head": True, "dpo.lm_head_tile_tokens": 16,
+                                "dpo.reference": "adapter_disabled"}), shape)
+    assert ref["reference"] == 162_688
+    # no completion-only logits, no fused head: the full [T, V] logits as before
+    full = small(**{"dpo.fused_lm_head": True, "dpo.completion_only_logits": False})
+    assert memory_parts(full, shape)["logits"] == memory_parts(small(**{"dpo.completion_only_logits": False}),
+                                                               shape)["logits"]
+
+
 def test_small_shape_quantized_by_hand():
     shape = model_shape(small())[0]
     nf4 = memory_parts(small(**{"quantization.mode": "4bit", "quantization.double_quant": False}), shape)
@@ -135,7 +157,14 @@ def test_gpu_recipe_breakdown_4bit_off_and_double_batch():
     assert bf16["parts"]["base_weights"] == pytest.approx(6_738_415_616 * 2 / GIB)  # 12.55 GiB
     assert 8.3 <= bf16["parts"]["base_weights"] - base["parts"]["base_weights"] <= 9.5
     double = _json("--set", "dpo.per_device_batch_size=8")
-    assert double["parts"]["activations"] == pytest.approx(2 * base["parts"]["activations"])
+    # what autograd keeps and the backward's peak above it (a layer's working set: the fused head's
+    # tile is below it) scale with the batch
+    kept = [r["parts"]["activations"] + r["parts"]["logits"] for r in (base, double)]
+    assert kept[1] == pytest.approx(2 * kept[0])
+    # the recipe's [S, V] logits (4.4 GiB, the largest activation part) are gone with the fused head
+    plain = _json("--set", "dpo.fused_lm_head=false")
+    assert plain["parts"]["logits"] > 4 and base["parts"]["logits"] < 0.25
+    assert plain["peak_memory_gib"] - base["peak_memory_gib"] > 2
     timed = _json("--gpu", "h100", "--tflops", "500")
     assert timed["gpu"] == "H100-80GB" and timed["tflops"] == 500
     assert timed["seconds_per_step"] == pytest.approx(base["flops_per_step"] / 500e12)
@@ -211,9 +240,11 @@ def test_benchmark_pairs_are_the_estimates_worst_case():
         T, S, _ = tokens(cfg)
         assert int((batch["seq_ids"] >= 0).sum()) == T and int((batch["score_slot"] >= 0).sum()) == S
         assert "spans" in batch
-    assert "| +1.5 |" in format_rows([{"shape": "1,2,3,4,5", "quant": "none", "checkpointing": "off", "batch": 1,
-                                        "max_length": 8, "tokens": 15, "estimate_mib": 1.0, "measured_mib": 1.0,
-                                        "error_pct": 1.5}])
+    row = {"arm": "raydpo, fused head", "shape": "1,2,3,4,5", "quant": "none", "checkpointing": "off", "batch": 1,
+           "max_length": 8, "tokens": 15, "estimate_mib": 1.0, "measured_mib": 1.0, "error_pct": 1.5}
+    assert "| +1.5 |" in format_rows([row])
+    assert "| — | 2.0 | — |" in format_rows([{**row, "arm": "TRL", "estimate_mib": None, "measured_mib": 2.0,
+                                              "error_pct": None}])  # TRL's row: no estimate
 
 
 def test_data_passes_count_what_the_run_reads_tokenizes_and_scores():

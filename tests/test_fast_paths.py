@@ -18,7 +18,8 @@ from raydpo.train.loop import dpo_forward
 
 PLAIN = {"dpo.completion_only_logits": False, "dpo.share_prefix": False, "dpo.padding_free": False}
 FAST = {  # each fast path on its own, then all together (the default)
-    "completion_only_logits": {**PLAIN, "dpo.completion_only_logits": True},
+    "completion_only_logits": {**PLAIN, "dpo.completion_only_logits": True, "dpo.fused_lm_head": False},
+    "completion_only_logits+fused_lm_head": {**PLAIN, "dpo.completion_only_logits": True},
     "share_prefix": {**PLAIN, "dpo.share_prefix": True},
     "padding_free": {**PLAIN, "dpo.padding_free": True},
     "share_prefix+padding_free": {**PLAIN, "dpo.share_prefix": True, "dpo.padding_free": True},

@@ -27,7 +27,7 @@ def _no_reference(*_a, **_k):
 
 def _fake_pair_logps(calls):
     # chosen sums -2, -1 over 2 tokens each; rejected -6 over 3, -3 over 2 (the ORPO example of test_losses)
-    def f(engine, batch, completion_only=True):
+    def f(engine, batch, **head):
         calls.append(engine)
         return t(-2.0, -1.0), t(-6.0, -3.0), torch.tensor([2, 2]), torch.tensor([3, 2])
     return f

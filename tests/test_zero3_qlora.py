@@ -59,6 +59,8 @@ def test_zero3_with_checkpointing_over_4bit_lora_trains_like_zero2(tmp_path, sta
     z2_log, z2_adapter, z2_err = _torchrun(tmp_path / "z2", stage, ["deepspeed.stage=2"])
     if stage == "sft":  # DPO's forward asks for no cache itself, so only SFT's says so
         assert CHECKPOINTING_ON in z3_err and CHECKPOINTING_ON not in z2_err
+    else:  # the fused LM head ran (dpo.fused_lm_head, the default), not its plain fallback
+        assert "dpo.fused_lm_head:" not in z3_err + z2_err
 
     assert sorted(z3_log) == list(range(1, STEPS + 1))
     for step in z3_log:

@@ -134,7 +134,8 @@ def score(model, batches, *, adapter: bool) -> Scores:
     for b in batches:
         got: list[torch.Tensor] = []
         with captured_token_logps(got), torch.no_grad():
-            c, r = pair_logps(model, b)[:2] if adapter else reference_logps(model, b)
+            # the plain head: the fused one (equal to it, tests/test_fused_head.py) never calls token_logps
+            c, r = pair_logps(model, b, fused_head=False)[:2] if adapter else reference_logps(model, b, fused_head=False)
         valid = b["score_slot"] >= 0
         slot = b["score_slot"][valid]  # side * B + pair
         tokens = got[0][valid][torch.argsort(slot, stable=True)]  # in slot order: pair by pair, side by side

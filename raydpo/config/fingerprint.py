@@ -24,7 +24,7 @@ RESUME_FREE = ("tracking.", "run.max_failures", "run.timeout_s", "run.keep_check
                "data.tokenize_num_cpus", "sft.log_every", "sft.eval_every", "sft.eval_max_batches",
                "sft.save_every", "sft.max_steps", "sft.max_nonfinite_steps", "sft.enabled", "dpo.log_every",
                "dpo.eval_every", "dpo.eval_max_batches", "dpo.save_every", "dpo.max_steps", "dpo.max_nonfinite_steps",
-               "dpo.enabled", "tune.", "generations.")
+               "dpo.enabled", "dpo.reference_scoring", "dpo.balance_ranks", "tune.", "generations.")
 
 
 # Where things are kept, not what is computed: a resubmitted job (another cwd, another package

@@ -242,10 +242,22 @@ class DPOConfig(TrainStageConfig):
         "precomputed", description="precomputed: the frozen reference's log-probs computed once by Ray Data and "
         "cached by content (reference weights, tokenizer, data); adapter_disabled: a reference forward every step"
     )
+    reference_scoring: Literal["workers", "ray_data"] = Field(
+        "workers", description="precomputed, not yet cached: who scores it — workers: the training workers at the "
+        "fit's start, with the model they loaded (no second model load, no actor pool); ray_data: a Ray Data actor "
+        "pool before the fit (a Tune search always uses it: its trials share one pass). Both write the same cache"
+    )
     # fast paths, each exact (equal to the plain path within 1e-4) and on by default
     completion_only_logits: bool = Field(True, description="LM head + log-softmax on scored positions only")
+    fused_lm_head: bool = Field(True, description="with completion_only_logits: the scored positions' log-probs "
+                                "tile by tile (raydpo.models.fused_head), no [rows, scored, vocab] logits; a head "
+                                "that is not a plain nn.Linear or logits scaled after it run the plain head (warned)")
+    lm_head_tile_tokens: int = Field(512, ge=1, description="fused_lm_head: scored positions per tile (one "
+                                     "[tile, vocab] fp32 logits tensor alive at a time)")
     share_prefix: bool = Field(True, description="prompt once, chosen and rejected after it in one sequence")
     padding_free: bool = Field(True, description="pack each micro-batch's sequences into as few rows as fit")
+    balance_ranks: bool = Field(True, description="deal each global micro-batch's pairs to the workers by tokens "
+                                "(the same pairs per worker), so none waits for a slower one at the all-reduce")
     sanity_check: bool = Field(True, description="stop if the step-0 loss (its preference terms) is not the "
                                "zero-margin value (ln 2 for sigmoid) with rewards ~ 0; skipped for simpo and orpo")
     sft_adapter: str | None = Field(

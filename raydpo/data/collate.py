@@ -33,7 +33,10 @@ tokens); the plain layout also ``attention_mask`` ``[2B, T]``; and ``ref_chosen_
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -141,6 +144,22 @@ def collate_dpo(batch: dict[str, np.ndarray], pad_token_id: int, *, share_prefix
         if key in batch:
             out[key] = torch.as_tensor(np.asarray(batch[key], dtype=np.float32))
     return out
+
+
+def pair_cost(batch: dict[str, Any], share_prefix: bool) -> np.ndarray:
+    """Tokens each pair of a numpy batch puts through the model in its layout: the prompt once
+    with a shared prefix (``P + C + R``), else once per response (``2P + C + R``)."""
+    p, c, r = (np.fromiter((len(x) for x in batch[k]), dtype=np.int64, count=len(batch[k]))
+               for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"))
+    return (p if share_prefix else 2 * p) + c + r
+
+
+def rank_cost(stage: str, dpo) -> Callable[[dict[str, Any]], np.ndarray] | None:
+    """What `raydpo.data.order.rank_batches` balances the workers by: a DPO pair's tokens with
+    ``dpo.balance_ranks`` (`pair_cost`), else nothing (SFT's packed blocks are all one length)."""
+    if stage != "dpo" or not dpo.balance_ranks:
+        return None
+    return partial(pair_cost, share_prefix=dpo.share_prefix)
 
 
 def pair_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -93,13 +93,33 @@ def position(micro_batches_done: int, n_rows: int, global_batch: int) -> tuple[i
 
 
 def rank_batches(iter_numpy: Callable[[int], Iterator[dict[str, Any]]], per_device: int, world: int, rank: int,
-                 collate: Callable[[dict[str, Any]], Any], skip: int = 0) -> Iterator[Any]:
+                 collate: Callable[[dict[str, Any]], Any], skip: int = 0,
+                 cost: Callable[[dict[str, Any]], np.ndarray] | None = None) -> Iterator[Any]:
     """This rank's collated micro-batches of the stream from micro-batch ``skip`` on.
-    ``iter_numpy(batch_size)`` yields the stream's consecutive rows as dicts of numpy arrays."""
+    ``iter_numpy(batch_size)`` yields the stream's consecutive rows as dicts of numpy arrays.
+    ``cost`` (one number per row, e.g. its tokens): the global micro-batch's rows are dealt to the
+    ranks so each gets ``per_device`` rows and about the same cost (`balanced_share`), so no rank
+    waits for a slower one at the gradient all-reduce; without it, rank ``w`` takes the ``w``-th
+    contiguous slice. Either way the global micro-batch, hence the step, is the same."""
     lo, hi = rank * per_device, (rank + 1) * per_device
     for i, b in enumerate(iter_numpy(per_device * world)):
         if i < skip:
             continue
         if len(b[ROW_ID]) < per_device * world:
             return  # the stream holds whole global micro-batches; a short tail is not trained on
-        yield collate({k: v[lo:hi] for k, v in b.items()})
+        mine = slice(lo, hi) if cost is None or world == 1 else balanced_share(cost(b), world, rank)
+        yield collate({k: v[mine] for k, v in b.items()})
+
+
+def balanced_share(costs: np.ndarray, world: int, rank: int) -> np.ndarray:
+    """Indices (ascending) of the rows rank ``rank`` takes: the rows, costliest first, each go to
+    the rank with the least cost so far among those with room (``len(costs) / world`` rows each;
+    ties to the lower rank). Deterministic, so every rank computes the same deal."""
+    costs = np.asarray(costs, dtype=np.float64)
+    per = len(costs) // world
+    load, room, owner = np.zeros(world), np.full(world, per), np.empty(len(costs), dtype=np.int64)
+    for i in np.argsort(-costs, kind="stable"):
+        open_ = np.flatnonzero(room > 0)
+        w = open_[np.argmin(load[open_])]
+        owner[i], load[w], room[w] = w, load[w] + costs[i], room[w] - 1
+    return np.flatnonzero(owner == rank)

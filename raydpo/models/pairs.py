@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from raydpo import losses
+from raydpo.config import DPOConfig
+from raydpo.models.fused_head import fused_head as _fused_head
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -141,8 +143,18 @@ def _attn_implementation(model) -> str:
     return getattr(getattr(inner, "config", None), "_attn_implementation", None) or "sdpa"
 
 
-def pair_logps(model, batch: dict[str, torch.Tensor], completion_only: bool = True
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+TILE_TOKENS = DPOConfig.model_fields["lm_head_tile_tokens"].default
+
+
+def head_options(dpo: DPOConfig) -> dict[str, bool | int]:
+    """The LM-head keywords of `pair_logps` and `reference_logps` as a DPO config sets them: the
+    training step, the reference pass and the runners all pass ``**head_options(cfg.dpo)``."""
+    return {"completion_only": dpo.completion_only_logits, "fused_head": dpo.fused_lm_head,
+            "tile_tokens": dpo.lm_head_tile_tokens}
+
+
+def pair_logps(model, batch: dict[str, torch.Tensor], completion_only: bool = True, fused_head: bool = True,
+               tile_tokens: int = TILE_TOKENS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """THE DPO forward: one pass over a collated batch of ``B`` pairs (any layout of
     `raydpo.data.collate.collate_dpo`) -> ``(chosen_logps, rejected_logps, chosen_tokens,
     rejected_tokens)``, each ``[B]``; log-probs are fp32 sums over the response tokens.
@@ -150,11 +162,12 @@ def pair_logps(model, batch: dict[str, torch.Tensor], completion_only: bool = Tr
     ``completion_only``: the LM head and the fp32 log-softmax run on the scored positions only
     (``logits_to_keep`` = the ``[R, S]`` scoring index), never on prompt or padding positions —
     no ``[R, T, V]`` logits. Off: full logits, then the same positions are picked (the plain path,
-    kept for the ablation and the equality tests). The training loop, the reference pass and the
-    tests all call this. ``model`` is anything callable like a HF causal LM (PeftModel,
+    kept for the ablation and the equality tests). ``fused_head`` (with ``completion_only``):
+    not even ``[R, S, V]`` logits — the head's log-probs ``tile_tokens`` positions at a time
+    (`raydpo.models.fused_head`), where the head allows it. The training loop, the reference pass
+    and the tests all call this. ``model`` is anything callable like a HF causal LM (PeftModel,
     DeepSpeed engine); the reference is this call under `reference_disabled`.
     """
-    pos = batch["score_pos"]
     kw = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     if "spans" in batch:  # padding-free: attention per sequence, no mask
         kw["raydpo_spans"] = batch["spans"].tolist()
@@ -164,15 +177,10 @@ def pair_logps(model, batch: dict[str, torch.Tensor], completion_only: bool = Tr
         kw["attention_mask"] = pair_attention_mask(batch["seq_ids"], batch["segments"],
                                                    additive=_attn_implementation(model) == "eager")
     with packed_attention(model, batch):  # a caller that backpropagates holds it open until after backward
-        if completion_only:
-            logits = model(**kw, logits_to_keep=pos).logits  # [R, S, V]
-        else:
-            full = model(**kw).logits  # [R, T, V]
-            logits = torch.take_along_dim(full, pos[..., None], dim=1)
-            del full
+        tok = _scored_logps(model, kw, batch, completion_only, fused_head, tile_tokens)
     slot = batch["score_slot"]
     valid = slot >= 0
-    tok = losses.token_logps(logits, batch["score_tgt"]) * valid
+    tok = tok * valid
     B = batch["pair_lengths"].shape[0]
     idx = slot.clamp(min=0).reshape(-1)
     sums = torch.zeros(2 * B, dtype=torch.float32, device=tok.device).index_add(0, idx, tok.reshape(-1))
@@ -180,7 +188,22 @@ def pair_logps(model, batch: dict[str, torch.Tensor], completion_only: bool = Tr
     return sums[:B], sums[B:], counts[:B], counts[B:]
 
 
+def _scored_logps(model, kw: dict, batch: dict[str, torch.Tensor], completion_only: bool, fused_head: bool,
+                  tile_tokens: int) -> torch.Tensor:
+    """``[R, S]`` fp32 log p(score_tgt) at the scoring index, from the one model call."""
+    pos, tgt = batch["score_pos"], batch["score_tgt"]
+    if not completion_only:
+        full = model(**kw).logits  # [R, T, V]
+        logits = torch.take_along_dim(full, pos[..., None], dim=1)
+        del full
+        return losses.token_logps(logits, tgt)
+    with _fused_head(model, tgt, tile_tokens) if fused_head else contextlib.nullcontext(False) as fused:
+        out = model(**kw, logits_to_keep=pos).logits  # fused: [R, S] log-probs already; else [R, S, V]
+    return out if fused else losses.token_logps(out, tgt)
+
+
 def reference_logps(model: PeftModel, batch: dict[str, torch.Tensor], *, completion_only: bool = True,
+                    fused_head: bool = True, tile_tokens: int = TILE_TOKENS,
                     engine=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference log-prob sums ``([B], [B])`` (chosen, rejected) of a collated batch: the training
     forward (`pair_logps`, through ``engine`` when training wraps the model, else ``model``) as
@@ -188,5 +211,6 @@ def reference_logps(model: PeftModel, batch: dict[str, torch.Tensor], *, complet
     or its frozen reference copy of the SFT adapter active."""
     with reference_disabled(model):
         chosen, rejected, _, _ = pair_logps(engine if engine is not None else model, batch,
-                                            completion_only=completion_only)
+                                            completion_only=completion_only, fused_head=fused_head,
+                                            tile_tokens=tile_tokens)
     return chosen, rejected

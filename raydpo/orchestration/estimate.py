@@ -42,10 +42,12 @@ Memory (bytes; ``s`` = activation/weight bytes of the compute precision, `comput
   logits, the fp32 copy `raydpo.losses.token_logps` makes) + the backward's gradients: ``s`` for
   ``min(R, 2)`` zero-filled ``[R, S', V]`` row-selection gradients and ``LOGIT_ROW_TEMPS`` fp32
   temporaries of one row (``1/R`` of it); ``R`` rows: 1 padding-free, ``B`` shared prefix, else ``2B``.
+  The fused head (``fused_lm_head``): one tile's fp32 logits + logsumexp's fp32 temporary in the
+  forward, ``8·min(tile, S')·V``, beside its ``d log p / d hidden`` (``s·h``) and 8 B per scored position.
 * ``reference``: 0 for a precomputed reference or a reference-free loss; else what the no-grad
-  reference forward (its logits and their fp32 copy, one layer's working set, beside the policy's
-  saved fp32 logits) adds beyond the logits' backward peak (it runs before the backward: the two
-  are never live together).
+  reference forward (its logits and their fp32 copy — the fused head: one tile's —, one layer's
+  working set, beside what the policy's head keeps) adds beyond the logits' peak (it runs before
+  the backward: the two are never live together).
 * ``overhead``: GPU: the CUDA context (`CUDA_CONTEXT_GIB`) and DeepSpeed's ZeRO-1/2 gradient
   buckets (``reduce_bucket_size`` elements, two when ``overlap_comm``); CPU: 0 — the benchmark
   measures net of the process baseline (Python, torch, DeepSpeed imports), and CPU pages of an
@@ -56,8 +58,9 @@ linear (non-embedding) weights of the layers and ``A`` the causal attention matm
 (``2·h·n²`` per layer forward for a sequence of ``n`` tokens, the shared prefix counted once):
 forward ``2N·T + A + 2·h·V·S'``; LoRA backward through frozen weights computes activation
 gradients only: ``2N·T + 2A + 2·h·V·S'``; the adapters ``6·N_lora·T``; gradient checkpointing
-recomputes the layers' forward ``2N·T + A``; a reference forward every step ``2N·T + A + 2·h·V·S'``.
-Times accumulation steps; per worker (each worker runs its own micro-batches in parallel).
+recomputes the layers' forward ``2N·T + A``; a reference forward every step ``2N·T + A + 2·h·V·S'``
+(the fused head moves the head's backward matmul into its forward: the same sum). Times
+accumulation steps; per worker (each worker runs its own micro-batches in parallel).
 """
 
 from __future__ import annotations
@@ -81,13 +84,10 @@ PROMPT_TOKENS = 1  # the worst case: a 1-token prompt leaves both responses L - 
 # the two norms' inputs (x, x2) 2h, rotary q 1h, attention output 1h; k, v and the rejected
 # response's copies of them (padding-free attention, `raydpo.models.pairs.pair_attention`) 3·kv; MLP
 # gate, SiLU(gate) and up 3i. Plus the LoRA adapters' inputs (`_layer_saved_bytes`).
-ACT_H = 4
-ACT_KV = 3
-ACT_I = 3
+ACT_H, ACT_KV, ACT_I = 4, 3, 3
 # One layer's backward working set per token, in units of s: gradients of the MLP's three
 # i-wide tensors and of the two h-wide norm outputs, live together in the backward.
-WORK_H = 2
-WORK_I = 3
+WORK_H, WORK_I = 2, 3
 # The backward of `raydpo.losses.token_logps`, which runs row by row over the R rows of a batch:
 # per row, fp32 temporaries of that row's size (logsumexp's x - lse and its exp, the gather's
 # zero-filled gradient); per selected row a zero-filled gradient of the whole [R, S', V] logits,
@@ -178,7 +178,10 @@ def _norm(s: str) -> str:
 
 
 GPU_ALIASES = {"a100": "A100-80GB", "h100": "H100-80GB", "h100sxm": "H100-80GB", "h10080gbsxm": "H100-80GB",
-               "4090": "RTX4090", "a10g24gb": "A10G", "l424gb": "L4"}
+               "4090": "RTX4090", "a10g24gb": "A10G", "l424gb": "L4",
+               # torch.cuda.get_device_name() less "NVIDIA" (the GPU check looks its device up so)
+               "h10080gbhbm3": "H100-80GB", "a100sxm480gb": "A100-80GB", "a100sxm440gb": "A100-40GB",
+               "a10080gbpcie": "A100-80GB", "a100pcie40gb": "A100-40GB", "geforcertx4090": "RTX4090"}
 
 
 def find_gpu(name: str) -> tuple[str, Gpu]:
@@ -368,6 +371,20 @@ FIT_KNOBS = ("dpo.per_device_batch_size (raise dpo.gradient_accumulation_steps t
              "deepspeed.offload_optimizer / offload_params", "quantization.mode=4bit")
 
 
+def _head_bytes(cfg: Config, shape: Shape, s: int, Sl: int) -> tuple[float, float, float]:
+    """The LM head's ``(kept for the backward, a forward's logits, peak)`` bytes (docstring)."""
+    d, V = cfg.dpo, shape.vocab
+    if d.completion_only_logits and d.fused_lm_head:
+        kept = Sl * (s * shape.hidden + 8)
+        tile = min(d.lm_head_tile_tokens, Sl) * V * 8
+        return kept, tile, kept + tile
+    rows = 1 if d.padding_free else (d.per_device_batch_size * (1 if d.share_prefix else 2))
+    logits_fwd = Sl * V * (s + (4 if s != 4 else 0))  # the logits and their fp32 copy, in the forward
+    saved_fp32 = Sl * V * 4  # what logsumexp keeps: the fp32 logits (or their fp32 copy)
+    bwd = Sl * V * (s * min(rows, 2) + 4 * LOGIT_ROW_TEMPS / rows)
+    return saved_fp32, logits_fwd, max(logits_fwd, saved_fp32 + bwd)
+
+
 def memory_parts(cfg: Config, shape: Shape) -> dict[str, float]:
     """Per-worker peak memory in bytes, by part (module docstring)."""
     s, world, ds = compute_bytes(cfg), cfg.scaling.num_workers, cfg.deepspeed
@@ -377,28 +394,14 @@ def memory_parts(cfg: Config, shape: Shape) -> dict[str, float]:
     if zero == 3:
         base = (shape.other_params * s if ds.offload_params else base / world) + layer_w
     n_lora = lora_param_count(shape, cfg)
-    params, grads = n_lora * s, n_lora * s
+    params, grads = n_lora * s / (world if zero == 3 else 1), n_lora * s / (world if zero >= 2 else 1)
     master = zero >= 1 or precision(cfg) in ("bf16", "fp16")
-    opt = n_lora * (8 + (4 if master else 0))
-    if zero >= 1:
-        opt /= world
-    if zero >= 2:
-        grads /= world
-    if zero == 3:
-        params /= world
-    if ds.enabled and ds.offload_optimizer:
-        opt = 0.0
+    opt = 0.0 if ds.enabled and ds.offload_optimizer else n_lora * (8 + 4 * master) / (world if zero >= 1 else 1)
     T, S, Sl = tokens(cfg)
-    h, i, V = shape.hidden, shape.intermediate, shape.vocab
+    h, i = shape.hidden, shape.intermediate
     # the peak is at the start of the backward, the logits' gradients beside everything saved; a
     # layer's backward comes after the logits' temporaries are freed: only its excess counts
-    copy = 4 if s != 4 else 0
-    d = cfg.dpo
-    rows = 1 if d.padding_free else (d.per_device_batch_size * (1 if d.share_prefix else 2))
-    logits_fwd = Sl * V * (s + copy)  # the logits and their fp32 copy, in the forward
-    saved_fp32 = Sl * V * 4  # what logsumexp keeps: the fp32 logits (or their fp32 copy)
-    bwd = Sl * V * (s * min(rows, 2) + 4 * LOGIT_ROW_TEMPS / rows)
-    logits = max(logits_fwd, saved_fp32 + bwd)
+    kept, logits_fwd, logits = _head_bytes(cfg, shape, s, Sl)
     layer = _layer_saved_bytes(cfg, shape, s) * T
     work = s * T * (WORK_H * h + WORK_I * i)
     if cfg.model.gradient_checkpointing:  # each layer's input, then one layer recomputed at a time
@@ -410,8 +413,8 @@ def memory_parts(cfg: Config, shape: Shape) -> dict[str, float]:
     acts = saved + 4 * h * T + (8 * h * S if cfg.dpo.completion_only_logits else 0) + max(0.0, layer_peak - logits)
     ref = 0.0
     if cfg.dpo.needs_reference and not cfg.dpo.precomputed_reference:
-        # its no-grad logits + a layer's working set, beside the policy's saved logits, before the backward
-        ref = max(0.0, saved_fp32 + logits_fwd + work - logits)
+        # its no-grad logits + a layer's working set, beside what the policy's head keeps, before the backward
+        ref = max(0.0, kept + logits_fwd + work - logits)
     overhead = 0.0
     if cfg.scaling.use_gpu:
         overhead = CUDA_CONTEXT_GIB * GIB

@@ -52,6 +52,8 @@ class StageRun:
     tok_path: str = ""
     run_id: str = ""
     logged_through: int = 0  # the last step the MLflow run already has (a resume logs none twice)
+    scoring: Any = None  # `raydpo.orchestration.reference.WorkerScoring`: the workers score the reference first
+    scored_train: Any = None  # with ``scoring``: the gathered train split they score
 
     @property
     def stage_cfg(self) -> TrainStageConfig:
@@ -179,7 +181,10 @@ def fit_stage(
     finished = reuse_finished_stage(run)
     if finished is not None:
         return finished
+    warm = threading.Thread(target=warm_imports, name="raydpo-warm-imports", daemon=True)
+    warm.start()  # the driver's own heavy imports load while Ray starts (its processes, not this one, are busy)
     ensure_ray()
+    warm.join()
     wait_for_resources(run.cfg, training_needs(run.cfg), stage, progress)  # a cold cluster: ask, wait
     check_nodes_share(run.cfg, run.uri)  # after the wait: the worker nodes exist
     run.base_path, run.tok_path = base or stage_base(run.cfg, stage, progress)
@@ -188,6 +193,10 @@ def fit_stage(
         stream, eval_ds = stage_data(run, datasets)
         trainer = build_trainer(run, stream, eval_ds, callbacks or [], report_eval_only)
         result, error = fit(trainer)
+        if run.scoring is not None:
+            from raydpo.orchestration.reference import commit_scoring
+
+            commit_scoring(run.scoring, progress)
         return conclude(run, result, error, sigterm)
     except Preempted:
         _end_quietly(run.uri, run.run_id, "KILLED")
@@ -197,6 +206,17 @@ def fit_stage(
         raise
     finally:
         restore_handler()
+
+
+def warm_imports() -> None:
+    """Import what the driver needs next (MLflow for the run, transformers for the tokenizer:
+    about 3 s on 2 cores) in a thread while ``ray.init`` waits for Ray's processes to start.
+    Joined before anything else imports, so no two threads import the same module at once."""
+    try:
+        import mlflow  # noqa: F401
+        from transformers import AutoTokenizer  # noqa: F401
+    except Exception:  # noqa: BLE001 - only a head start: the real imports later raise what is wrong
+        pass
 
 
 def prepare_stage(cfg: Config, stage: Stage, restart: bool, progress, t0: float, fingerprint: dict) -> StageRun:
@@ -291,6 +311,11 @@ def stage_data(run: StageRun, datasets: tuple[Any, Any] | None) -> tuple[Any, An
         if eval_ds is None:
             run.progress("[sft] warning: the eval split is empty; training runs without evaluation")
         return stream, eval_ds
+    if datasets is None and stage == "dpo" and cfg.dpo.precomputed_reference:
+        from raydpo.orchestration.reference import fit_reference
+
+        datasets = fit_reference(cfg, run.base_path, run.tok_path, run.progress)
+        run.scoring, datasets = datasets[2], datasets[:2]
     train_ds, eval_ds = datasets or stage_datasets(cfg, stage, run.base_path, run.tok_path, run.progress)
     if eval_ds is not None:
         eval_ds = eval_ds.materialize()  # evaluated many times: tokenize it once
@@ -298,6 +323,7 @@ def stage_data(run: StageRun, datasets: tuple[Any, Any] | None) -> tuple[Any, An
             run.progress(f"[{stage}] warning: the eval split is empty; training runs without evaluation")
             eval_ds = None
     train_ds = gather_split(train_ds)
+    run.scored_train = train_ds if run.scoring is not None else None
     n_train = train_ds.count()
     global_batch = check_batch_fits(stage, n_train, "pairs", cfg.scaling.num_workers, stage_cfg.per_device_batch_size)
     stream = ordered_stream(train_ds, n_train, seed=cfg.data.seed, global_batch=global_batch,
@@ -330,13 +356,14 @@ def build_trainer(run: StageRun, stream, eval_ds, callbacks: list, report_eval_o
             faults=os.environ.get(FAULTS_ENV, ""),
             eval_prompts=eval_prompts(eval_ds, cfg.generations.num_prompts)
             if stage == "dpo" and cfg.generations.enabled and eval_ds is not None else [],
+            score_reference=run.scoring.building if run.scoring is not None else "",
         ).to_dict(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=s.worker_resources()
         ),
         torch_config=ray.train.torch.TorchConfig(backend=comm_backend(s.use_gpu),
                                                  timeout_s=math.ceil(s.collective_timeout())),
-        datasets={"train": stream, **({"eval": eval_ds} if eval_ds is not None else {})},
+        datasets={"train": stream, **({"eval": eval_ds} if eval_ds is not None else {}), **scored_splits(run, eval_ds)},
         dataset_config=data_config(),
         run_config=ray.train.RunConfig(
             name=storage.name(folder),
@@ -348,6 +375,16 @@ def build_trainer(run: StageRun, stream, eval_ds, callbacks: list, report_eval_o
             callbacks=[SigtermToStop(), *callbacks],
         ),
     )
+
+
+def scored_splits(run: StageRun, eval_ds) -> dict[str, Any]:
+    """The splits the workers score at the fit's start (`WorkerScoring`), each read whole by every
+    worker (`raydpo.train.ref_scoring`): the train split (before its ordering) and the eval split."""
+    if run.scoring is None:
+        return {}
+    from raydpo.train.ref_scoring import dataset_name
+
+    return {dataset_name("train"): run.scored_train, **({dataset_name("eval"): eval_ds} if eval_ds is not None else {})}
 
 
 def fit(trainer) -> tuple[Any, BaseException | None]:

@@ -25,6 +25,7 @@ import os
 import shutil
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from raydpo import storage, storage_copy
@@ -34,7 +35,7 @@ from raydpo.tracking.terminal import echo
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 SPLITS = ("train", "eval")
-SPLIT_COLUMN = "split"  # tags the rows of the one scoring pass; it becomes the folder, never a column
+SPLIT_COLUMN = storage.REFERENCE_SPLIT_COLUMN  # tags the rows of the one scoring pass; it becomes the folder
 
 
 class RefLogps:
@@ -73,13 +74,13 @@ class RefLogps:
         import pyarrow as pa
 
         from raydpo.data.collate import collate_dpo, ragged
-        from raydpo.models.pairs import reference_logps
+        from raydpo.models.pairs import head_options, reference_logps
 
         cols = {k: ragged(batch[k].to_pylist())
                 for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")}
         b = collate_dpo(cols, self.pad, share_prefix=self.dpo.share_prefix, pack=self.dpo.padding_free)
         b = {k: v.to(self.device) for k, v in b.items()}
-        c, r = reference_logps(self.model, b, completion_only=self.dpo.completion_only_logits)
+        c, r = reference_logps(self.model, b, **head_options(self.dpo))
         return batch.append_column(REF_COLUMNS[0], pa.array(c.cpu().numpy(), type=pa.float32())).append_column(
             REF_COLUMNS[1], pa.array(r.cpu().numpy(), type=pa.float32()))
 
@@ -185,7 +186,8 @@ def numerics_identity(cfg: Config) -> str:
         "dtype": cfg.model.dtype, "attn": cfg.model.attn_implementation,
         "quantization": cfg.quantization.model_dump(mode="json"),
         "engine_cast": engine_cast_dtype(cfg, cfg.scaling.use_gpu),
-        "layout": [cfg.dpo.share_prefix, cfg.dpo.padding_free, cfg.dpo.completion_only_logits],
+        "layout": [cfg.dpo.share_prefix, cfg.dpo.padding_free, cfg.dpo.completion_only_logits,
+                   cfg.dpo.fused_lm_head, cfg.dpo.lm_head_tile_tokens],
         "versions": {name: version(name) for name in NUMERICS_LIBRARIES}}, sort_keys=True).encode()).hexdigest()
 
 
@@ -261,6 +263,60 @@ def reference_datasets(cfg: Config, base_path: str, tok_path: str, progress=echo
         return train_ds, None
     eval_ds = read_split(storage.reference_split(root, "eval"), cfg.data.tokenize_num_cpus)
     return train_ds, the_run_eval_rows(eval_ds, cfg.data.seed, want.eval, int(marker["rows"]["eval"]))
+
+
+@dataclass(frozen=True)
+class WorkerScoring:
+    """A cache the training workers fill at the fit's start (`raydpo.train.ref_scoring`): where they
+    write (``building``), where it goes (``root``) and its marker's contents."""
+
+    building: str
+    root: str
+    about: dict
+
+
+def fit_reference(cfg: Config, base_path: str, tok_path: str, progress=echo):
+    """``(train, eval, scoring)``: the cached reference's datasets and None when the cache holds
+    the run's rows (`reference_datasets`); otherwise, with ``dpo.reference_scoring: workers`` and
+    no cache at all, the tokenized datasets without reference columns and the `WorkerScoring` the
+    fit's workers carry out. A cache that holds only part of the rows grows through the Ray Data
+    pass (its rows already scored are not scored again)."""
+    from raydpo.data.pipeline import build_datasets, find_reach, run_wants
+
+    key, parts = cache_key(cfg, base_path, tok_path)
+    root = storage.reference_dir(cfg.run.storage_path, key)
+    if cfg.dpo.reference_scoring != "workers" or valid_cache(root) is not None:
+        return (*reference_datasets(cfg, base_path, tok_path, progress), None)
+    if storage.exists(root):
+        progress(f"[reference] {root} is incomplete or damaged: rebuilding it")
+        storage.remove(root)
+    t0 = time.perf_counter()
+    reach = find_reach(cfg, "dpo", tok_path, run_wants(cfg, "dpo"))
+    progress(f"[reference] the run reads {reach.describe()}: found in one pass over the source "
+             f"({time.perf_counter() - t0:.0f}s)")
+    if reach.n_train == 0:
+        raise RuntimeError("no training pairs: the train split is empty (check data.source and data.eval_fraction)")
+    progress(f"[reference] computing reference log-probs once into {root}: by the training workers, at the "
+             "fit's start, with the model they load (dpo.reference_scoring: workers)")
+    building = storage.reference_building(root, os.getpid())
+    storage.remove(building)
+    storage.makedirs(building)
+    about = {"key": parts, "base": base_path, "reach": reach.want.to_json(), "n": [reach.n_train, reach.n_eval]}
+    train, evals = build_datasets(cfg, "dpo", tok_path, reach)
+    return train, evals, WorkerScoring(building, root, about)
+
+
+def commit_scoring(scoring: WorkerScoring | None, progress=echo) -> None:
+    """After the fit: the workers' cache into place when they finished scoring (even if training
+    failed later), else their partial folder removed."""
+    if scoring is None:
+        return
+    if not storage.exists(storage.reference_scored(scoring.building)):
+        storage.remove(scoring.building)
+        return
+    commit_cache(scoring.building, scoring.root, scoring.about)
+    if valid_cache(scoring.root) is None:
+        progress(f"[reference] warning: the workers' reference log-probs did not make a valid cache in {scoring.root}")
 
 
 def build_cache(cfg: Config, root: str, about: dict, base_path: str, tok_path: str, marker: dict | None,

@@ -27,6 +27,7 @@ class WorkerInputs:
     logged_through_step: int = 0  # steps the driver saw logged already (not logged again)
     faults: str = ""  # injected faults (`raydpo.train.faults`)
     eval_prompts: list[dict[str, list[int]]] = field(default_factory=list)  # the run's held-out prompts
+    score_reference: str = ""  # the reference cache folder the workers fill first (`raydpo.train.ref_scoring`)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -26,7 +26,7 @@ from raydpo.loss_names import NLL_ONLY, reads_chosen_nll, step0_skip_reason
 from raydpo.metric_names import (LR, NONFINITE_STEPS, PADDING_FRACTION, PEAK_MEMORY_GB, PEAK_RSS_MIB, SAMPLES_PER_S,
                                  SCORED_TOKENS_PER_S, STEP_TIME, TOKENS_PER_S)
 from raydpo.models.factory import step0_dropout_reason
-from raydpo.models.pairs import packed_attention, pair_logps, reference_logps
+from raydpo.models.pairs import head_options, packed_attention, pair_logps, reference_logps
 from raydpo.train import generate
 from raydpo.train.checkpoint import SCORE_KEY, checkpoint_score, load_state, save_state
 from raydpo.train.engine import Engine, WorkerEnv, build_engine, discard_accumulated
@@ -115,13 +115,13 @@ def dpo_forward(engine, model, batch: dict[str, torch.Tensor], cfg: Config) -> t
     nothing: zeros in its place. Log-probs are fp32 sums; the loss gets the response lengths and
     averages per token where TRL 1.16 does."""
     d = cfg.dpo
-    pol_c, pol_r, n_c, n_r = pair_logps(engine, batch, completion_only=d.completion_only_logits)
+    pol_c, pol_r, n_c, n_r = pair_logps(engine, batch, **head_options(d))
     if not d.needs_reference:  # the loss never reads them
         ref_c = ref_r = torch.zeros_like(pol_c)
     elif "ref_chosen_logps" in batch:  # precomputed sums (raydpo.orchestration.reference)
         ref_c, ref_r = batch["ref_chosen_logps"].float(), batch["ref_rejected_logps"].float()
     else:
-        ref_c, ref_r = reference_logps(model, batch, completion_only=d.completion_only_logits, engine=engine)
+        ref_c, ref_r = reference_logps(model, batch, engine=engine, **head_options(d))
     per_ex, chosen_r, rejected_r = losses.dpo_loss(
         pol_c, pol_r, ref_c, ref_r, beta=d.beta, loss_type=d.loss_types, label_smoothing=d.label_smoothing,
         chosen_lengths=n_c, rejected_lengths=n_r, loss_weights=d.loss_weights, simpo_gamma=d.simpo_gamma,

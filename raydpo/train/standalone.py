@@ -51,24 +51,6 @@ def _rows(cfg, stage: str, tokenizer_path: str) -> list[dict]:
     return [dict(zip(keys, t)) for r, *t in zip(cols["reason"], *(cols[k] for k in keys)) if r == ""]
 
 
-def add_reference(model, cols: dict[str, list], pad_token_id: int, cfg, device) -> None:
-    """Reference log-prob sums of every pair in ``cols`` (adapter disabled, the training
-    forward), added as ``ref_chosen_logps`` / ``ref_rejected_logps`` lists."""
-    from raydpo.data.collate import collate_dpo, ragged
-    from raydpo.models.pairs import reference_logps
-
-    keys = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
-    n, step = len(cols[keys[0]]), cfg.dpo.per_device_batch_size * 4
-    cols["ref_chosen_logps"], cols["ref_rejected_logps"] = [], []
-    for lo in range(0, n, step):
-        b = collate_dpo({k: ragged(cols[k][lo:lo + step]) for k in keys}, pad_token_id,
-                        share_prefix=cfg.dpo.share_prefix, pack=cfg.dpo.padding_free)
-        c, r = reference_logps(model, {k: v.to(device) for k, v in b.items()},
-                               completion_only=cfg.dpo.completion_only_logits)
-        cols["ref_chosen_logps"] += c.cpu().tolist()
-        cols["ref_rejected_logps"] += r.cpu().tolist()
-
-
 def main(argv: list[str] | None = None) -> None:
     """Every rank takes these steps in this order (the model path, the eval row count and the
     loop's own all-reduces are collectives)."""
@@ -100,9 +82,12 @@ def main(argv: list[str] | None = None) -> None:
     n_eval = fewest_on_any_rank(len(eval_cols["row_id"]), env)
     model = load_policy(cfg, stage, path, env)
     if stage == "dpo" and cfg.dpo.precomputed_reference:  # none for a reference-free loss
-        # the reference pass, in-process: each rank scores its own rows once, before training
-        for cols in (train_cols, eval_cols):
-            add_reference(model, cols, tok.pad_token_id, cfg, env.device)
+        # the reference pass, in-process, before training: the train rows (the same on every rank)
+        # split over the ranks and exchanged, each rank's own eval rows by itself
+        from raydpo.train.ref_scoring import add_reference
+
+        add_reference(model, train_cols, tok.pad_token_id, cfg.dpo, env.device, rank=env.rank, world=env.world_size)
+        add_reference(model, eval_cols, tok.pad_token_id, cfg.dpo, env.device)
     if env.use_gpu:  # train/peak_memory_gb: the training's peak, as on a Ray worker (no reference pass there)
         torch.cuda.reset_peak_memory_stats(env.device)
 
@@ -189,6 +174,7 @@ def train_stream(cols: dict[str, list], collate, cfg, stage: str, env: WorkerEnv
     import numpy as np
 
     from raydpo.data.order import epoch_order, epochs_needed, rank_batches, usable_rows
+    from raydpo.data.collate import rank_cost
 
     st = cfg.stage(stage)
     bs = st.per_device_batch_size
@@ -208,7 +194,7 @@ def train_stream(cols: dict[str, list], collate, cfg, stage: str, env: WorkerEnv
         def numpy_batches(n):
             for lo in range(0, len(stream) - n + 1, n):
                 yield _pick(cols, stream[lo:lo + n])
-        return rank_batches(numpy_batches, bs, env.world_size, env.rank, collate, skip)
+        return rank_batches(numpy_batches, bs, env.world_size, env.rank, collate, skip, cost=rank_cost(stage, cfg.dpo))
 
     return train_batches
 

@@ -114,7 +114,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     progress = rank0_printer(env.rank)
     refuse_after_oom(inputs.storage_dir)
     tokenizer, model = load_policy(inputs, cfg, env)
-    train_batches, eval_batches = ray_batches(inputs, cfg, tokenizer.pad_token_id, env)
+    refs = score_reference(inputs, cfg, model, tokenizer.pad_token_id, env, progress)
+    train_batches, eval_batches = ray_batches(inputs, cfg, tokenizer.pad_token_id, env, refs)
     found = resume_candidates(ray.train.get_checkpoint(), inputs.storage_dir, progress)
     resume_dir, resume_copy = agree_on_resume(found, env.device, env.rank)
     progress(f"[{inputs.stage}] {env.world_size} worker(s), {threads} torch thread(s) each")
@@ -197,10 +198,30 @@ def load_policy(inputs: WorkerInputs, cfg: Config, env: WorkerEnv):
     return tokenizer, model
 
 
-def ray_batches(inputs: WorkerInputs, cfg: Config, pad_token_id: int, env: WorkerEnv):
-    """``(train_batches(skip), eval_batches())`` of `Hooks`, read from this worker's Ray Data shards."""
+def score_reference(inputs: WorkerInputs, cfg: Config, model, pad_token_id: int, env: WorkerEnv, progress):
+    """The reference log-probs this fit's workers score before training (`raydpo.train.ref_scoring`),
+    or None when the data carries them or the loss reads none."""
+    if not inputs.score_reference:
+        return None
     import ray.train
 
+    from raydpo.train.ref_scoring import dataset_name, score_reference as score
+
+    def rows(split: str):
+        return lambda n: ray.train.get_dataset_shard(dataset_name(split)).iter_batches(batch_size=n,
+                                                                                        batch_format="numpy")
+
+    splits = {"train": rows("train"), **({"eval": rows("eval")} if inputs.has_eval else {})}
+    return score(model, splits, inputs.score_reference, pad_token_id=pad_token_id, dpo=cfg.dpo, device=env.device,
+                 rank=env.rank, world=env.world_size, progress=progress)
+
+
+def ray_batches(inputs: WorkerInputs, cfg: Config, pad_token_id: int, env: WorkerEnv, refs=None):
+    """``(train_batches(skip), eval_batches())`` of `Hooks`, read from this worker's Ray Data shards;
+    with ``refs`` (`raydpo.train.ref_scoring.RefTable`) each batch gets its reference columns by ``row_id``."""
+    import ray.train
+
+    from raydpo.data.collate import rank_cost
     from raydpo.data.order import rank_batches
     from raydpo.data.ray_collate import DPOCollate, SFTCollate
 
@@ -212,11 +233,18 @@ def ray_batches(inputs: WorkerInputs, cfg: Config, pad_token_id: int, env: Worke
     bs = cfg.stage(inputs.stage).per_device_batch_size
 
     def train_batches(skip: int):
-        return rank_batches(lambda n: train_shard.iter_batches(batch_size=n, batch_format="numpy", drop_last=True),
-                            bs, env.world_size, env.rank, collate, skip)
+        def numpy_batches(n: int):
+            it = train_shard.iter_batches(batch_size=n, batch_format="numpy", drop_last=True)
+            return it if refs is None else map(refs.attach, it)
+
+        return rank_batches(numpy_batches, bs, env.world_size, env.rank, collate, skip, cost=rank_cost(inputs.stage, cfg.dpo))
 
     def eval_batches():
-        return iter(eval_shard.iter_torch_batches(batch_size=bs, collate_fn=collate)) if eval_shard else iter(())
+        if eval_shard is None:
+            return iter(())
+        if refs is None:
+            return iter(eval_shard.iter_torch_batches(batch_size=bs, collate_fn=collate))
+        return (collate(refs.attach(b)) for b in eval_shard.iter_batches(batch_size=bs, batch_format="numpy"))
 
     return train_batches, eval_batches
 

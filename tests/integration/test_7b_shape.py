@@ -73,8 +73,9 @@ def test_one_llama_2_7b_layer_trains_two_dpo_steps_at_ln2_within_the_memory_esti
     assert abs(r["losses"][0] - math.log(2)) < 1e-4  # the fresh adapter: policy == reference at step 0
     assert r["losses"][1] != pytest.approx(r["losses"][0], abs=1e-4)  # and step 1 trained it
     assert r["tokens"] == 2 * 512 - 1  # the worst-case pair the estimate counts: 1-token prompt, shared
-    # the estimate of this very config (4-bit layer, full-size fp32 embeddings and LM head) ...
-    assert 1000 < r["parts_mib"]["base_weights"] < 1200 and r["parts_mib"]["logits"] > 500
+    # the estimate of this very config (4-bit layer, full-size fp32 embeddings and LM head, the fused
+    # head's one [512, 32000] fp32 tile + its temporary, 125 MiB, no [1022, 32000] logits) ...
+    assert 1000 < r["parts_mib"]["base_weights"] < 1200 and 125 < r["parts_mib"]["logits"] < 160
     assert abs(r["error_pct"]) <= 25, r  # ... within 25% of the measured peak
 
 
