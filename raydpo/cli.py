@@ -377,5 +377,36 @@ def main(argv: list[str] | None = None) -> int:
     return int(args.fn(args) or 0)
 
 
+def entry() -> None:
+    """The ``raydpo`` command: `main`, then out without the interpreter's teardown. By then a
+    command has written all it writes (MLflow runs ended, checkpoints, logs and the console
+    closed); a Ray this process started is shut down first (its processes are this one's
+    children) and the streams and log handlers are flushed. The teardown of torch's, Ray's and
+    MLflow's modules and threads took about 2 s of a 70 s 50-step DPO run on 2 cores."""
+    import logging
+    import os
+    import traceback
+
+    rc = 1
+    try:
+        rc = main()
+    except SystemExit as e:  # argparse's --help (0) and usage errors (2), a sys.exit("message")
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        rc = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except KeyboardInterrupt:
+        rc = 130
+    except BaseException:  # noqa: BLE001 - what the interpreter would print, then out
+        traceback.print_exc()
+    finally:
+        ray = sys.modules.get("ray")
+        if ray is not None and getattr(ray, "is_initialized", lambda: False)():
+            ray.shutdown()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

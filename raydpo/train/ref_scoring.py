@@ -29,7 +29,7 @@ from raydpo import storage
 
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")  # the columns `raydpo.data.collate` carries
 PAIR_KEYS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
-SCORE_BATCH_FACTOR = 4  # pairs per scoring call = per-device batch x this (no gradients are kept)
+SCORE_BATCH_FACTOR = 1  # pairs per scoring call = the training micro-batch: within its memory, and fastest on CPU (25 vs 22 pairs/s at x4)
 
 
 @dataclass(frozen=True)
