@@ -86,6 +86,13 @@ def _one_torch_thread_beside_the_background_start(request):
         torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> str:
+    """One ``model.cache_dir`` for the unit tests that only read the tiny model: it is built once
+    per tiny config (seeded, the same bytes every time), not once per module (~10 s each)."""
+    return str(tmp_path_factory.mktemp("tiny-cache"))
+
+
 @pytest.fixture(scope="module")
 def gloo():
     """A one-rank gloo process group for in-process DeepSpeed engines (no Ray), torn down through

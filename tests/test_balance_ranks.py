@@ -52,10 +52,10 @@ def test_the_workers_batches_are_the_global_micro_batch_whatever_the_deal():
     assert pair_cost(b, True).tolist() == [3, 6, 9] and pair_cost(b, False).tolist() == [4, 8, 12]
 
 
-def test_a_balanced_step_gives_the_contiguous_steps_loss_and_gradients(tmp_path):
+def test_a_balanced_step_gives_the_contiguous_steps_loss_and_gradients(tiny_cache):
     """Two workers' mean losses averaged (DeepSpeed averages their gradients): the same numbers
     for the contiguous and the balanced deal of the same 8 pairs."""
-    cfg = Config().with_overrides({"model.cache_dir": str(tmp_path), "quantization.mode": "none", "lora.dropout": 0.0})
+    cfg = Config().with_overrides({"model.cache_dir": tiny_cache, "quantization.mode": "none", "lora.dropout": 0.0})
     path = resolve_model_path(cfg.model)
     tok = load_tokenizer(path)
     rows = generate_rows(8, seed=2)

@@ -34,10 +34,10 @@ CONV = {"prompt": [user("Why?")], "chosen": [assistant("Because.")], "rejected":
 
 
 @pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
+def tiny_path(tmp_path_factory, tiny_cache):
     from raydpo.models.factory import resolve_model_path
 
-    cfg = Config().with_overrides({"model.cache_dir": str(tmp_path_factory.mktemp("cache"))})
+    cfg = Config().with_overrides({"model.cache_dir": tiny_cache})
     return resolve_model_path(cfg.model)
 
 

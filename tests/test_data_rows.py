@@ -179,11 +179,11 @@ def test_prompt_without_bos_keeps_its_last_tokens():
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
+def tokenizer(tmp_path_factory, tiny_cache):
     from raydpo.models.factory import resolve_model_path
     from raydpo.data.tokenizer import load_tokenizer
 
-    cfg = Config().with_overrides({"model.cache_dir": str(tmp_path_factory.mktemp("cache"))})
+    cfg = Config().with_overrides({"model.cache_dir": tiny_cache})
     return load_tokenizer(resolve_model_path(cfg.model))
 
 

@@ -29,8 +29,8 @@ TOL = dict(rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
+def cache(tiny_cache):
+    return tiny_cache
 
 
 def _cfg(cache, quant, loss_type, overrides):

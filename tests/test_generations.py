@@ -26,9 +26,9 @@ STEPS, K = 6, 3
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, gloo):
+def setup(tmp_path_factory, tiny_cache, gloo):
     cfg = Config().with_overrides({
-        "model.cache_dir": str(tmp_path_factory.mktemp("cache")), "dpo.max_steps": STEPS, "dpo.per_device_batch_size": 2,
+        "model.cache_dir": tiny_cache, "dpo.max_steps": STEPS, "dpo.per_device_batch_size": 2,
         "dpo.log_every": 3, "dpo.eval_every": 3, "dpo.save_every": 100, "dpo.lr": 2e-2,
         "dpo.reference": "adapter_disabled", "lora.dropout": 0.1, "scaling.num_workers": 1,
         "generations.num_prompts": K, "generations.max_new_tokens": 6,

@@ -22,9 +22,9 @@ from raydpo.models.pairs import pair_logps, reference_disabled
 
 
 @pytest.fixture(scope="module")
-def cfg(tmp_path_factory):
+def cfg(tmp_path_factory, tiny_cache):
     # vocab 300 keeps the local BPE training well under a second
-    return Config().with_overrides({"model.cache_dir": str(tmp_path_factory.mktemp("cache")),
+    return Config().with_overrides({"model.cache_dir": tiny_cache,
                                     "model.tiny.vocab_size": 300})
 
 

@@ -16,10 +16,10 @@ from raydpo.models.factory import load_model, resolve_model_path
 
 
 @pytest.fixture(scope="module")
-def cfg(tmp_path_factory):
+def cfg(tmp_path_factory, tiny_cache):
     # the demo's numerics on CPU: NF4 with fp32 compute; vocab 300 keeps the tokenizer build short
     return Config().with_overrides({
-        "model.cache_dir": str(tmp_path_factory.mktemp("cache")), "model.tiny.vocab_size": 300,
+        "model.cache_dir": tiny_cache, "model.tiny.vocab_size": 300,
         "quantization.mode": "4bit", "quantization.compute_dtype": "float32", "lora.dropout": 0.0,
         "lora.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]})
 

@@ -42,12 +42,12 @@ def test_a_row_never_scored_is_an_error_naming_it_not_a_silent_zero():
 
 
 @pytest.fixture(scope="module")
-def scored(tmp_path_factory):
+def scored(tmp_path_factory, tiny_cache):
     """Twelve tokenized pairs, the policy model, and what the Ray Data pass's scorer gives them."""
     from raydpo.orchestration.reference import RefLogps
 
     tmp = tmp_path_factory.mktemp("refs")
-    cfg = Config().with_overrides({"model.cache_dir": str(tmp), "quantization.mode": "none"})
+    cfg = Config().with_overrides({"model.cache_dir": tiny_cache, "quantization.mode": "none"})
     path = resolve_model_path(cfg.model)
     tok = load_tokenizer(path)
     rows = generate_rows(12, seed=3)

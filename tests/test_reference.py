@@ -17,8 +17,8 @@ from raydpo.train.loop import dpo_forward
 
 
 @pytest.mark.parametrize("quant,loss_type", [("none", "sigmoid"), ("4bit", "sigmoid"), ("4bit", "ipo")])
-def test_precomputed_reference_matches_on_the_fly(tmp_path, quant, loss_type):
-    cfg = Config().with_overrides({"model.cache_dir": str(tmp_path), "quantization.mode": quant,
+def test_precomputed_reference_matches_on_the_fly(tiny_cache, quant, loss_type):
+    cfg = Config().with_overrides({"model.cache_dir": tiny_cache, "quantization.mode": quant,
                                    "quantization.compute_dtype": "float32", "dpo.loss_type": loss_type})
     path = resolve_model_path(cfg.model)
     tok = load_tokenizer(path)

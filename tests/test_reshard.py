@@ -208,7 +208,7 @@ def _worker(rank: int, world: int, port: int, job: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
+def pairs(tmp_path_factory, tiny_cache):
     """24 tokenized pairs of the sample (one epoch of 6 steps x 4 pairs), the tiny model's path."""
     from raydpo.data.rows import format_prompt
     from raydpo.data.sample import generate_rows
@@ -216,7 +216,7 @@ def pairs(tmp_path_factory):
     from raydpo.data.tokenizer import load_tokenizer
     from raydpo.models.factory import resolve_model_path
 
-    cfg = Config().with_overrides({"model.cache_dir": str(tmp_path_factory.mktemp("cache"))})
+    cfg = Config().with_overrides({"model.cache_dir": tiny_cache})
     path = resolve_model_path(cfg.model)
     tok = load_tokenizer(path)
     rows = generate_rows(24, seed=5)

@@ -30,9 +30,9 @@ STEPS = 6
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, gloo):
+def setup(tmp_path_factory, tiny_cache, gloo):
     cfg = Config().with_overrides({
-        "model.cache_dir": str(tmp_path_factory.mktemp("cache")), "dpo.max_steps": STEPS, "dpo.per_device_batch_size": 2,
+        "model.cache_dir": tiny_cache, "dpo.max_steps": STEPS, "dpo.per_device_batch_size": 2,
         "dpo.gradient_accumulation_steps": 2, "dpo.log_every": 1, "dpo.eval_every": 3, "dpo.save_every": 2,
         "dpo.lr": 5e-3, "dpo.reference": "adapter_disabled", "lora.dropout": 0.1, "scaling.num_workers": 1,
         "dpo.max_nonfinite_steps": 3,
