@@ -4,8 +4,7 @@
 optimizer step, seconds per step and per epoch at a stated rate. No torch, Ray, DeepSpeed,
 bitsandbytes or MLflow is imported (a test proves it), no network call is made: the model's shape
 comes from a local ``config.json`` (the model folder, or the Hugging Face cache), the ``tiny``
-section, or `BUILTIN_SHAPES`. ``raydpo validate --estimate`` prints it; ``python -m
-raydpo.benchmarks.memory`` checks it against measurements.
+section, or `BUILTIN_SHAPES`. ``raydpo validate --estimate`` prints it; `raydpo.benchmarks.memory` checks it.
 
 The rules, each written once here:
 
@@ -177,11 +176,10 @@ def _norm(s: str) -> str:
     return "".join(c for c in s.lower() if c.isalnum())
 
 
-GPU_ALIASES = {"a100": "A100-80GB", "h100": "H100-80GB", "h100sxm": "H100-80GB", "h10080gbsxm": "H100-80GB",
-               "4090": "RTX4090", "a10g24gb": "A10G", "l424gb": "L4",
-               # torch.cuda.get_device_name() less "NVIDIA" (the GPU check looks its device up so)
-               "h10080gbhbm3": "H100-80GB", "a100sxm480gb": "A100-80GB", "a100sxm440gb": "A100-40GB",
-               "a10080gbpcie": "A100-80GB", "a100pcie40gb": "A100-40GB", "geforcertx4090": "RTX4090"}
+GPU_ALIASES = {  # and torch.cuda.get_device_name() less "NVIDIA" (the GPU check looks its device up so)
+    "a100": "A100-80GB", "h100": "H100-80GB", "h100sxm": "H100-80GB", "h10080gbsxm": "H100-80GB", "4090": "RTX4090",
+    "a10g24gb": "A10G", "l424gb": "L4", "h10080gbhbm3": "H100-80GB", "a100sxm480gb": "A100-80GB",
+    "a100sxm440gb": "A100-40GB", "a10080gbpcie": "A100-80GB", "a100pcie40gb": "A100-40GB", "geforcertx4090": "RTX4090"}
 
 
 def find_gpu(name: str) -> tuple[str, Gpu]:
