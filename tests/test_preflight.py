@@ -111,3 +111,51 @@ def test_a_rerun_with_another_config_names_the_keys(tmp_path, capsys):
     assert main(argv) == 2
     line = _one_error_line(capsys)
     assert "dpo.beta (0.1 -> 0.5)" in line and "--restart" in line
+
+
+def _stage_run(tmp_path):
+    from raydpo.config import Config, resume_fingerprint
+    from raydpo.orchestration.launch import prepare_stage
+
+    cfg = Config.from_dict({"run": {"storage_path": str(tmp_path / "runs"), "name": "overlap"},
+                            "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}})
+    return prepare_stage(cfg, "dpo", False, print, time.perf_counter(), resume_fingerprint(cfg))
+
+
+def test_the_mlflow_run_opens_while_the_data_is_staged_and_a_data_error_ends_it_failed(tmp_path, monkeypatch):
+    """`launch.open_run_and_stage_data`: the MLflow run is created in a thread beside
+    `stage_data`; a data error is the error the user sees, and the run it opened ends FAILED
+    (not left RUNNING); on success the run record names the run and its line is printed."""
+    import threading
+
+    from mlflow.tracking import MlflowClient
+
+    from raydpo.orchestration import launch
+    from raydpo.orchestration.errors import DataError
+
+    seen = {}
+
+    def bad_data(run, datasets):
+        seen["threads"] = {t.name for t in threading.enumerate()}
+        time.sleep(0.5)  # the MLflow thread is running meanwhile
+        raise DataError("dpo: 3 training pairs cannot fill one batch")
+
+    run = _stage_run(tmp_path)
+    monkeypatch.setattr(launch, "stage_data", bad_data)
+    with pytest.raises(DataError, match="cannot fill one batch"):
+        launch.open_run_and_stage_data(run, None, None, None, None)
+    assert any(n.startswith("raydpo-mlflow") for n in seen["threads"])
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert run.run_id and client.get_run(run.run_id).info.status == "FAILED"
+
+    lines: list[str] = []
+    run = _stage_run(tmp_path)
+    run.progress = lines.append
+    monkeypatch.setattr(launch, "stage_data", lambda run, datasets: ("stream", None))
+    stream, eval_ds, restore, _ = launch.open_run_and_stage_data(run, None, None, None, None)
+    restore()
+    assert (stream, eval_ds) == ("stream", None)
+    assert client.get_run(run.run_id).info.status == "RUNNING"
+    assert lines == [f"[dpo] MLflow run {run.run_id} in sqlite:///{tmp_path / 'mlflow.db'}"]
+    record = json.loads((Path(run.folder) / "raydpo_run.json").read_text())
+    assert record["run_id"] == run.run_id

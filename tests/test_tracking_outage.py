@@ -368,10 +368,10 @@ def test_replay_refuses_an_unreachable_store_and_keeps_the_file(tmp_path):
 
 
 def test_driver_sends_the_workers_spill_when_the_store_is_back(store, tmp_path, capsys):
-    """The store came back after the workers closed: the driver (`launch.replay_spill`, called by
+    """The store came back after the workers closed: the driver (`tracking.replay_spill`, called by
     fit_stage after the fit) sends their spilled points, so the run is whole without the replay
     command; while the store is still down the file stays for that command."""
-    from raydpo.orchestration.launch import replay_spill
+    from raydpo.tracking import replay_spill
 
     run_id = tracking.start_run(store.uri, store.exp_id, "driver-replay")
     folder = tmp_path / "run-dpo"

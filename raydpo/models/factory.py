@@ -38,26 +38,6 @@ def resolve_model_path(model_cfg: ModelConfig) -> str:
     return model_cfg.name_or_path
 
 
-# Organisations whose models are gated on the Hugging Face Hub (the licence must be accepted,
-# downloads need a token). Offline we cannot ask the Hub, so these are known by name.
-GATED_ORGS = ("meta-llama/", "mistralai/", "google/gemma")
-
-
-def check_hub_access(model_cfg: ModelConfig) -> str | None:
-    """One line if the model is a gated hub id, not in the local cache, and no token is set;
-    else None. Run where the stage runs, before Ray: a worker would only fail after minutes."""
-    name = model_cfg.name_or_path
-    if name == BUILTIN_MODEL or Path(name).exists() or not name.startswith(GATED_ORGS):
-        return None
-    from huggingface_hub import get_token, try_to_load_from_cache
-
-    cached = try_to_load_from_cache(name, "config.json", revision=model_cfg.revision)
-    if isinstance(cached, str) or get_token():
-        return None
-    return (f"model.name_or_path {name} is gated on the Hugging Face Hub and no token is set: accept its licence on "
-            "huggingface.co, then `huggingface-cli login` or set HF_TOKEN (on the cluster: in the job's env)")
-
-
 def bnb_config(q: QuantizationConfig) -> BitsAndBytesConfig | None:
     """``BitsAndBytesConfig`` for 4-bit (NF4/FP4) or 8-bit, or None for ``mode: none``.
 

@@ -8,8 +8,10 @@ autoscaling cluster gets them late); `check_batch_fits` once the training data i
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from raydpo import storage
-from raydpo.config import Config
+from raydpo.config import BUILTIN_MODEL, Config, ModelConfig
 from raydpo.orchestration.errors import DataError, HubAccessError, StorageError, TrackingError
 
 
@@ -18,7 +20,6 @@ def check_storage(cfg: Config) -> str | None:
     URI: an object written and deleted there, with the environment's credentials and endpoint)."""
     import os
     import tempfile
-    from pathlib import Path
 
     if storage.is_remote(cfg.run.storage_path):
         return check_remote_storage(cfg.run.storage_path)
@@ -57,11 +58,30 @@ def check_remote_storage(uri: str) -> str | None:
     return None
 
 
+# Organisations whose models are gated on the Hugging Face Hub (the licence must be accepted,
+# downloads need a token). Offline we cannot ask the Hub, so these are known by name.
+GATED_ORGS = ("meta-llama/", "mistralai/", "google/gemma")
+
+
+def check_hub_access(model_cfg: ModelConfig) -> str | None:
+    """One line if the model is a gated hub id, not in the local cache, and no token is set;
+    else None. Run where the stage runs, before Ray: a worker would only fail after minutes."""
+    name = model_cfg.name_or_path
+    if name == BUILTIN_MODEL or Path(name).exists() or not name.startswith(GATED_ORGS):
+        return None
+    from huggingface_hub import get_token, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "config.json", revision=model_cfg.revision)
+    if isinstance(cached, str) or get_token():
+        return None
+    return (f"model.name_or_path {name} is gated on the Hugging Face Hub and no token is set: accept its licence on "
+            "huggingface.co, then `huggingface-cli login` or set HF_TOKEN (on the cluster: in the job's env)")
+
+
 def preflight(cfg: Config) -> str:
     """What must hold before Ray starts, each failing with one line: run storage writable, the
     tracking store reachable (<= 5 s), a gated hub model's token present. Returns the store URI."""
     from raydpo import tracking
-    from raydpo.models.factory import check_hub_access
 
     problem = check_storage(cfg)
     if problem:

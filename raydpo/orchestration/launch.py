@@ -1,7 +1,7 @@
 """Driver side: one stage as a Ray Train job tracked in MLflow, in named steps.
 
 `fit_stage` reads top to bottom: `prepare_stage` (preflight, ``--restart``, the prior state),
-`reuse_finished_stage`, Ray, the base (`raydpo.orchestration.base`), `open_run`, `stage_data`,
+`reuse_finished_stage`, Ray, the base (`raydpo.orchestration.base`), `open_run_and_stage_data`,
 `build_trainer`, `fit`, `conclude`. No training maths here: that lives in `raydpo.train.loop`.
 """
 
@@ -37,7 +37,7 @@ class StageResult:
 @dataclass
 class StageRun:
     """What the steps of one stage share: `prepare_stage` fills the first fields, ``fit_stage``
-    the base, `open_run` the MLflow run."""
+    the base, `open_mlflow_run` the MLflow run."""
 
     cfg: Config  # with absolute paths: workers and Ray Data tasks may not share this cwd
     stage: Stage
@@ -188,9 +188,8 @@ def fit_stage(
     wait_for_resources(run.cfg, training_needs(run.cfg), stage, progress)  # a cold cluster: ask, wait
     check_nodes_share(run.cfg, run.uri)  # after the wait: the worker nodes exist
     run.base_path, run.tok_path = base or stage_base(run.cfg, stage, progress)
-    restore_handler, sigterm = open_run(run, parent_run_id, tags, params)
+    stream, eval_ds, restore_handler, sigterm = open_run_and_stage_data(run, datasets, parent_run_id, tags, params)
     try:
-        stream, eval_ds = stage_data(run, datasets)
         trainer = build_trainer(run, stream, eval_ds, callbacks or [], report_eval_only)
         result, error = fit(trainer)
         if run.scoring is not None:
@@ -209,10 +208,12 @@ def fit_stage(
 
 
 def warm_imports() -> None:
-    """Import what the driver needs next (MLflow for the run, transformers for the tokenizer:
-    about 3 s on 2 cores) in a thread while ``ray.init`` waits for Ray's processes to start.
-    Joined before anything else imports, so no two threads import the same module at once."""
+    """Import what the driver needs next (torch for Ray Train, MLflow for the run, transformers
+    for the tokenizer: about 4 s on 2 cores) in a thread while ``ray.init`` waits for Ray's
+    processes to start. Joined before anything else imports, so no two threads import the same
+    module at once."""
     try:
+        import torch  # noqa: F401
         import mlflow  # noqa: F401
         from transformers import AutoTokenizer  # noqa: F401
     except Exception:  # noqa: BLE001 - only a head start: the real imports later raise what is wrong
@@ -257,30 +258,49 @@ def reuse_finished_stage(run: StageRun) -> StageResult | None:
                        history=hist)
 
 
-def open_run(run: StageRun, parent_run_id: str | None, tags: dict[str, str] | None,
-             params: dict[str, str] | None) -> tuple[Callable[[], None], threading.Event]:
-    """The stage's MLflow run: the one its run record names, reopened, or a new one with the
-    config as params. Then the folder is claimed (`_claim_folder`); returns the driver's SIGTERM
-    handler's restore function and the event it sets."""
+def open_run_and_stage_data(run: StageRun, datasets: tuple[Any, Any] | None, parent_run_id: str | None,
+                            tags: dict[str, str] | None, params: dict[str, str] | None):
+    """`open_mlflow_run` (a new store's tables alone take ~2 s) in a thread while this one runs
+    `stage_data` (mostly waiting on Ray Data); then `_claim_folder`. Returns (stream, eval split,
+    SIGTERM handler's restore, its event). A data error ends an opened MLflow run FAILED."""
+    import concurrent.futures
+
+    lines: list[str] = []
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="raydpo-mlflow") as pool:
+        opened = pool.submit(open_mlflow_run, run, parent_run_id, tags, params, lines.append)
+        try:
+            stream, eval_ds = stage_data(run, datasets)
+        except BaseException:
+            if opened.exception() is None:
+                _end_quietly(run.uri, run.run_id, "FAILED")
+            raise
+        opened.result()
+    for line in lines:
+        run.progress(line)
+    return (stream, eval_ds, *_claim_folder(run))
+
+
+def open_mlflow_run(run: StageRun, parent_run_id: str | None, tags: dict[str, str] | None,
+                    params: dict[str, str] | None, say: Callable[[str], None]) -> None:
+    """``run.run_id``: the MLflow run the run record names, reopened (``run.logged_through`` set),
+    or a new one with the config as params; ``say`` gets the line that says which."""
     from raydpo import tracking
 
     cfg, stage, uri, prior = run.cfg, run.stage, run.uri, run.prior
     exp_id = tracking.setup_experiment(uri, cfg.tracking.experiment_name)
-    run_name = f"{cfg.tracking.run_name or cfg.run.name}-{stage}"
     run_id = run.record.get("run_id")
     if run_id and tracking.run_exists(uri, run_id):
         tracking.reopen_run(uri, run_id)
         run.logged_through = tracking.max_logged_step(uri, run_id)
         at = f"step {prior['step']}" if prior else "step 0 (no checkpoint was written)"
-        run.progress(f"[{stage}] resuming run '{cfg.run.name}' from {at} in MLflow run {run_id} "
-                     f"(steps <= {run.logged_through} are already logged)")
+        say(f"[{stage}] resuming run '{cfg.run.name}' from {at} in MLflow run {run_id} "
+            f"(steps <= {run.logged_through} are already logged)")
     else:
-        run_id = tracking.start_run(uri, exp_id, run_name, parent_run_id=parent_run_id,
+        run_id = tracking.start_run(uri, exp_id, f"{cfg.tracking.run_name or cfg.run.name}-{stage}", parent_run_id=parent_run_id,
                                     tags={tracking.STAGE_TAG: stage, **(tags or {})})
         tracking.log_params(uri, run_id, {**cfg.flat(), **(params or {})})
-        run.progress(f"[{stage}] MLflow run {run_id} in {uri}")
+        say(f"[{stage}] MLflow run {run_id} in {uri}")
     run.run_id = run_id
-    return _claim_folder(run)
 
 
 def _claim_folder(run: StageRun) -> tuple[Callable[[], None], threading.Event]:
@@ -403,7 +423,7 @@ def conclude(run: StageRun, result, error: BaseException | None, sigterm: thread
     from raydpo import tracking
 
     cfg, stage, folder, uri = run.cfg, run.stage, run.folder, run.uri
-    replay_spill(uri, folder, stage, run.progress)
+    tracking.replay_spill(uri, folder, stage, run.progress)
     oom = storage.read_json(storage.oom_marker(folder))
     if oom is not None:
         raise WorkerOOM(oom["message"]) from None
@@ -441,26 +461,6 @@ def _log_adapter(cfg: Config, uri: str, run_id: str, adapter: str, history: list
     if cfg.tracking.log_artifacts:
         tracking.log_final_artifacts(uri, run_id, adapter_dir=storage_copy.local_copy(adapter), config_yaml=cfg.to_yaml(), history=history)
     tracking.set_tags(uri, run_id, {tracking.ADAPTER_TAG: adapter})
-
-
-def replay_spill(uri: str, folder: str, stage: str, progress=echo) -> int:
-    """Metrics the workers could not send (the store was down when they closed) wait in
-    ``mlflow_buffer_<stage>.jsonl``; when the store is back by the time the driver gets here, send
-    them now, so the user needs no replay command. Never raises: the file stays for
-    ``raydpo tracking replay`` when this fails."""
-    from raydpo import tracking
-
-    spill = storage.spill_file(folder, stage)
-    try:
-        if not storage.exists(spill) or tracking.check_store(uri) is not None:
-            return 0
-        n = tracking.replay_buffer(spill, uri)
-    except Exception as e:  # noqa: BLE001 - the stage's own outcome matters more
-        echo(f"warning: could not replay {spill} ({e.__class__.__name__}); later: "
-             f"{tracking.REPLAY_COMMAND} {spill}")
-        return 0
-    progress(f"[{stage}] MLflow store reachable again: sent the {n} metric points buffered during the outage")
-    return n
 
 
 def _end_quietly(uri: str, run_id: str, status: str) -> None:

@@ -8,8 +8,8 @@ One file each, bottom to top:
 * `runs.py`: experiments, runs, params, tags, history, eval-generation tables, final artifacts,
   the Model Registry, `find_runs`, `max_logged_step`, and the tag names (`STAGE_TAG`, ...);
 * `logger.py`: what rank 0 of the workers logs through (`make_logger`: `RunLogger`, the
-  outage-proof `BufferedLogger`; `NullLogger` for other ranks), its JSONL spill and
-  `replay_buffer`;
+  outage-proof `BufferedLogger`; `NullLogger` for other ranks), its JSONL spill,
+  `replay_buffer` and the driver's `replay_spill`;
 * `plots.py` (reward curves, the trial scatter; matplotlib imported lazily), `trials.py` (a Tune
   search's trial rows and tags), `prometheus.py` (the live metrics exporter), `terminal.py`
   (where raydpo's own lines go).
@@ -23,7 +23,8 @@ registers the adapter and ends the run. Metric names are shared constants
 This file only re-exports the names the rest of raydpo reads as ``tracking.X``.
 """
 
-from raydpo.tracking.logger import REPLAY_COMMAND, BufferedLogger, NullLogger, RunLogger, make_logger, replay_buffer
+from raydpo.tracking.logger import (REPLAY_COMMAND, BufferedLogger, NullLogger, RunLogger, make_logger, replay_buffer,
+                                    replay_spill)
 from raydpo.tracking.runs import (ADAPTER_TAG, GENERATION_COLUMNS, GENERATIONS_TABLE, MAX_PARAM_LEN, PARENT_TAG,
                                   SFT_RUN_TAG, STAGE_TAG, end_run, fetch_history, find_runs, latest_generations,
                                   load_generations, log_final_artifacts, log_generations, log_params,
@@ -42,5 +43,5 @@ __all__ = [
     "log_final_artifacts", "log_generations", "log_params", "max_logged_step", "register_model", "reopen_run",
     "run_exists", "run_for_adapter", "run_tags", "set_tags", "setup_experiment", "start_run",
     # logger
-    "REPLAY_COMMAND", "BufferedLogger", "NullLogger", "RunLogger", "make_logger", "replay_buffer",
+    "REPLAY_COMMAND", "BufferedLogger", "NullLogger", "RunLogger", "make_logger", "replay_buffer", "replay_spill",
 ]

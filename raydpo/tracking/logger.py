@@ -20,6 +20,7 @@ from typing import Any
 from raydpo import storage
 from raydpo.tracking.runs import MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH, _log_generations, _log_tags
 from raydpo.tracking.store import _client, _fail_fast_http_env, _is_http, _short, check_store
+from raydpo.tracking.terminal import echo
 
 REPLAY_COMMAND = "raydpo tracking replay"
 
@@ -424,3 +425,19 @@ def replay_buffer(path: str, uri: str | None = None) -> int:
     storage.move(path, storage.replayed_file(path))
     return sent
 
+
+def replay_spill(uri: str, folder: str, stage: str, progress=echo) -> int:
+    """Metrics the workers could not send (the store was down when they closed) wait in
+    ``mlflow_buffer_<stage>.jsonl``; when the store is back by the time the driver gets here, send
+    them now, so the user needs no replay command. Never raises: the file stays for
+    ``raydpo tracking replay`` when this fails."""
+    spill = storage.spill_file(folder, stage)
+    try:
+        if not storage.exists(spill) or check_store(uri) is not None:
+            return 0
+        n = replay_buffer(spill, uri)
+    except Exception as e:  # noqa: BLE001 - the stage's own outcome matters more
+        echo(f"warning: could not replay {spill} ({e.__class__.__name__}); later: {REPLAY_COMMAND} {spill}")
+        return 0
+    progress(f"[{stage}] MLflow store reachable again: sent the {n} metric points buffered during the outage")
+    return n
