@@ -88,3 +88,27 @@ def test_a_balanced_step_gives_the_contiguous_steps_loss_and_gradients(tiny_cach
     assert abs(l0 - l1) < 1e-5 and abs(l0 - np.log(2)) > 1e-4  # a trained-looking adapter: not ln 2
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows,world,per,max_batches", [(33, 2, 4, None), (8, 2, 4, 1), (10, 4, 2, None), (3, 4, 1, None)])
+def test_each_rank_evaluates_its_own_equal_share_of_the_eval_split_read_whole(rows, world, per, max_batches):
+    """`rank_eval_batches`: every rank reads the whole eval split in the same order and takes its
+    slice; no row is evaluated twice, the ranks run the same number of batches of the same sizes
+    (ZeRO-3's gathers need it), and only a short tail of fewer than ``world`` rows is left out."""
+    from raydpo.data.order import rank_eval_batches
+
+    ids = np.arange(100, 100 + rows)
+
+    def stream(n):
+        return ({"row_id": ids[i:i + n]} for i in range(0, rows, n))
+
+    def ranks_rows(rank):
+        got = [b["row_id"].tolist() for b in rank_eval_batches(stream, per, world, rank, lambda b: b)]
+        return got[:max_batches] if max_batches else got
+
+    shares = [ranks_rows(r) for r in range(world)]
+    assert len({tuple(len(b) for b in s) for s in shares}) == 1  # the same batches, the same sizes on every rank
+    seen = [i for s in shares for b in s for i in b]
+    assert len(seen) == len(set(seen))
+    expected = min(rows, max_batches * per * world) if max_batches else rows
+    assert expected - world < len(seen) <= expected

@@ -111,6 +111,20 @@ def rank_batches(iter_numpy: Callable[[int], Iterator[dict[str, Any]]], per_devi
         yield collate({k: v[mine] for k, v in b.items()})
 
 
+def rank_eval_batches(iter_numpy: Callable[[int], Iterator[dict[str, Any]]], per_device: int, world: int,
+                      rank: int, collate: Callable[[dict[str, Any]], Any]) -> Iterator[Any]:
+    """This rank's collated eval batches of a split every rank reads whole, in the same order:
+    rank ``w`` takes the ``w``-th equal slice of each ``per_device * world`` rows. The short last
+    batch is cut to a multiple of ``world`` (at most ``world - 1`` rows left out, as Ray Data's
+    equal split leaves them), so every rank runs the same number of forwards (ZeRO-3 gathers
+    weights in each) and no Ray Data split coordinator is needed."""
+    for b in iter_numpy(per_device * world):
+        per = len(b[ROW_ID]) // world
+        if per == 0:
+            return
+        yield collate({k: v[rank * per:(rank + 1) * per] for k, v in b.items()})
+
+
 def balanced_share(costs: np.ndarray, world: int, rank: int) -> np.ndarray:
     """Indices (ascending) of the rows rank ``rank`` takes: the rows, costliest first, each go to
     the rank with the least cost so far among those with room (``len(costs) / world`` rows each;

@@ -222,14 +222,14 @@ def ray_batches(inputs: WorkerInputs, cfg: Config, pad_token_id: int, env: Worke
     import ray.train
 
     from raydpo.data.collate import rank_cost
-    from raydpo.data.order import rank_batches
+    from raydpo.data.order import rank_batches, rank_eval_batches
     from raydpo.data.ray_collate import DPOCollate, SFTCollate
 
     collate = (DPOCollate(pad_token_id, cfg.dpo.share_prefix, cfg.dpo.padding_free) if inputs.stage == "dpo"
                else SFTCollate())
     train_shard = ray.train.get_dataset_shard("train")  # the whole ordered stream (raydpo.orchestration.ingest)
     # an empty eval split is not passed (launch.stage_data warns): train without evaluation
-    eval_shard = ray.train.get_dataset_shard("eval") if inputs.has_eval else None
+    eval_shard = ray.train.get_dataset_shard("eval") if inputs.has_eval else None  # whole too: rank_eval_batches
     bs = cfg.stage(inputs.stage).per_device_batch_size
 
     def train_batches(skip: int):
@@ -242,9 +242,8 @@ def ray_batches(inputs: WorkerInputs, cfg: Config, pad_token_id: int, env: Worke
     def eval_batches():
         if eval_shard is None:
             return iter(())
-        if refs is None:
-            return iter(eval_shard.iter_torch_batches(batch_size=bs, collate_fn=collate))
-        return (collate(refs.attach(b)) for b in eval_shard.iter_batches(batch_size=bs, batch_format="numpy"))
+        return rank_eval_batches(lambda n: eval_shard.iter_batches(batch_size=n, batch_format="numpy"), bs,
+                                 env.world_size, env.rank, collate if refs is None else lambda b: collate(refs.attach(b)))
 
     return train_batches, eval_batches
 
