@@ -131,3 +131,31 @@ def test_verdicts_compare_with_trls_best_layout_averaged_over_its_runs():
     assert e2e["value"] == pytest.approx(80 / 70) and e2e["status"] == "MISSED"  # trl-1x2 was quicker
     off = lines["raydpo all fast paths off vs TRL same layout, steady state"]
     assert off["value"] == pytest.approx(6.9 / 7.5) and off["status"] == "MISSED"
+
+
+def test_raydpo_default_runs_twice_like_trl_best_and_its_verdicts_use_the_means(monkeypatch, tmp_path):
+    """With other rows between, raydpo's default and TRL best each run again at the end (a machine
+    that drifts during the run weighs on both alike); the headline verdicts use each one's mean."""
+    rows = peer.select(peer.all_rows(2, 8, 2), "trl-2x1,default,all-off")
+    speeds = iter([7.0, 15.0, 8.0, 17.0, 8.0])  # trl, default, all-off, default again, trl again
+    ran = []
+
+    def fake(kind):
+        def run(args, setup, row, tag=None):
+            ran.append((row.key, tag))
+            return {"pairs_per_s": next(speeds), "e2e_s": 60.0 if kind == "raydpo" else 84.0,
+                    "input_tokens_per_pair": 400.0, "scored_tokens_per_pair": 180.0, "peak_rss_mib": 1.0,
+                    "tokens_per_s": 1.0}
+        return run
+
+    monkeypatch.setattr(peer, "run_trl", fake("trl"))
+    monkeypatch.setattr(peer, "run_raydpo", fake("raydpo"))
+    results = peer.run_rows(None, None, rows)
+    assert [k for k, _ in ran] == ["trl-2x1", "default", "all-off", "default", "trl-2x1"]
+    assert len({t for _, t in ran}) == 5  # each run its own scratch folder
+    ref = peer.add_ratios(results, workers=2)
+    lines = {v["what"]: v for v in peer.verdicts(results, ref, steps=50)}
+    steady = lines["raydpo default vs TRL best, steady state"]
+    assert steady["value"] == pytest.approx(16.0 / 7.5) and "means of 2 and 2 runs" in steady["line"]
+    assert lines["raydpo default vs TRL best, end to end"]["value"] == pytest.approx(84.0 / 60.0)
+

@@ -25,8 +25,10 @@ named by a key ``--only`` takes (or a group: ``trl``, ``raydpo``, ``ablations``)
    fastest does, 1 thread per worker: raydpo's base, compared with TRL in the same layout (P = workers, 1
    thread) as well as with TRL best;
 4. ``no-*``: each fast path switched off alone (`FAST_PATHS`), one ablation row each;
-5. TRL best again after the raydpo rows when both ran: its ratios are taken against the mean of
-   the run before and after (these shared 2-core machines drift 15-25% between runs).
+5. ``default`` again after the other rows, then TRL best again: each headline system is measured
+   near the start and near the end of the run, and the verdicts compare the means of its two runs
+   (these shared 2-core machines drift 15-25% between runs, and within one); every other ratio is
+   taken against TRL best's mean.
 
 A key the installed `raydpo.config.Config` does not know yet (``dpo.fused_lm_head`` before it
 lands) is left out of a row's overrides, and the row says so.
@@ -296,15 +298,15 @@ def steady_state(history: list[dict]) -> dict:
                 "train/padding_fraction" in h for h in history) else None}
 
 
-def run_raydpo(args, setup: Setup, row: Row) -> dict:
+def run_raydpo(args, setup: Setup, row: Row, tag: str) -> dict:
     """``raydpo dpo --config peer.yaml --set ...`` as a new user's first run (fresh storage, its own
     MLflow store, its own Ray); steady state from the metrics the run logged."""
     from raydpo import storage, tracking
 
-    folder = setup.tmp / f"raydpo-{row.key}"
+    folder = setup.tmp / f"raydpo-{tag}"
     folder.mkdir()
     over, unknown = accepted(row.overrides)
-    run = {"run.name": f"peer-{row.key}", "run.storage_path": str(folder / "runs"),
+    run = {"run.name": f"peer-{tag}", "run.storage_path": str(folder / "runs"),
            "tracking.tracking_uri": f"sqlite:///{folder}/mlflow.db"}
     cmd = [*_tool("raydpo"), "dpo", "--config", str(setup.config_file)]
     cmd += [a for k, v in {**run, **over}.items() for a in ("--set", f"{k}={json.dumps(v)}")]
@@ -409,7 +411,8 @@ def add_ratios(results: list[dict], workers: int) -> dict:
         r["e2e_ratio"] = best["e2e_s"] / r["e2e_s"] if r["same_tokens"] else None
         in_layout = same is not None and r["group"] != "trl" and tuple(r["layout"]) == (workers, 1)
         r["ratio_same_layout"] = r["pairs_per_s"] / same["pairs_per_s"] if in_layout and r["same_tokens"] else None
-    return {"best": best_key, "best_runs": best, "quickest_e2e": quickest_key,
+    return {"best": best_key, "best_runs": best, "best_count": sum(r["key"] == best_key for r in results),
+            "quickest_e2e": quickest_key,
             "quickest_e2e_s": _mean_of(results, quickest_key)["e2e_s"], "same_layout": same_key if same else None,
             "same_layout_runs": same}
 
@@ -430,14 +433,16 @@ def verdicts(results: list[dict], ref: dict, steps: int) -> list[dict]:
     if d is not None and not ref:
         verdict("raydpo default vs TRL best", None, TARGETS["steady"], "no TRL row ran")
     elif d is not None:
-        b = ref["best_runs"]
-        differ = "" if d["same_tokens"] else " (token counts differ)"
-        verdict("raydpo default vs TRL best, steady state", d["ratio"], TARGETS["steady"],
-                f"{d['pairs_per_s']:.2f} vs {b['pairs_per_s']:.2f} pairs/s ({ref['best']}){differ}")
-        e2e = [d["e2e_ratio"]] if d["e2e_ratio"] is not None else []
-        detail = f"{d['e2e_s']:.0f} vs {b['e2e_s']:.0f} s ({ref['best']}, {steps} steps){differ}"
+        b, m, runs = ref["best_runs"], _mean_of(results, "default"), sum(r["key"] == "default" for r in results)
+        same = all(r["same_tokens"] for r in results if r["key"] == "default")
+        differ = "" if same else " (token counts differ)"
+        mean = f"means of {runs} and {ref['best_count']} runs" if runs > 1 or ref["best_count"] > 1 else "one run each"
+        verdict("raydpo default vs TRL best, steady state", m["pairs_per_s"] / b["pairs_per_s"] if same else None,
+                TARGETS["steady"], f"{m['pairs_per_s']:.2f} vs {b['pairs_per_s']:.2f} pairs/s ({ref['best']}; {mean}){differ}")
+        e2e = [b["e2e_s"] / m["e2e_s"]] if same else []
+        detail = f"{m['e2e_s']:.0f} vs {b['e2e_s']:.0f} s ({ref['best']}, {steps} steps; {mean}){differ}"
         if ref["quickest_e2e"] != ref["best"] and e2e:
-            e2e.append(ref["quickest_e2e_s"] / d["e2e_s"])
+            e2e.append(ref["quickest_e2e_s"] / m["e2e_s"])
             detail += f"; the quickest TRL command {ref['quickest_e2e']} took {ref['quickest_e2e_s']:.0f} s"
         verdict("raydpo default vs TRL best, end to end", min(e2e) if e2e else None, TARGETS["e2e"], detail)
     if a is not None and not (ref or {}).get("same_layout_runs"):
@@ -501,12 +506,14 @@ def parse_args(argv: list[str] | None):
 
 
 def run_rows(args, setup: Setup, rows: list[Row]) -> list[dict]:
-    """Every selected row once, in order, then TRL best again when raydpo rows ran between."""
+    """Every selected row once, in order; then, when other rows ran between, raydpo's default and
+    TRL best again (each headline system measured near the start and the end of the run, on a
+    machine that drifts, and averaged)."""
     results: list[dict] = []
 
     def one(row: Row, tag: str, name: str) -> None:
         t0 = time.perf_counter()
-        r = run_trl(args, setup, row, tag) if row.group == "trl" else run_raydpo(args, setup, row)
+        r = run_trl(args, setup, row, tag) if row.group == "trl" else run_raydpo(args, setup, row, tag)
         r.update(key=row.key, name=name, group=row.group, layout=list(row.layout), bench_s=time.perf_counter() - t0)
         results.append(r)
         note = f" (not in this config yet, left out: {r['not_in_config']})" if r.get("not_in_config") else ""
@@ -515,6 +522,9 @@ def run_rows(args, setup: Setup, rows: list[Row]) -> list[dict]:
 
     for row in rows:
         one(row, row.key, row.name)
+    default = next((x for x in rows if x.key == "default"), None)
+    if default is not None and results[-1]["key"] != "default":
+        one(default, "default-after", f"{default.name} (again, after the other rows)")
     trl = [r for r in results if r["group"] == "trl"]
     if trl and len(trl) < len(results):
         best = max(trl, key=lambda r: r["pairs_per_s"])
