@@ -15,6 +15,7 @@ from raydpo.models.factory import load_model, resolve_model_path
 from raydpo.models.pairs import pair_logps
 from raydpo.data.tokenizer import load_tokenizer
 from raydpo.train.loop import dpo_forward
+from policies import trained_looking_policy
 
 PLAIN = {"dpo.completion_only_logits": False, "dpo.share_prefix": False, "dpo.padding_free": False}
 FAST = {  # each fast path on its own, then all together (the default)
@@ -48,17 +49,6 @@ def _cols(tok, n=6, seed=3):
     return {k: np.array(v + [None], dtype=object)[:-1] for k, v in ids.items() if k != "truncated"}
 
 
-def _policy(cfg, path):
-    torch.manual_seed(0)  # lora_A's init draws from the global generator: not from whatever ran before
-    model = load_model(cfg.model, cfg.quantization, cfg.lora, base_path=path)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # a trained-looking adapter, so policy != reference
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model.eval()
-
-
 def _run(cfg, model, cols, pad):
     b = collate_dpo(cols, pad, share_prefix=cfg.dpo.share_prefix, pack=cfg.dpo.padding_free)
     model.zero_grad(set_to_none=True)
@@ -77,7 +67,7 @@ def test_each_fast_path_equals_the_plain_path(cache, quant, loss_type):
     path = resolve_model_path(plain_cfg.model)
     tok = load_tokenizer(path)
     cols = _cols(tok)
-    model = _policy(plain_cfg, path)
+    model = trained_looking_policy(plain_cfg, path)
     loss0, sums0, (c0, r0), grads0, b0 = _run(plain_cfg, model, cols, tok.pad_token_id)
     assert abs(sums0["rewards/chosen"].item()) > 1e-3, sums0  # not a trivial 0 == 0 comparison
     for name, overrides in FAST.items():

@@ -16,10 +16,10 @@ import torch
 from raydpo import losses
 from raydpo.config import Config
 from raydpo.data.collate import collate_dpo, ragged
-from raydpo.models.factory import load_model
 from raydpo.models.fused_head import TiledTargetLogps, fused_head
 from raydpo.models.pairs import packed_attention, pair_logps, reference_logps
 from raydpo.models.tiny import random_llama
+from policies import trained_looking_policy
 
 V, H = 2048, 64
 LAYOUTS = {"padded": (False, False), "share_prefix": (True, False), "padding_free": (False, True),
@@ -41,17 +41,6 @@ def folder(tmp_path_factory):
 def _cfg(quant="none", **over) -> Config:
     return Config().with_overrides({"quantization.mode": quant, "quantization.compute_dtype": "float32",
                                     "lora.dropout": 0.0, **over})
-
-
-def _policy(folder, cfg: Config):
-    torch.manual_seed(0)
-    model = load_model(cfg.model, cfg.quantization, cfg.lora, base_path=folder)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # a trained-looking adapter, so policy != reference
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model.eval()
 
 
 def _cols(n=5, seed=0) -> dict:
@@ -124,7 +113,7 @@ def test_the_tiled_function_is_log_softmax_and_gather_with_its_gradients():
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_the_fused_head_equals_the_plain_head_in_every_layout(folder, layout, quant):
     """Several tiles with a ragged last one (7 positions each), and one tile of them all."""
-    model = _policy(folder, _cfg(quant))
+    model = trained_looking_policy(_cfg(quant), folder)
     batch = _batch(layout)
     scored = int((batch["score_slot"] >= 0).sum())
     assert scored > 7 * 10 and scored % 7 and scored < 4096  # many tiles of 7, a ragged last; 4096: one tile
@@ -140,7 +129,7 @@ def test_the_fused_head_equals_the_plain_head_in_every_layout(folder, layout, qu
 
 def test_a_trained_head_gets_the_plain_heads_gradient(folder):
     """``lm_head`` trained beside the adapter: the backward recomputes the tiles for its gradient."""
-    model = _policy(folder, _cfg())
+    model = trained_looking_policy(_cfg(), folder)
     model.get_output_embeddings().weight.requires_grad_(True)
     batch = _batch("share_prefix+padding_free")
     plain = _dpo_step(model, batch, **PLAIN)
@@ -164,7 +153,7 @@ def _saved_numels(model, batch, **head) -> list[tuple[int, tuple[int, ...]]]:
 def test_no_vocab_sized_tensor_is_kept_for_the_backward(folder):
     """The plain head keeps fp32 ``[scored, V]`` logits for its backward; the fused head keeps
     nothing with a vocabulary-sized dimension — not even one tile — and less in all by about that."""
-    model = _policy(folder, _cfg())
+    model = trained_looking_policy(_cfg(), folder)
     batch = _batch("share_prefix+padding_free")
     scored = batch["score_pos"].numel()
     plain = _saved_numels(model, batch, **PLAIN)
@@ -177,7 +166,7 @@ def test_no_vocab_sized_tensor_is_kept_for_the_backward(folder):
 def test_a_head_it_cannot_stand_in_for_runs_the_plain_head_and_says_so(folder):
     """LoRA on ``lm_head`` (a PEFT layer, not nn.Linear) and a model that soft-caps its logits after
     the head: the same numbers as ``fused_head=False``, and one warning naming the reason."""
-    lora_head = _policy(folder, _cfg(**{"lora.target_modules": ["q_proj", "lm_head"]}))
+    lora_head = trained_looking_policy(_cfg(**{"lora.target_modules": ["q_proj", "lm_head"]}), folder)
     batch = _batch("share_prefix+padding_free")
     with torch.no_grad():
         want = pair_logps(lora_head, batch, **PLAIN)
@@ -185,7 +174,7 @@ def test_a_head_it_cannot_stand_in_for_runs_the_plain_head_and_says_so(folder):
             got = pair_logps(lora_head, batch, completion_only=True, fused_head=True, tile_tokens=7)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    capped = _policy(folder, _cfg())
+    capped = trained_looking_policy(_cfg(), folder)
     capped.config.final_logit_softcapping = 30.0
     with pytest.warns(UserWarning, match="final_logit_softcapping"), fused_head(capped, batch["score_tgt"], 7) as on:
         assert not on
@@ -204,7 +193,7 @@ def test_zero3_partitioned_head_equals_its_plain_head(folder, gloo, trained):
 
     cfg = _cfg(**{"deepspeed.stage": 3, "deepspeed.stage3_param_persistence_threshold": 0, "deepspeed.precision":
                   "fp32", "scaling.num_workers": 1, "dpo.gradient_accumulation_steps": 1})
-    model = _policy(folder, cfg)
+    model = trained_looking_policy(cfg, folder)
     model.get_output_embeddings().weight.requires_grad_(trained)
     engine, _, _ = build_engine(model, cfg, cfg.dpo, WorkerEnv(0, 1, torch.device("cpu"), False))
     assert model.get_output_embeddings().weight.numel() == 0  # partitioned outside its module's call

@@ -13,6 +13,7 @@ from raydpo.data.sample import generate_rows
 from raydpo.data.tokenize import tokenize_dpo
 from raydpo.data.tokenizer import load_tokenizer
 from raydpo.models.factory import load_model, resolve_model_path
+from policies import trained_looking_policy
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +34,7 @@ def base(cfg):
 def sft_adapter(cfg, base, tmp_path_factory):
     """An SFT adapter with a LoRA update of the size a short SFT run of the demo gives (rms ~3e-3),
     saved as training saves it."""
-    torch.manual_seed(0)
-    model = load_model(cfg.model, cfg.quantization, cfg.lora, base_path=base)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+    model = trained_looking_policy(cfg, base, seed=1, scale=0.01)
     out = tmp_path_factory.mktemp("sft") / "adapter"
     model.save_pretrained(out)
     load_tokenizer(base).save_pretrained(out)

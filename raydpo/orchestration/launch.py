@@ -265,25 +265,22 @@ def open_run_and_stage_data(run: StageRun, datasets: tuple[Any, Any] | None, par
     SIGTERM handler's restore, its event). A data error ends an opened MLflow run FAILED."""
     import concurrent.futures
 
-    lines: list[str] = []
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="raydpo-mlflow") as pool:
-        opened = pool.submit(open_mlflow_run, run, parent_run_id, tags, params, lines.append)
+        opened = pool.submit(open_mlflow_run, run, parent_run_id, tags, params)
         try:
             stream, eval_ds = stage_data(run, datasets)
         except BaseException:
             if opened.exception() is None:
                 _end_quietly(run.uri, run.run_id, "FAILED")
             raise
-        opened.result()
-    for line in lines:
-        run.progress(line)
+        run.progress(opened.result())
     return (stream, eval_ds, *_claim_folder(run))
 
 
 def open_mlflow_run(run: StageRun, parent_run_id: str | None, tags: dict[str, str] | None,
-                    params: dict[str, str] | None, say: Callable[[str], None]) -> None:
+                    params: dict[str, str] | None) -> str:
     """``run.run_id``: the MLflow run the run record names, reopened (``run.logged_through`` set),
-    or a new one with the config as params; ``say`` gets the line that says which."""
+    or a new one with the config as params; returns the line that says which."""
     from raydpo import tracking
 
     cfg, stage, uri, prior = run.cfg, run.stage, run.uri, run.prior
@@ -293,14 +290,15 @@ def open_mlflow_run(run: StageRun, parent_run_id: str | None, tags: dict[str, st
         tracking.reopen_run(uri, run_id)
         run.logged_through = tracking.max_logged_step(uri, run_id)
         at = f"step {prior['step']}" if prior else "step 0 (no checkpoint was written)"
-        say(f"[{stage}] resuming run '{cfg.run.name}' from {at} in MLflow run {run_id} "
-            f"(steps <= {run.logged_through} are already logged)")
+        line = (f"[{stage}] resuming run '{cfg.run.name}' from {at} in MLflow run {run_id} "
+                f"(steps <= {run.logged_through} are already logged)")
     else:
-        run_id = tracking.start_run(uri, exp_id, f"{cfg.tracking.run_name or cfg.run.name}-{stage}", parent_run_id=parent_run_id,
-                                    tags={tracking.STAGE_TAG: stage, **(tags or {})})
+        run_id = tracking.start_run(uri, exp_id, f"{cfg.tracking.run_name or cfg.run.name}-{stage}",
+                                    parent_run_id=parent_run_id, tags={tracking.STAGE_TAG: stage, **(tags or {})})
         tracking.log_params(uri, run_id, {**cfg.flat(), **(params or {})})
-        say(f"[{stage}] MLflow run {run_id} in {uri}")
+        line = f"[{stage}] MLflow run {run_id} in {uri}"
     run.run_id = run_id
+    return line
 
 
 def _claim_folder(run: StageRun) -> tuple[Callable[[], None], threading.Event]:
